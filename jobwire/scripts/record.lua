@@ -1,0 +1,54 @@
+-- Record one job event: allocate its seq, update the job hash, append to the bounded
+-- history, optionally write Celery's own result meta, and publish -- all atomically, in
+-- the one round trip the caller pays. Returns the seq, or false when the event is refused
+-- (the job is already final, or only_if_new was asked and the job exists).
+--
+-- KEYS[1] job hash   KEYS[2] history zset   KEYS[3] recent-jobs zset
+-- KEYS[4] (optional) Celery result key, written exactly as Celery's Redis backend does
+-- ARGV: job_id, state, final('1'/'0'), head, tail, progress_json, result_json, error_json,
+--       task, ts, history_limit, ttl, only_if_new('1'/'0'), job_channel, all_channel,
+--       recent_limit, celery_value, celery_ttl
+local job, hist, recent = KEYS[1], KEYS[2], KEYS[3]
+local job_id, state, final, head, tail = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local progress, result, err, task, ts = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local limit, ttl, only_new = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13]
+local chan_job, chan_all, recent_limit = ARGV[14], ARGV[15], tonumber(ARGV[16])
+
+if only_new == '1' and redis.call('EXISTS', job) == 1 then
+  return false
+end
+if redis.call('HGET', job, 'final') == '1' then
+  return false
+end
+
+local seq = redis.call('HINCRBY', job, 'seq', 1)
+local event = head .. seq .. tail
+redis.call('HSET', job, 'state', state, 'final', final, 'updated', ts, 'event', event)
+if progress ~= '' then redis.call('HSET', job, 'progress', progress) end
+if result ~= '' then redis.call('HSET', job, 'result', result) end
+if err ~= '' then redis.call('HSET', job, 'error', err) end
+if task ~= '' then redis.call('HSETNX', job, 'task', task) end
+if redis.call('HSETNX', job, 'created', ts) == 1 then
+  redis.call('ZADD', recent, ts, job_id)
+  redis.call('ZREMRANGEBYRANK', recent, 0, -(recent_limit + 1))
+end
+
+redis.call('ZADD', hist, seq, event)
+redis.call('ZREMRANGEBYRANK', hist, 0, -(limit + 1))
+redis.call('EXPIRE', job, ttl)
+redis.call('EXPIRE', hist, ttl)
+
+if #KEYS >= 4 then
+  local celery_value, celery_ttl = ARGV[17], tonumber(ARGV[18])
+  if celery_ttl and celery_ttl > 0 then
+    redis.call('SET', KEYS[4], celery_value, 'EX', celery_ttl)
+  else
+    redis.call('SET', KEYS[4], celery_value)
+  end
+  -- Celery's result consumer listens on the key's own channel.
+  redis.call('PUBLISH', KEYS[4], celery_value)
+end
+
+redis.call('PUBLISH', chan_job, event)
+redis.call('PUBLISH', chan_all, event)
+return seq

@@ -1,0 +1,102 @@
+"""Configuration for the worker and the server, read from the environment once.
+
+Tests build a `Settings` directly instead of patching `os.environ`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from jobwire.protocol import Keys
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_TASKS = ("long_running_task", "failing_task", "retrying_task")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value jobwire cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be > 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything jobwire can be configured with (see README, "Configuration")."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    broker_url: str = ""  # empty: same as redis_url
+    key_prefix: str = "jobwire:"
+    result_expires: int = 86400
+
+    # Limits
+    history_limit: int = 1000  # events kept per job; older ones are trimmed
+    recent_limit: int = 10000  # jobs kept in the recent-jobs index
+    batch_max_ids: int = 1000  # ids per batch-status call
+    max_jobs_per_socket: int = 1000
+    client_queue_limit: int = 1000  # events buffered per client before it is resynced
+
+    # Timeouts
+    heartbeat_interval: float = 15.0  # seconds between app-level heartbeats to clients
+    subscribe_timeout: float = 5.0  # how long a subscribe waits for Redis to confirm
+
+    allowed_tasks: tuple[str, ...] = field(default=DEFAULT_TASKS)
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.key_prefix)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        tasks = env.get("JOBWIRE_ALLOWED_TASKS")
+        prefix = env.get("JOBWIRE_KEY_PREFIX", "jobwire:")
+        if not prefix:
+            raise SettingsError("JOBWIRE_KEY_PREFIX must not be empty")
+        return cls(
+            redis_url=env.get("JOBWIRE_REDIS_URL") or DEFAULT_REDIS_URL,
+            broker_url=env.get("JOBWIRE_BROKER_URL", ""),
+            key_prefix=prefix,
+            result_expires=_int(env, "JOBWIRE_RESULT_EXPIRES", 86400, minimum=1),
+            history_limit=_int(env, "JOBWIRE_HISTORY_LIMIT", 1000, minimum=1),
+            recent_limit=_int(env, "JOBWIRE_RECENT_LIMIT", 10000, minimum=1),
+            batch_max_ids=_int(env, "JOBWIRE_BATCH_MAX_IDS", 1000, minimum=1),
+            max_jobs_per_socket=_int(env, "JOBWIRE_MAX_JOBS_PER_SOCKET", 1000, minimum=1),
+            client_queue_limit=_int(env, "JOBWIRE_CLIENT_QUEUE_LIMIT", 1000, minimum=1),
+            heartbeat_interval=_float(env, "JOBWIRE_HEARTBEAT_INTERVAL", 15.0),
+            subscribe_timeout=_float(env, "JOBWIRE_SUBSCRIBE_TIMEOUT", 5.0),
+            allowed_tasks=(
+                tuple(t.strip() for t in tasks.split(",") if t.strip())
+                if tasks is not None
+                else DEFAULT_TASKS
+            ),
+        )

@@ -1,0 +1,1 @@
+"""Worker side of jobwire: the Celery app, the progress-reporting task base, examples."""

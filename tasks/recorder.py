@@ -1,0 +1,143 @@
+"""Writes job events to Redis: the only code that writes jobwire's keys.
+
+Each event costs one round trip: the Lua script allocates the seq, updates the job hash
+and the bounded history, publishes on the job's and the all-jobs channel, and (for custom
+progress states) writes Celery's own result key too, so `AsyncResult(id).state/info`
+keeps working for plain Celery code.
+
+The recorder is synchronous because Celery workers and publishers are; the async server
+calls it through a thread when it must write (revoke, submit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+
+from jobwire import scripts
+from jobwire.protocol import FINAL_STATES, dumps, event_parts
+from jobwire.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True)
+class CeleryMeta:
+    """Celery's result key and encoded value, to be written alongside the event."""
+
+    key: bytes | str
+    value: bytes | str
+    ttl: int | None
+
+
+class Recorder:
+    """Records events for one Celery app's jobs (see module docstring)."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.keys = settings.keys
+        self._record = client.register_script(scripts.RECORD)
+
+    @classmethod
+    def for_app(cls, app: Celery) -> Recorder:
+        """The app's recorder, created once per process (and again after a fork)."""
+        rec: Recorder | None = getattr(app, "_jobwire_recorder", None)
+        if rec is None:
+            settings = getattr(app, "jobwire_settings", None) or Settings.from_env()
+            rec = cls(redis_client_for(app, settings), settings)
+            app._jobwire_recorder = rec  # type: ignore[attr-defined]
+        return rec
+
+    def record(
+        self,
+        job_id: str,
+        state: str,
+        *,
+        progress: dict[str, Any] | None = None,
+        result: Any = _MISSING,
+        error: dict[str, str] | None = None,
+        retry: dict[str, Any] | None = None,
+        task: str | None = None,
+        only_if_new: bool = False,
+        celery_meta: CeleryMeta | None = None,
+    ) -> int | None:
+        """Record one event; return its seq, or None if Redis refused it.
+
+        Refusals are deliberate: a job that is already final never changes again (so a
+        late progress report cannot resurrect a revoked job), and `only_if_new` registers
+        a job at publish time without clobbering one that already exists (retries).
+        """
+        ts = time.time()
+        final = state in FINAL_STATES
+        body: dict[str, Any] = {"state": state, "progress": progress, "ts": ts, "final": final}
+        if task:
+            body["task"] = task
+        if result is not _MISSING:
+            body["result"] = result
+        if error is not None:
+            body["error"] = error
+        if retry is not None:
+            body["retry"] = retry
+        head, tail = event_parts(job_id, body)
+        keys = [self.keys.job(job_id), self.keys.history(job_id), self.keys.recent]
+        args: list[Any] = [
+            job_id,
+            state,
+            "1" if final else "0",
+            head,
+            tail,
+            dumps(progress) if progress is not None else "",
+            dumps(result) if result is not _MISSING else "",
+            dumps(error) if error is not None else "",
+            task or "",
+            repr(ts),
+            self.settings.history_limit,
+            self.settings.result_expires,
+            "1" if only_if_new else "0",
+            self.keys.job_channel(job_id),
+            self.keys.all_channel,
+            self.settings.recent_limit,
+        ]
+        if celery_meta is not None:
+            keys.append(celery_meta.key)  # type: ignore[arg-type]
+            args += [celery_meta.value, celery_meta.ttl or 0]
+        seq = self._record(keys=keys, args=args)
+        return int(seq) if seq else None
+
+
+def redis_client_for(app: Celery, settings: Settings) -> redis.Redis:
+    """Reuse the result backend's Redis client when it is Redis.
+
+    Sharing it keeps jobwire's keys in the same database as Celery's result keys (a Lua
+    script can only touch one database) and costs no extra connection pool.
+    """
+    from celery.backends.redis import RedisBackend
+
+    backend = app.backend
+    if isinstance(backend, RedisBackend):
+        return backend.client  # type: ignore[no-any-return]
+    return redis.Redis.from_url(settings.redis_url)
+
+
+def celery_meta_for(app: Celery, job_id: str, state: str, result: Any, request: Any) -> CeleryMeta:
+    """Celery's own encoding of a result-backend write, so plain Celery readers agree."""
+    backend = app.backend
+    meta = backend._get_result_meta(
+        result=backend.encode_result(result, state), state=state, traceback=None, request=request
+    )
+    meta["task_id"] = job_id
+    return CeleryMeta(backend.get_key_for_task(job_id), backend.encode(meta), backend.expires)
+
+
+def uses_redis_backend(app: Celery) -> bool:
+    from celery.backends.redis import RedisBackend
+
+    return isinstance(app.backend, RedisBackend)
