@@ -34,7 +34,9 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
     )
     app.jobwire_settings = settings  # type: ignore[attr-defined]
-    import tasks.progress  # noqa: F401  (connects the lifecycle signals)
+    # Connect the lifecycle signals, and register the demo tasks in every process (the
+    # server lists their docstrings), not only in workers that honour `include`.
+    import tasks.examples  # noqa: F401
+    import tasks.progress  # noqa: F401
 
     return app
-

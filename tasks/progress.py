@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery, Task, current_app
@@ -86,9 +86,7 @@ class ProgressTask(Task):  # type: ignore[misc]
         recorder = Recorder.for_app(self.app)
         if uses_redis_backend(self.app):
             meta = celery_meta_for(self.app, job_id, state, progress, self.request)
-            return recorder.record(
-                job_id, state, progress=progress, task=self.name, celery_meta=meta
-            )
+            return recorder.record(job_id, state, progress=progress, task=self.name, celery_meta=meta)
         # Another backend cannot share the round trip; keep Celery's view correct anyway.
         self.update_state(state=state, meta=progress)
         return recorder.record(job_id, state, progress=progress, task=self.name)
@@ -155,8 +153,8 @@ def _on_publish(sender: str | None = None, headers: dict[str, Any] | None = None
     if eta:
         when = datetime.fromisoformat(eta)
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        countdown = round(max(0.0, (when - datetime.now(timezone.utc)).total_seconds()), 3)
+            when = when.replace(tzinfo=UTC)
+        countdown = round(max(0.0, (when - datetime.now(UTC)).total_seconds()), 3)
     # Task.retry() is nearly always called in an `except` block: that is the reason.
     exc = sys.exc_info()[1]
     recorder.record(

@@ -24,9 +24,11 @@ end
 local seq = redis.call('HINCRBY', job, 'seq', 1)
 local event = head .. seq .. tail
 redis.call('HSET', job, 'state', state, 'final', final, 'updated', ts, 'event', event)
+-- progress is sticky (the last known step stays useful); result and error describe the
+-- latest event only, so a SUCCESS after a RETRY does not keep showing the retry's error.
 if progress ~= '' then redis.call('HSET', job, 'progress', progress) end
-if result ~= '' then redis.call('HSET', job, 'result', result) end
-if err ~= '' then redis.call('HSET', job, 'error', err) end
+if result ~= '' then redis.call('HSET', job, 'result', result) else redis.call('HDEL', job, 'result') end
+if err ~= '' then redis.call('HSET', job, 'error', err) else redis.call('HDEL', job, 'error') end
 if task ~= '' then redis.call('HSETNX', job, 'task', task) end
 if redis.call('HSETNX', job, 'created', ts) == 1 then
   redis.call('ZADD', recent, ts, job_id)

@@ -1,0 +1,54 @@
+"""The Starlette app factory. Run with `uvicorn --factory server.app:create_app`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+
+from jobwire.settings import Settings
+from server.errors import EXCEPTION_HANDLERS
+from server.hub import Hub
+from server.routes import health, jobs, sse, ws
+from server.services import Services
+from server.store import JobStore
+from tasks.factory import create_celery_app
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+log = logging.getLogger("jobwire")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        hub = Hub(settings.redis_url, subscribe_timeout=settings.subscribe_timeout)
+        await hub.start()
+        celery = create_celery_app(settings)
+        app.state.jobwire = Services(settings, redis, hub, JobStore(redis, settings.keys), celery)
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await redis.aclose()
+            celery.close()
+
+    routes: list[Any] = [
+        *health.routes,
+        *jobs.routes,
+        *sse.routes,
+        *ws.routes,
+    ]
+    if STATIC_DIR.is_dir():
+        routes.append(Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="static"))
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)

@@ -1,0 +1,38 @@
+"""What the hub hands to clients: an event parsed once, ready to send to any number of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One job event as received from Redis (live or from history).
+
+    Parsed and framed once per process, not once per client: with 500 sockets on a job
+    the server decodes the JSON once and sends the same text 500 times.
+    """
+
+    job_id: str
+    seq: int
+    state: str
+    final: bool
+    raw: bytes  # the event exactly as the worker wrote it (SSE `data:`)
+    frame: str  # the websocket text frame: {"type": "event", ...event}
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Delivery:
+        doc = orjson.loads(raw)
+        frame = '{"type":"event",' + raw[1:].decode()
+        return cls(doc["job_id"], int(doc["seq"]), doc["state"], bool(doc["final"]), raw, frame)
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """Told to a subscriber when its channel may have missed messages (Redis reconnected
+    after an outage). The subscriber re-reads history from its last seq, which is
+    authoritative, so nothing is lost."""
+
+    channel: str

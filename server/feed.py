@@ -1,0 +1,212 @@
+"""One client's stream of events: ordered, gap-free and duplicate-free per job.
+
+Every transport (websocket, single-job websocket, SSE) reads from a `Feed`, so the rules
+below hold the same way for all of them.
+
+Subscribe without loss: the feed subscribes on the hub first and waits for Redis to
+confirm, *then* reads the job's history after `since`, then forwards live events. An event
+published between the two is both in history and in the live queue; per-job `seq`
+tracking drops the second copy. A live event whose seq jumps ahead (a gap) triggers a
+history read from the last seq delivered, so the client never skips one.
+
+Slow clients: live events wait in a bounded inbox. A client that falls `queue_limit`
+events behind has its inbox dropped and its jobs resynced from history: it loses no
+event and cannot make the server hold unbounded memory. (Coalescing progress for slow
+clients is a refinement of this point.) The all-jobs stream has no per-job history to
+replay, so there the client is told `{"type": "resync"}` and refetches the listing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from jobwire.protocol import Keys
+from server.events import Delivery, Resync
+from server.hub import Hub
+from server.store import JobStore
+
+#: What a feed yields: an event, or a control message (a dict sent as JSON).
+Item = Delivery | dict[str, Any]
+
+
+class TooManyJobs(Exception):
+    """The client already watches as many jobs as one connection may."""
+
+
+class Feed:
+    """The events of the jobs one client watches (see module docstring)."""
+
+    def __init__(self, hub: Hub, store: JobStore, keys: Keys, *, queue_limit: int, max_jobs: int) -> None:
+        self._hub, self._store, self._keys = hub, store, keys
+        self._queue_limit, self._max_jobs = queue_limit, max_jobs
+        self._inbox: deque[tuple[bool, Delivery | Resync]] = deque()
+        self._out: deque[Item] = deque()
+        self._wake = asyncio.Event()
+        self._last: dict[str, int] = {}  # watched job -> last seq delivered
+        self._live: set[str] = set()  # watched jobs with a hub subscription (not final yet)
+        self._all_last: dict[str, int] = {}  # all-jobs stream: unfinished job -> last seq
+        self._all = False
+        self._overflowed = False
+
+    # -- what the client asks for --------------------------------------------------------
+
+    @property
+    def jobs(self) -> frozenset[str]:
+        return frozenset(self._last)
+
+    async def watch(self, job_id: str, since: int = 0) -> bool:
+        """Deliver `job_id`'s events after `since`, then its live ones.
+
+        Returns False (and watches nothing) if the job was never seen. Watching a job
+        already watched is a no-op: its stream simply continues. Raises `TooManyJobs`,
+        or `HubUnavailable` when Redis cannot be reached.
+        """
+        if job_id in self._last:
+            return True
+        if len(self._last) >= self._max_jobs:
+            raise TooManyJobs(f"a connection may watch at most {self._max_jobs} jobs")
+        self._last[job_id] = since
+        self._live.add(job_id)
+        try:
+            await self._hub.subscribe(self._keys.job_channel(job_id), self._job_sink)
+            exists, events = await self._store.events_since(job_id, since)
+        except BaseException:
+            self.unwatch(job_id)
+            raise
+        if not exists:
+            self.unwatch(job_id)
+            return False
+        self._advance(job_id, events, from_history=True)
+        self._out.append({"type": "subscribed", "job_id": job_id, "seq": self._last[job_id]})
+        self._wake.set()
+        return True
+
+    def unwatch(self, job_id: str) -> None:
+        self._last.pop(job_id, None)
+        if job_id in self._live:
+            self._live.discard(job_id)
+            self._hub.unsubscribe(self._keys.job_channel(job_id), self._job_sink)
+
+    async def watch_all(self) -> None:
+        """Also deliver every job's live events (dashboards)."""
+        if not self._all:
+            self._all = True
+            try:
+                await self._hub.subscribe(self._keys.all_channel, self._all_sink)
+            except BaseException:
+                self._all = False
+                raise
+
+    def unwatch_all(self) -> None:
+        if self._all:
+            self._all = False
+            self._all_last.clear()
+            self._hub.unsubscribe(self._keys.all_channel, self._all_sink)
+
+    def close(self) -> None:
+        for job_id in list(self._last):
+            self.unwatch(job_id)
+        self.unwatch_all()
+
+    # -- what the client receives --------------------------------------------------------
+
+    async def next(self, idle: float | None = None) -> Item | None:
+        """The next event or control message for the client, waiting if there is none.
+
+        Returns None after `idle` seconds with nothing to send (time for a heartbeat).
+        Only that idle wait is timed out, never a history read in flight, so no event
+        can be lost to the timeout.
+        """
+        while True:
+            if self._out:
+                return self._out.popleft()
+            if self._overflowed:
+                self._overflowed = False
+                await self._resync_everything()
+            elif self._inbox:
+                from_all, item = self._inbox.popleft()
+                await self._handle(from_all, item)
+            else:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), idle)
+                except TimeoutError:
+                    return None
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _job_sink(self, item: Delivery | Resync) -> None:
+        self._push(False, item)
+
+    def _all_sink(self, item: Delivery | Resync) -> None:
+        self._push(True, item)
+
+    def _push(self, from_all: bool, item: Delivery | Resync) -> None:
+        if len(self._inbox) >= self._queue_limit:
+            self._inbox.clear()
+            self._overflowed = True
+        else:
+            self._inbox.append((from_all, item))
+        self._wake.set()
+
+    async def _handle(self, from_all: bool, item: Delivery | Resync) -> None:
+        if isinstance(item, Resync):
+            if from_all:
+                self._all_last.clear()
+                self._out.append({"type": "resync", "scope": "all"})
+            else:
+                job_id = self._keys.job_id_from_channel(item.channel)
+                if job_id in self._live:
+                    await self._backfill(job_id)
+            return
+        job_id = item.job_id
+        if from_all:
+            if job_id in self._last or item.seq <= self._all_last.get(job_id, 0):
+                return  # watched jobs arrive on their own channel, in order
+            if item.final:
+                self._all_last.pop(job_id, None)
+            else:
+                self._all_last[job_id] = item.seq
+            self._out.append(item)
+            return
+        last = self._last.get(job_id)
+        if last is None or item.seq <= last:
+            return  # not watched any more, or already delivered from history
+        if item.seq == last + 1:
+            self._emit(item)
+        else:
+            await self._backfill(job_id)
+
+    async def _backfill(self, job_id: str) -> None:
+        last = self._last.get(job_id)
+        if last is None:
+            return
+        _, events = await self._store.events_since(job_id, last)
+        self._advance(job_id, events, from_history=True)
+
+    def _advance(self, job_id: str, events: list[Delivery], *, from_history: bool) -> None:
+        for event in events:
+            last = self._last.get(job_id)
+            if last is None:
+                return  # unwatched meanwhile
+            # History is authoritative: a gap there means trimmed events, not lost ones.
+            if event.seq > last and (from_history or event.seq == last + 1):
+                self._emit(event)
+
+    def _emit(self, event: Delivery) -> None:
+        self._last[event.job_id] = event.seq
+        self._out.append(event)
+        if event.final and event.job_id in self._live:
+            # Nothing follows a final event: free the subscription, keep the seq so that
+            # a late duplicate is still recognised.
+            self._live.discard(event.job_id)
+            self._hub.unsubscribe(self._keys.job_channel(event.job_id), self._job_sink)
+
+    async def _resync_everything(self) -> None:
+        for job_id in list(self._live):
+            await self._backfill(job_id)
+        if self._all:
+            self._all_last.clear()
+            self._out.append({"type": "resync", "scope": "all"})

@@ -1,0 +1,300 @@
+"""The fan-out: one Redis pub/sub connection per server process, shared by every client.
+
+Subscriptions are reference-counted per channel: a job watched by 500 sockets costs one
+Redis subscription, dropped when the last watcher leaves.
+
+Why the bookkeeping is ours and not redis-py's
+----------------------------------------------
+redis-py's asyncio `PubSub.subscribe()` awaits the send *before* recording the channel,
+so "is anyone subscribed?" checks race with concurrent subscribers (broadcaster 0.3.1
+loses subscribers this way, and a `while pubsub.subscribed` listener can exit). Here:
+
+- `subscribe()` / `unsubscribe()` change the reference counts synchronously, with no
+  await between check and update, so hundreds of concurrent callers cannot interleave.
+- One reconciler task sends SUBSCRIBE/UNSUBSCRIBE for the difference between the wanted
+  and the sent sets, batching hundreds of channels into one command.
+- A subscriber is released only when Redis has *confirmed* a SUBSCRIBE that was sent
+  after it arrived (a FIFO of waiters per channel matches confirmations to commands,
+  so a stale confirmation of an earlier SUBSCRIBE/UNSUBSCRIBE pair cannot release it
+  early). Callers rely on this to read history only once live events are flowing: that
+  ordering is what makes "subscribe, then backfill" lose nothing.
+
+Redis outages
+-------------
+The hub's connection never retries silently (a silent reconnect would resubscribe but
+hide the messages lost meanwhile). On any connection error it drops the connection,
+reconnects with capped exponential backoff and jitter, resubscribes every wanted channel,
+and sends each existing subscriber a `Resync` once its channel is confirmed again; the
+subscriber re-reads history from its last seq. New subscribers wait (up to
+`subscribe_timeout`) until the hub is connected and then proceed normally.
+
+Slow clients are not the hub's business: sinks must not block (clients buffer in their
+own bounded queue, see `server.feed`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from server.events import Delivery, Resync
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Delivery | Resync], None]
+
+_CHUNK = 500  # channels per SUBSCRIBE/UNSUBSCRIBE command
+
+
+class HubUnavailable(RuntimeError):
+    """Redis did not confirm a subscription in time (it is down or unreachable)."""
+
+
+class Hub:
+    """Reference-counted pub/sub fan-out over one Redis connection (see module docstring)."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        # Timeouts
+        subscribe_timeout: float = 5.0,
+        ping_interval: float = 5.0,
+        reconnect_min: float = 0.05,
+        reconnect_max: float = 5.0,
+    ) -> None:
+        self._redis = Redis.from_url(redis_url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
+        self._subscribe_timeout = subscribe_timeout
+        self._ping_interval = ping_interval
+        self._reconnect_min, self._reconnect_max = reconnect_min, reconnect_max
+
+        self._sinks: dict[str, set[Sink]] = {}
+        self._ready: dict[str, asyncio.Future[None]] = {}  # resolved once Redis confirms
+        self._sent: set[str] = set()  # SUBSCRIBE sent on the current connection
+        self._waiters: dict[str, deque[asyncio.Future[None] | None]] = {}  # per SUBSCRIBE sent
+        self._resync: set[str] = set()  # channels to resync once re-confirmed
+        self._dirty = asyncio.Event()
+        self._pubsub: PubSub | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.connected = False
+        self.reconnects = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="jobwire-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._close_pubsub()
+        await self._redis.aclose()
+        for fut in self._ready.values():
+            if not fut.done():
+                fut.cancel()
+
+    # -- subscribers -------------------------------------------------------------------
+
+    async def subscribe(self, channel: str, sink: Sink) -> None:
+        """Add `sink` to `channel`; return once Redis delivers the channel's messages.
+
+        Raises `HubUnavailable` if Redis does not confirm within `subscribe_timeout`
+        (the sink is removed again).
+        """
+        sinks = self._sinks.get(channel)
+        if sinks is None:
+            sinks = self._sinks[channel] = set()
+            ready = self._ready[channel] = asyncio.get_running_loop().create_future()
+            if channel in self._sent:
+                # The last sink left and this one came back before the reconciler sent
+                # the UNSUBSCRIBE: the Redis subscription never lapsed, so this sink is
+                # live as soon as the pending confirmation (if any) arrives.
+                waiters = self._waiters.get(channel)
+                if waiters:
+                    waiters[-1] = ready
+                else:
+                    ready.set_result(None)
+            else:
+                self._dirty.set()
+        sinks.add(sink)
+        ready = self._ready[channel]
+        if ready.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), self._subscribe_timeout)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            self.unsubscribe(channel, sink)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise HubUnavailable(
+                f"Redis did not confirm the subscription to {channel!r} within {self._subscribe_timeout}s"
+            ) from None
+
+    def unsubscribe(self, channel: str, sink: Sink) -> None:
+        """Remove `sink`; the Redis subscription goes when its last sink does."""
+        sinks = self._sinks.get(channel)
+        if sinks is None or sink not in sinks:
+            return
+        sinks.discard(sink)
+        if not sinks:
+            del self._sinks[channel]
+            ready = self._ready.pop(channel)
+            if not ready.done():
+                ready.cancel()
+            self._resync.discard(channel)
+            self._dirty.set()
+
+    def subscribers(self, channel: str) -> int:
+        return len(self._sinks.get(channel, ()))
+
+    @property
+    def channels(self) -> int:
+        return len(self._sinks)
+
+    # -- the connection ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self._reconnect_min
+        while True:
+            try:
+                self._pubsub = self._redis.pubsub()
+                await self._pubsub.connect()
+                if self.reconnects:
+                    log.warning("jobwire hub: reconnected to Redis")
+                self.connected = True
+                delay = self._reconnect_min
+                self._dirty.set()
+                await self._serve()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                if self.connected:
+                    log.warning("jobwire hub: lost Redis (%s); reconnecting", exc)
+            self.connected = False
+            self.reconnects += 1
+            await self._close_pubsub()
+            self._forget_connection()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self._reconnect_max)
+
+    async def _serve(self) -> None:
+        """Read and write on the connection until either side fails."""
+        tasks = [
+            asyncio.create_task(self._read_loop(), name="jobwire-hub-read"),
+            asyncio.create_task(self._sync_loop(), name="jobwire-hub-sync"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raise the failure
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _forget_connection(self) -> None:
+        """After a disconnect nothing is subscribed: re-arm every channel."""
+        self._sent.clear()
+        self._waiters.clear()
+        loop = asyncio.get_running_loop()
+        for channel, ready in list(self._ready.items()):
+            if ready.done():
+                # Its sinks may have missed messages: resync them once re-confirmed;
+                # meanwhile new subscribers wait for the new confirmation.
+                self._resync.add(channel)
+                self._ready[channel] = loop.create_future()
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except (RedisError, OSError):
+                pass
+
+    async def _sync_loop(self) -> None:
+        """Send SUBSCRIBE/UNSUBSCRIBE for the difference between wanted and sent, and PING."""
+        assert self._pubsub is not None
+        pubsub = self._pubsub
+        while True:
+            try:
+                await asyncio.wait_for(self._dirty.wait(), self._ping_interval)
+            except TimeoutError:
+                await pubsub.execute_command("PING")
+                continue
+            self._dirty.clear()
+            wanted = self._sinks.keys()
+            gone = [ch for ch in self._sent if ch not in wanted]
+            new = [ch for ch in wanted if ch not in self._sent]
+            # State changes before the await: concurrent changes then see them, and a
+            # failed send is undone wholesale by _forget_connection().
+            self._sent.difference_update(gone)
+            for ch in new:
+                self._sent.add(ch)
+                self._waiters.setdefault(ch, deque()).append(self._ready.get(ch))
+            for i in range(0, len(gone), _CHUNK):
+                await pubsub.execute_command("UNSUBSCRIBE", *gone[i : i + _CHUNK])
+            for i in range(0, len(new), _CHUNK):
+                await pubsub.execute_command("SUBSCRIBE", *new[i : i + _CHUNK])
+
+    async def _read_loop(self) -> None:
+        assert self._pubsub is not None
+        pubsub = self._pubsub
+        loop = asyncio.get_running_loop()
+        last_heard = loop.time()
+        while True:
+            msg = await pubsub.get_message(timeout=1.0)
+            now = loop.time()
+            if msg is None:
+                # PINGs go out every ping_interval; three unanswered means a dead link.
+                if now - last_heard > 3 * self._ping_interval:
+                    raise ConnectionError("no reply from Redis to PING")
+                continue
+            last_heard = now
+            kind = msg["type"]
+            if kind == "message":
+                self._dispatch(msg["channel"].decode(), msg["data"])
+            elif kind == "subscribe":
+                self._confirmed(msg["channel"].decode())
+
+    def _confirmed(self, channel: str) -> None:
+        waiters = self._waiters.get(channel)
+        ready = waiters.popleft() if waiters else None
+        if waiters is not None and not waiters:
+            del self._waiters[channel]
+        if ready is None or ready.done() or self._ready.get(channel) is not ready:
+            return  # confirms a SUBSCRIBE nobody waits for any more
+        ready.set_result(None)
+        if channel in self._resync:
+            self._resync.discard(channel)
+            self._fan_out(channel, Resync(channel))
+
+    def _dispatch(self, channel: str, data: bytes) -> None:
+        if channel not in self._sinks:
+            return  # in flight while we unsubscribed
+        try:
+            delivery = Delivery.parse(data)
+        except (ValueError, KeyError, TypeError):
+            log.error("jobwire hub: dropping malformed event on %s: %.200r", channel, data)
+            return
+        self._fan_out(channel, delivery)
+
+    def _fan_out(self, channel: str, item: Delivery | Resync) -> None:
+        for sink in tuple(self._sinks.get(channel, ())):
+            try:
+                sink(item)
+            except Exception:
+                log.exception("jobwire hub: a subscriber failed on %s", channel)

@@ -1,0 +1,1 @@
+"""Thin endpoints: they validate, then call the hub, the feed or the job store."""

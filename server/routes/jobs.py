@@ -1,0 +1,185 @@
+"""REST endpoints: submit, list, poll, batch-poll and revoke jobs; list submittable tasks."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from kombu.exceptions import OperationalError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from jobwire.protocol import FAILURE
+from server import validation
+from server.errors import JSON, ApiError
+from server.services import services
+from tasks.progress import revoke_job
+from tasks.recorder import Recorder
+
+MAX_BODY = 1 << 20  # 1 MiB: generous for task arguments and 1,000 ids
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON, with a size cap and clear errors."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY} bytes")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
+def _invalid(exc: validation.ValidationError) -> ApiError:
+    status = 413 if exc.code == "too_many_ids" else 422
+    return ApiError(status, exc.code, str(exc))
+
+
+def _path_job_id(request: Request) -> str:
+    try:
+        return validation.job_id(request.path_params["job_id"])
+    except validation.ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def job_links(request: Request, job_id: str) -> dict[str, str]:
+    return {
+        "self": str(request.url_for("job_status", job_id=job_id)),
+        "events": str(request.url_for("job_events", job_id=job_id)),
+        "ws": str(request.url_for("ws_job", job_id=job_id)),
+    }
+
+
+async def list_tasks(request: Request) -> Response:
+    svc = services(request)
+    tasks = []
+    for name in svc.settings.allowed_tasks:
+        task = svc.celery.tasks.get(name)
+        doc = (task.__doc__ or "").strip().splitlines() if task is not None else []
+        tasks.append({"name": name, "description": doc[0] if doc else ""})
+    return JSON({"tasks": tasks})
+
+
+async def submit_job(request: Request) -> Response:
+    svc = services(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_request", "body must be an object: {task, args?, kwargs?}")
+    name, args, kwargs = body.get("task"), body.get("args", []), body.get("kwargs", {})
+    if not isinstance(name, str) or not name:
+        raise ApiError(422, "invalid_request", "task must be a task name (string)")
+    if name not in svc.settings.allowed_tasks:
+        allowed = ", ".join(svc.settings.allowed_tasks) or "none"
+        raise ApiError(422, "task_not_allowed", f"task {name!r} is not submittable; allowed: {allowed}")
+    if not isinstance(args, list):
+        raise ApiError(422, "invalid_request", f"args must be a list, got {type(args).__name__}")
+    if not isinstance(kwargs, dict):
+        raise ApiError(422, "invalid_request", f"kwargs must be an object, got {type(kwargs).__name__}")
+    unknown = set(body) - {"task", "args", "kwargs"}
+    if unknown:
+        raise ApiError(422, "invalid_request", f"unknown fields: {', '.join(sorted(unknown))}")
+    job_id = str(uuid.uuid4())
+    try:
+        # The PENDING event is recorded by the publish signal, before the message leaves.
+        await run_in_threadpool(svc.celery.send_task, name, args=args, kwargs=kwargs, task_id=job_id)
+    except OperationalError as exc:
+        await _record_publish_failure(svc.celery, job_id, exc)
+        raise ApiError(503, "broker_unavailable", f"could not queue the job: {exc}") from None
+    return JSON(
+        {"job_id": job_id, "status": "PENDING", "task": name, "links": job_links(request, job_id)},
+        status_code=202,
+        headers={"Location": job_links(request, job_id)["self"]},
+    )
+
+
+async def _record_publish_failure(celery: Any, job_id: str, exc: Exception) -> None:
+    """A job registered PENDING whose message never left must not stay PENDING forever."""
+    error = {"type": "PublishError", "message": f"could not queue the job: {exc}"}
+    recorder = Recorder.for_app(celery)
+    await run_in_threadpool(recorder.record, job_id, FAILURE, error=error)
+
+
+async def list_jobs(request: Request) -> Response:
+    svc = services(request)
+    params = request.query_params
+    try:
+        limit = int(params.get("limit", "50"))
+        before = float(params["before"]) if "before" in params else None
+    except ValueError:
+        raise ApiError(422, "invalid_request", "limit must be an integer, before a number") from None
+    if not 1 <= limit <= 200:
+        raise ApiError(422, "invalid_request", f"limit must be between 1 and 200, got {limit}")
+    jobs = await svc.store.recent(limit=limit, before=before)
+    cursor = jobs[-1]["cursor"] if len(jobs) == limit else None
+    for job in jobs:
+        del job["cursor"]
+    return JSON({"jobs": jobs, "next_before": cursor})
+
+
+async def job_status(request: Request) -> Response:
+    job_id = _path_job_id(request)
+    snapshot = await services(request).store.snapshot(job_id)
+    if snapshot is None:
+        raise ApiError(404, "job_not_found", f"no job with id {job_id!r} (never submitted, or expired)")
+    return JSON(snapshot)
+
+
+async def job_history(request: Request) -> Response:
+    """Events after `?since=N` as JSON: a polling client that must see every transition."""
+    svc = services(request)
+    job_id = _path_job_id(request)
+    try:
+        since = validation.seq(request.query_params.get("since", "0"), field="since")
+    except validation.ValidationError as exc:
+        raise _invalid(exc) from None
+    exists, events = await svc.store.events_since(job_id, since)
+    if not exists:
+        raise job_not_found(job_id)
+    return Response(
+        b'{"job_id":' + orjson.dumps(job_id) + b',"events":[' + b",".join(e.raw for e in events) + b"]}",
+        media_type="application/json",
+    )
+
+
+async def batch_status(request: Request) -> Response:
+    svc = services(request)
+    body = await read_json(request)
+    ids = body.get("job_ids") if isinstance(body, dict) else body
+    try:
+        job_ids = validation.job_ids(ids, limit=svc.settings.batch_max_ids)
+    except validation.ValidationError as exc:
+        raise _invalid(exc) from None
+    return JSON({"jobs": await svc.store.batch_status(job_ids)})
+
+
+async def revoke(request: Request) -> Response:
+    svc = services(request)
+    job_id = _path_job_id(request)
+    snapshot = await svc.store.snapshot(job_id)
+    if snapshot is None:
+        raise ApiError(404, "job_not_found", f"no job with id {job_id!r} (never submitted, or expired)")
+    if not snapshot["final"]:
+        seq = await run_in_threadpool(revoke_job, svc.celery, job_id)
+        if seq is not None:
+            return JSON({"job_id": job_id, "status": "REVOKED", "seq": seq}, status_code=202)
+        snapshot = await svc.store.snapshot(job_id) or snapshot  # it finished meanwhile
+    raise ApiError(409, "job_finished", f"job {job_id!r} already finished with {snapshot['status']}")
+
+
+routes = [
+    Route("/api/v1/tasks", list_tasks, methods=["GET"]),
+    Route("/api/v1/jobs", submit_job, methods=["POST"]),
+    Route("/api/v1/jobs", list_jobs, methods=["GET"]),
+    Route("/api/v1/jobs/batch-status", batch_status, methods=["POST"]),
+    Route("/api/v1/jobs/{job_id}", job_status, methods=["GET"], name="job_status"),
+    Route("/api/v1/jobs/{job_id}", revoke, methods=["DELETE"]),
+    Route("/api/v1/jobs/{job_id}/history", job_history, methods=["GET"]),
+]

@@ -1,0 +1,39 @@
+"""The objects every endpoint uses, built once per app by the lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from redis.asyncio import Redis
+from starlette.requests import HTTPConnection
+
+from jobwire.settings import Settings
+from server.feed import Feed
+from server.hub import Hub
+from server.store import JobStore
+
+
+@dataclass
+class Services:
+    """What the endpoints use, built once per app in the lifespan."""
+
+    settings: Settings
+    redis: Redis
+    hub: Hub
+    store: JobStore
+    celery: Celery
+
+    def feed(self) -> Feed:
+        return Feed(
+            self.hub,
+            self.store,
+            self.settings.keys,
+            queue_limit=self.settings.client_queue_limit,
+            max_jobs=self.settings.max_jobs_per_socket,
+        )
+
+
+def services(conn: HTTPConnection) -> Services:
+    """The app's services, from a request or a websocket."""
+    return conn.app.state.jobwire  # type: ignore[no-any-return]
