@@ -60,6 +60,7 @@ class Settings:
     batch_max_ids: int = 1000  # ids per batch-status call
     max_jobs_per_socket: int = 1000
     client_queue_limit: int = 1000  # events buffered per client before it is resynced
+    redis_max_connections: int = 64  # server's pool for reads; requests queue beyond it
 
     # Timeouts
     heartbeat_interval: float = 15.0  # seconds between app-level heartbeats to clients
@@ -92,6 +93,7 @@ class Settings:
             batch_max_ids=_int(env, "JOBWIRE_BATCH_MAX_IDS", 1000, minimum=1),
             max_jobs_per_socket=_int(env, "JOBWIRE_MAX_JOBS_PER_SOCKET", 1000, minimum=1),
             client_queue_limit=_int(env, "JOBWIRE_CLIENT_QUEUE_LIMIT", 1000, minimum=1),
+            redis_max_connections=_int(env, "JOBWIRE_REDIS_MAX_CONNECTIONS", 64, minimum=2),
             heartbeat_interval=_float(env, "JOBWIRE_HEARTBEAT_INTERVAL", 15.0),
             subscribe_timeout=_float(env, "JOBWIRE_SUBSCRIBE_TIMEOUT", 5.0),
             allowed_tasks=(

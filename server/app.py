@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
@@ -31,7 +31,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        # A blocking pool: under a burst (hundreds of sockets replaying history at once)
+        # requests queue for a connection instead of failing with "Too many connections".
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=settings.subscribe_timeout,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+        )
+        redis = Redis(connection_pool=pool)
         hub = Hub(settings.redis_url, subscribe_timeout=settings.subscribe_timeout)
         await hub.start()
         celery = create_celery_app(settings)

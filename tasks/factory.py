@@ -34,6 +34,10 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
     )
     app.jobwire_settings = settings  # type: ignore[attr-defined]
+    # `before_task_publish` does not say which app publishes, so its handler uses
+    # `current_app`, which is thread-local: without a process-wide default, a publish from
+    # a thread pool (the server's submit) would find Celery's unconfigured fallback app.
+    app.set_default()
     # Connect the lifecycle signals, and register the demo tasks in every process (the
     # server lists their docstrings), not only in workers that honour `include`.
     import tasks.examples  # noqa: F401

@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from jobwire.protocol import FAILURE
 from server import validation
-from server.errors import JSON, ApiError
+from server.errors import JSON, ApiError, job_not_found
 from server.services import services
 from tasks.progress import revoke_job
 from tasks.recorder import Recorder

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -55,14 +56,21 @@ async def _send(ws: WebSocket, item: Delivery | dict[str, Any]) -> None:
     await ws.send_text(text)
 
 
-async def _run_until_first_done(*coros: Awaitable[None]) -> None:
-    """Run the socket's reader and writer; when one ends (disconnect, close), stop both."""
+async def _run_until_first_done(ws: WebSocket, *coros: Awaitable[None]) -> None:
+    """Run the socket's reader and writer; when one ends (disconnect, close), stop both.
+
+    If Redis fails mid-stream the socket is closed with 1013: the client reconnects and
+    resumes from its last seq, which loses nothing, where limping on could.
+    """
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             exc = task.exception()
-            if exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):
+            if isinstance(exc, RedisError):
+                log.warning("closing websocket, Redis failed: %s", exc)
+                await _close(ws, CLOSE_TRY_AGAIN_LATER, "job store unavailable, reconnect")
+            elif exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):
                 raise exc
     finally:
         for task in tasks:
@@ -81,6 +89,14 @@ async def _receive_json(ws: WebSocket) -> Any:
         return orjson.loads(message["text"])
     except orjson.JSONDecodeError:
         raise _BadMessage("invalid_json", "message is not valid JSON") from None
+
+
+async def _close(ws: WebSocket, code: int, reason: str = "") -> None:
+    if ws.application_state == WebSocketState.CONNECTED:
+        try:
+            await ws.close(code, reason)
+        except (RuntimeError, OSError):
+            pass  # the client is already gone
 
 
 class _BadMessage(Exception):
@@ -107,7 +123,7 @@ async def ws_multi(ws: WebSocket) -> None:
                 replies.put_nowait(_error(exc.code, exc.message))
 
     try:
-        await _run_until_first_done(read(), _pump(ws, feed, svc.settings.heartbeat_interval, replies))
+        await _run_until_first_done(ws, read(), _pump(ws, feed, svc.settings.heartbeat_interval, replies))
     finally:
         feed.close()
 
@@ -171,8 +187,8 @@ async def _op_subscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
                 reply(_error("job_not_found", f"no job with id {job_id!r}", job_id=job_id))
         except TooManyJobs as exc:
             reply(_error("too_many_jobs", str(exc), job_id=job_id))
-        except HubUnavailable as exc:
-            reply(_error("unavailable", str(exc), job_id=job_id))
+        except (HubUnavailable, RedisError) as exc:
+            reply(_error("unavailable", f"job store unavailable, retry: {exc}", job_id=job_id))
 
     await asyncio.gather(*(one(job_id) for job_id in ids))
 
@@ -227,11 +243,11 @@ async def ws_job(ws: WebSocket) -> None:
     try:
         try:
             found = await feed.watch(job_id, since)
-        except HubUnavailable:
-            await ws.close(CLOSE_TRY_AGAIN_LATER, "job store unavailable, retry")
+        except (HubUnavailable, RedisError):
+            await _close(ws, CLOSE_TRY_AGAIN_LATER, "job store unavailable, retry")
             return
         if not found:
-            await ws.close(CLOSE_NOT_FOUND, "job not found")
+            await _close(ws, CLOSE_NOT_FOUND, "job not found")
             return
 
         async def read() -> None:
@@ -243,15 +259,11 @@ async def ws_job(ws: WebSocket) -> None:
                     pass
 
         await _run_until_first_done(
-            read(), _pump(ws, feed, svc.settings.heartbeat_interval, close_after_final=True)
+            ws, read(), _pump(ws, feed, svc.settings.heartbeat_interval, close_after_final=True)
         )
     finally:
         feed.close()
-        if ws.application_state == WebSocketState.CONNECTED:
-            try:
-                await ws.close(CLOSE_NORMAL)
-            except RuntimeError:
-                pass
+        await _close(ws, CLOSE_NORMAL)
 
 
 routes = [

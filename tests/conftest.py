@@ -1,0 +1,58 @@
+"""Fixtures: a private redis-server, a real Celery worker, a real uvicorn server.
+
+The worker and its Redis live for the whole session (starting a worker takes seconds);
+tests isolate themselves by job id, never by flushing (flushing would delete the broker's
+queue bindings under the running worker). Tests that stop Redis get a Redis of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from jobwire.settings import Settings
+from tests.support import RedisServer, RunningServer, Worker, redis_server, run_server, settings_for
+
+
+@pytest.fixture(scope="session")
+def session_redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def worker(session_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    log = Path(tmp_path_factory.mktemp("worker")) / "worker.log"
+    w = Worker(session_redis.url, log)
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def settings(session_redis: RedisServer) -> Settings:
+    return settings_for(session_redis.url, heartbeat_interval=2.0)
+
+
+@pytest.fixture
+async def server(settings: Settings, worker: Worker) -> AsyncIterator[RunningServer]:
+    """A server wired to the session Redis, with a worker consuming its jobs."""
+    async with run_server(settings) as running:
+        yield running
+
+
+@pytest.fixture
+def rclient(session_redis: RedisServer) -> Iterator[redis.Redis]:
+    client = session_redis.client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis this test alone uses, free to be stopped and restarted."""
+    with redis_server() as server:
+        yield server

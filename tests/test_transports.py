@@ -1,0 +1,94 @@
+"""A real job, watched over every transport, shows every transition in order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import websockets
+
+from tests.clients import LIFECYCLE, assert_gap_free, submit, watch_ws
+from tests.support import RunningServer
+
+
+async def test_ws_multi_sees_whole_lifecycle(server: RunningServer) -> None:
+    """/ws: PENDING → STARTED → VALIDATING → PROCESSING → UPLOADING → SUCCESS, gap-free, with result."""
+    job_id = await submit(server.url, delay=0.1)
+    events = await watch_ws(server.ws_url, job_id)
+    assert [e["state"] for e in events] == LIFECYCLE
+    assert_gap_free(events)
+    assert events[-1]["final"] is True
+    assert events[-1]["result"]["status"] == "done"
+    assert events[3]["progress"] == {
+        "step": 2,
+        "total": 3,
+        "percent": 66.67,
+        "description": "Processing data",
+    }
+    assert all(isinstance(e["ts"], float) for e in events)
+
+
+async def test_ws_single_job_closes_1000_after_final(server: RunningServer) -> None:
+    """/ws/jobs/{id} streams the job then closes with 1000."""
+    job_id = await submit(server.url, delay=0.1)
+    events = []
+    async with websockets.connect(f"{server.ws_url}/ws/jobs/{job_id}") as ws:
+        async for raw in ws:
+            msg = json.loads(raw)
+            if msg["type"] == "event":
+                events.append(msg)
+        assert ws.close_code == 1000
+    assert [e["state"] for e in events] == LIFECYCLE
+    assert_gap_free(events)
+
+
+async def test_sse_streams_lifecycle_and_ends(server: RunningServer) -> None:
+    """SSE: id: is the seq, data: the event; the stream ends after the final event."""
+    job_id = await submit(server.url, delay=0.1)
+    events, ids = [], []
+    async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
+        async with http.stream("GET", f"/api/v1/jobs/{job_id}/events") as resp:
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            async for line in resp.aiter_lines():
+                if line.startswith("id: "):
+                    ids.append(int(line[4:]))
+                elif line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+    assert [e["state"] for e in events] == LIFECYCLE
+    assert ids == [e["seq"] for e in events] == list(range(1, 7))
+
+
+async def test_sse_resumes_from_last_event_id(server: RunningServer) -> None:
+    """SSE with Last-Event-ID: 3 gets exactly seq 4..6; after the final event, 204 stops EventSource."""
+    job_id = await submit(server.url, delay=0.05)
+    await watch_ws(server.ws_url, job_id)  # let it finish
+    async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
+        resp = await http.get(f"/api/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "3"})
+        seqs = [int(line[4:]) for line in resp.text.splitlines() if line.startswith("id: ")]
+        assert seqs == [4, 5, 6]
+        done = await http.get(f"/api/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "6"})
+        assert done.status_code == 204
+
+
+async def test_polling_history_sees_every_transition(server: RunningServer) -> None:
+    """Polling /history?since=N collects the whole lifecycle; GET status ends on SUCCESS with the result."""
+    job_id = await submit(server.url, delay=0.1)
+    events: list[dict] = []
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        for _ in range(200):
+            since = events[-1]["seq"] if events else 0
+            resp = await http.get(f"/api/v1/jobs/{job_id}/history", params={"since": since})
+            assert resp.status_code == 200
+            events += resp.json()["events"]
+            if events and events[-1]["final"]:
+                break
+            await asyncio.sleep(0.05)
+        status = (await http.get(f"/api/v1/jobs/{job_id}")).json()
+    assert [e["state"] for e in events] == LIFECYCLE
+    assert_gap_free(events)
+    assert status["status"] == "SUCCESS" and status["seq"] == 6
+    assert status["result"]["status"] == "done"
+    assert status["progress"]["percent"] == 100.0
+    assert "error" not in status
