@@ -71,3 +71,15 @@ async def watch_ws(ws_url: str, job_id: str, since: int | None = None) -> list[d
 def assert_gap_free(events: list[dict[str, Any]], first: int = 1) -> None:
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(first, first + len(events))), seqs
+
+
+async def events_until_state(
+    ws: Any, job_id: str, state: str, events: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Read `job_id`'s events (after `events`) until one in `state` has arrived."""
+    events = list(events)
+    while not any(e["state"] == state for e in events):
+        msg = await next_of(ws, "event")
+        if msg["job_id"] == job_id:
+            events.append(msg)
+    return events

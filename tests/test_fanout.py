@@ -32,7 +32,10 @@ async def test_200_sockets_one_job_one_redis_subscription(
         assert rclient.pubsub_numsub(channel) == [(channel.encode(), 1)]
         assert server.services.hub.subscribers(channel) == CLIENTS
         results = await asyncio.gather(
-            *(events_until_final(ws, job_id, 30, before) for ws, before in zip(sockets, replayed, strict=True))
+            *(
+                events_until_final(ws, job_id, 30, before)
+                for ws, before in zip(sockets, replayed, strict=True)
+            )
         )
     finally:
         await asyncio.gather(*(ws.close() for ws in sockets))

@@ -1,0 +1,64 @@
+"""Redis blips: clients keep every event across a severed pub/sub connection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import websockets
+
+from tasks.recorder import Recorder
+from tests.clients import assert_gap_free, events_until_final, until_subscribed
+from tests.support import RedisServer, run_server, settings_for
+
+
+async def test_events_published_during_pubsub_outage_reach_clients(own_redis: RedisServer) -> None:
+    """Events written while the hub's subscription is down arrive via resync: gap-free, no duplicates."""
+    settings = settings_for(own_redis.url, heartbeat_interval=1.0)
+    recorder = Recorder(own_redis.client(), settings)
+    recorder.record("blip", "PENDING", task="demo")
+    async with run_server(settings) as srv:
+        async with websockets.connect(f"{srv.ws_url}/ws") as ws:
+            await ws.send(json.dumps({"op": "subscribe", "job_ids": ["blip"]}))
+            events = await until_subscribed(ws, "blip")
+            reconnects = srv.services.hub.reconnects
+            # Sever the hub's connection and write at once, before it can resubscribe.
+            own_redis.client().client_kill_filter(_type="pubsub")
+            for step in range(1, 4):
+                recorder.record("blip", "WORKING", progress={"step": step, "total": 3})
+            recorder.record("blip", "SUCCESS", result={"ok": True})
+            events = await events_until_final(ws, "blip", events=events)
+            assert srv.services.hub.reconnects > reconnects
+    assert [e["state"] for e in events] == ["PENDING", "WORKING", "WORKING", "WORKING", "SUCCESS"]
+    assert_gap_free(events)
+
+
+async def test_redis_down_then_back_clients_resume(own_redis: RedisServer) -> None:
+    """Redis stops and restarts (data lost, as with no persistence): readyz reports it, subscribers recover."""
+    settings = settings_for(own_redis.url, heartbeat_interval=1.0, subscribe_timeout=1.0)
+    async with run_server(settings) as srv:
+        import httpx
+
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            assert (await http.get("/readyz")).status_code == 200
+            own_redis.stop()
+            await asyncio.sleep(0.5)
+            down = await http.get("/readyz")
+            assert down.status_code == 503 and down.json()["redis"] is False
+            status = await http.get("/api/v1/jobs/anything")
+            assert status.status_code == 503
+            assert status.json()["error"]["code"] == "redis_unavailable"
+            own_redis.start()
+            for _ in range(100):
+                if (await http.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await http.get("/readyz")).status_code == 200
+        recorder = Recorder(own_redis.client(), settings)
+        recorder.record("after", "PENDING")
+        async with websockets.connect(f"{srv.ws_url}/ws") as ws:
+            await ws.send(json.dumps({"op": "subscribe", "job_ids": ["after"]}))
+            events = await until_subscribed(ws, "after")
+            recorder.record("after", "SUCCESS", result=1)
+            events = await events_until_final(ws, "after", events=events)
+    assert [e["state"] for e in events] == ["PENDING", "SUCCESS"]
