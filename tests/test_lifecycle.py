@@ -122,7 +122,7 @@ async def test_plain_celery_sees_custom_states_and_info(server: RunningServer) -
 
 
 async def test_job_sent_with_plain_celery_is_watchable_at_once(server: RunningServer) -> None:
-    """A job published with send_task/.delay() (not through the API) exists as PENDING before any worker sees it."""
+    """A job sent with send_task/.delay() (not via the API) is PENDING before any worker sees it."""
     celery = server.services.celery
     result = celery.send_task("long_running_task", kwargs={"delay": 0.01}, queue=f"parked-{uuid.uuid4()}")
     async with httpx.AsyncClient(base_url=server.url) as http:

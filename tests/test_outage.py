@@ -34,7 +34,7 @@ async def test_events_published_during_pubsub_outage_reach_clients(own_redis: Re
 
 
 async def test_redis_down_then_back_clients_resume(own_redis: RedisServer) -> None:
-    """Redis stops and restarts (data lost, as with no persistence): readyz reports it, subscribers recover."""
+    """Redis stops and restarts (data lost): readyz reports it, subscribers recover."""
     settings = settings_for(own_redis.url, heartbeat_interval=1.0, subscribe_timeout=1.0)
     async with run_server(settings) as srv:
         import httpx
