@@ -13,6 +13,7 @@ from jobwire.protocol import Keys
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_TASKS = ("long_running_task", "failing_task", "retrying_task")
+TRANSPORTS = ("websocket", "sse", "polling")
 
 
 class SettingsError(ValueError):
@@ -67,6 +68,9 @@ class Settings:
     subscribe_timeout: float = 5.0  # how long a subscribe waits for Redis to confirm
 
     allowed_tasks: tuple[str, ...] = field(default=DEFAULT_TASKS)
+    # Which push transports the server offers (polling always works). Turning websocket
+    # off behaves like a proxy that refuses the upgrade: clients fall back.
+    transports: tuple[str, ...] = field(default=TRANSPORTS)
 
     @property
     def effective_broker_url(self) -> str:
@@ -83,7 +87,16 @@ class Settings:
         prefix = env.get("JOBWIRE_KEY_PREFIX", "jobwire:")
         if not prefix:
             raise SettingsError("JOBWIRE_KEY_PREFIX must not be empty")
+        transports = tuple(
+            t.strip() for t in env.get("JOBWIRE_TRANSPORTS", ",".join(TRANSPORTS)).split(",") if t.strip()
+        )
+        unknown = set(transports) - set(TRANSPORTS)
+        if unknown:
+            raise SettingsError(
+                f"JOBWIRE_TRANSPORTS has unknown {sorted(unknown)}; choose from {list(TRANSPORTS)}"
+            )
         return cls(
+            transports=transports,
             redis_url=env.get("JOBWIRE_REDIS_URL") or DEFAULT_REDIS_URL,
             broker_url=env.get("JOBWIRE_BROKER_URL", ""),
             key_prefix=prefix,

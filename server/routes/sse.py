@@ -1,32 +1,48 @@
-"""Server-Sent Events for one job: for clients that cannot hold a websocket.
+"""Server-Sent Events: for clients that cannot hold a websocket.
 
-`id:` is the event's seq, so a browser's EventSource resumes by itself after a drop
-(it sends `Last-Event-ID`); `?since=N` does the same for clients that cannot set headers.
-The stream ends after the job's final event, and a reconnect after that gets `204 No
-Content`, which tells EventSource to stop reconnecting.
+`GET /api/v1/jobs/{job_id}/events` — one job. `id:` is the event's seq, so a browser's
+EventSource resumes by itself after a drop (it sends `Last-Event-ID`); `?since=N` does the
+same for clients that cannot set headers. The stream ends after the job's final event,
+and a reconnect after that gets `204 No Content`, which tells EventSource to stop.
+
+`GET /api/v1/events?job=<id>&job=<id>&since=<id>:<seq>&all=1` — many jobs on one stream,
+what the browser client falls back to (browsers allow only six HTTP/1.1 connections per
+host, so one EventSource per job would starve a dashboard). Events carry no `id:`: with
+many jobs one id cannot say where each stopped, so the client tracks the seq per job and
+reconnects with `since`. Control messages (`subscribed`, `error`, `resync`) come as
+`event: control`.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from server import validation
-from server.errors import ApiError
+from server.errors import ApiError, job_not_found
 from server.events import Delivery
-from server.feed import Feed
+from server.feed import Feed, TooManyJobs
 from server.hub import HubUnavailable
 from server.routes.jobs import _path_job_id
-from server.services import services
+from server.services import Services, services
 
 RETRY_MS = 2000  # how soon EventSource reconnects after a drop
+MAX_JOBS_PER_STREAM = 200
+
+
+def _sse_services(request: Request) -> Services:
+    svc = services(request)
+    if "sse" not in svc.settings.transports:
+        raise ApiError(503, "transport_disabled", "Server-Sent Events are turned off on this server")
+    return svc
 
 
 async def job_events(request: Request) -> Response:
-    svc = services(request)
+    svc = _sse_services(request)
     job_id = _path_job_id(request)
     raw_since = request.headers.get("last-event-id") or request.query_params.get("since") or "0"
     try:
@@ -36,7 +52,7 @@ async def job_events(request: Request) -> Response:
 
     snapshot = await svc.store.snapshot(job_id)
     if snapshot is None:
-        raise ApiError(404, "job_not_found", f"no job with id {job_id!r} (never submitted, or expired)")
+        raise job_not_found(job_id)
     if snapshot["final"] and since >= snapshot["seq"]:
         return Response(status_code=204)
 
@@ -46,26 +62,78 @@ async def job_events(request: Request) -> Response:
     except HubUnavailable as exc:
         feed.close()
         raise ApiError(503, "unavailable", str(exc)) from None
+    return _stream(feed, svc.settings.heartbeat_interval, with_ids=True, end_on_final=True)
+
+
+async def events(request: Request) -> Response:
+    svc = _sse_services(request)
+    params = request.query_params
+    try:
+        job_ids = validation.job_ids(params.getlist("job"), limit=MAX_JOBS_PER_STREAM, field="job")
+        since: dict[str, int] = {}
+        for item in params.getlist("since"):
+            job_id, _, seq = item.rpartition(":")
+            since[validation.job_id(job_id)] = validation.seq(seq, field=f"since for {job_id!r}")
+    except validation.ValidationError as exc:
+        raise ApiError(413 if exc.code == "too_many_ids" else 422, exc.code, str(exc)) from None
+    want_all = params.get("all") in ("1", "true")
+
+    feed = svc.feed()
+    missing: list[str] = []
+    try:
+        if want_all:
+            await feed.watch_all()
+        for job_id in job_ids:
+            if not await feed.watch(job_id, since.get(job_id, 0)):
+                missing.append(job_id)
+    except HubUnavailable as exc:
+        feed.close()
+        raise ApiError(503, "unavailable", str(exc)) from None
+    except TooManyJobs as exc:
+        feed.close()
+        raise ApiError(413, "too_many_jobs", str(exc)) from None
+    notices = [
+        {"type": "error", "code": "job_not_found", "message": f"no job with id {j!r}", "job_id": j}
+        for j in missing
+    ]
+    return _stream(feed, svc.settings.heartbeat_interval, notices=notices)
+
+
+def _stream(
+    feed: Feed,
+    heartbeat: float,
+    *,
+    with_ids: bool = False,
+    end_on_final: bool = False,
+    notices: list[dict[str, object]] | None = None,
+) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            yield f"retry: {RETRY_MS}\n\n"
+            for notice in notices or ():
+                yield f"event: control\ndata: {orjson.dumps(notice).decode()}\n\n"
+            while True:
+                item = await feed.next(idle=heartbeat)
+                if item is None:
+                    yield ": keepalive\n\n"
+                elif isinstance(item, Delivery):
+                    head = f"id: {item.seq}\n" if with_ids else ""
+                    yield f"{head}data: {item.raw.decode()}\n\n"
+                    if end_on_final and item.final:
+                        return
+                elif not with_ids:
+                    yield f"event: control\ndata: {orjson.dumps(item).decode()}\n\n"
+        finally:
+            feed.close()
+
     return StreamingResponse(
-        _stream(feed, svc.settings.heartbeat_interval),
+        body(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _stream(feed: Feed, heartbeat: float) -> AsyncIterator[str]:
-    try:
-        yield f"retry: {RETRY_MS}\n\n"
-        while True:
-            item = await feed.next(idle=heartbeat)
-            if item is None:
-                yield ": keepalive\n\n"
-            elif isinstance(item, Delivery):
-                yield f"id: {item.seq}\ndata: {item.raw.decode()}\n\n"
-                if item.final:
-                    return
-    finally:
-        feed.close()
-
-
-routes = [Route("/api/v1/jobs/{job_id}/events", job_events, methods=["GET"], name="job_events")]
+routes = [
+    Route("/api/v1/jobs/{job_id}/events", job_events, methods=["GET"], name="job_events"),
+    Route("/api/v1/events", events, methods=["GET"], name="events"),
+]

@@ -7,8 +7,9 @@
     {"op": "subscribe_all"} / {"op": "unsubscribe_all"}
     {"op": "ping"}
 
-Server messages: `{"type": "event", ...event}`, `{"type": "subscribed", "job_id", "seq"}`
-(after a job's history has been replayed), `{"type": "unsubscribed", "job_ids"}`,
+Server messages: `{"type": "welcome", "heartbeat"}` first, `{"type": "event", ...event}`,
+`{"type": "subscribed", "job_id", "seq"}` (after a job's history has been replayed),
+`{"type": "unsubscribed", "job_ids"}`,
 `{"type": "resync", "scope": "all"}`, `{"type": "heartbeat", "ts"}`, `{"type": "pong"}`
 and `{"type": "error", "code", "message", "job_id"?}`. A malformed message gets an error
 message; the socket stays open.
@@ -108,11 +109,23 @@ class _BadMessage(Exception):
 # -- /ws ---------------------------------------------------------------------------------
 
 
+async def _accept(ws: WebSocket) -> bool:
+    """Accept the socket, or refuse the upgrade (HTTP 403) when websockets are turned off."""
+    if "websocket" not in services(ws).settings.transports:
+        await ws.close(code=1008)
+        return False
+    await ws.accept()
+    return True
+
+
 async def ws_multi(ws: WebSocket) -> None:
     svc = services(ws)
-    await ws.accept()
+    if not await _accept(ws):
+        return
     feed = svc.feed()
     replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    # Tells the client how often to expect a sign of life, so it can detect a dead link.
+    replies.put_nowait({"type": "welcome", "heartbeat": svc.settings.heartbeat_interval})
 
     async def read() -> None:
         while True:
@@ -232,7 +245,8 @@ _OPS = {
 
 async def ws_job(ws: WebSocket) -> None:
     svc = services(ws)
-    await ws.accept()
+    if not await _accept(ws):
+        return
     try:
         job_id = validation.job_id(ws.path_params["job_id"])
         since = validation.seq(ws.query_params.get("since", "0"), field="since")
