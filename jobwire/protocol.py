@@ -111,11 +111,15 @@ def progress_meta(
     step: int | None = None,
     total: int | None = None,
     description: str | None = None,
+    percent: float | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Build the `progress` object of a custom-state event.
 
-    `percent` is derived here, once, so every client renders the same number.
+    `percent` is derived here, once, so every client renders the same number: step/total
+    by default (step = units done). When `step` is instead the ordinal of the step now in
+    progress, pass the honest `percent` of work completed, so a bar never shows 100% while
+    the last step is still running.
     """
     if total is not None and (not isinstance(total, int) or total <= 0):
         raise ValueError(f"total must be a positive int, got {total!r}")
@@ -128,7 +132,11 @@ def progress_meta(
         meta["step"] = step
     if total is not None:
         meta["total"] = total
-    if step is not None and total is not None:
+    if percent is not None:
+        if isinstance(percent, bool) or not isinstance(percent, (int, float)) or not 0 <= percent <= 100:
+            raise ValueError(f"percent must be a number from 0 to 100, got {percent!r}")
+        meta["percent"] = round(float(percent), 2)
+    elif step is not None and total is not None:
         meta["percent"] = round(100.0 * step / total, 2)
     if description is not None:
         meta["description"] = description

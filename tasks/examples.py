@@ -32,7 +32,9 @@ def long_running_task(self: ProgressTask, delay: float = 1.0) -> dict[str, Any]:
     ]
     started = time.time()
     for step, (state, description) in enumerate(steps, start=1):
-        if self.report(state, step=step, total=len(steps), description=description) is None:
+        # `step` names the step in progress; percent counts the steps already done.
+        done = 100.0 * (step - 1) / len(steps)
+        if self.report(state, step=step, total=len(steps), description=description, percent=done) is None:
             return {"status": "cancelled", "steps": step - 1}
         time.sleep(delay)
     return {"status": "done", "steps": len(steps), "seconds": round(time.time() - started, 3)}
@@ -42,7 +44,7 @@ def long_running_task(self: ProgressTask, delay: float = 1.0) -> dict[str, Any]:
 def failing_task(self: ProgressTask, delay: float = 1.0) -> None:
     """Processes one step, then fails with a clear error."""
     delay = _check_delay(delay)
-    self.report("PROCESSING", step=1, total=2, description="Processing data")
+    self.report("PROCESSING", step=1, total=2, description="Processing data", percent=0)
     time.sleep(delay)
     raise ValueError("Simulated failure: the input file is corrupt at row 42")
 
@@ -51,7 +53,7 @@ def failing_task(self: ProgressTask, delay: float = 1.0) -> None:
 def retrying_task(self: ProgressTask, delay: float = 1.0, failures: int = 1) -> dict[str, Any]:
     """Fails its first `failures` attempts with a transient error, retrying after `delay`."""
     delay = _check_delay(delay)
-    self.report("PROCESSING", step=1, total=1, description=f"Attempt {self.request.retries + 1}")
+    self.report("PROCESSING", step=1, total=1, description=f"Attempt {self.request.retries + 1}", percent=0)
     time.sleep(delay)
     if self.request.retries < failures:
         try:

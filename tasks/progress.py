@@ -65,9 +65,12 @@ class ProgressTask(Task):  # type: ignore[misc]
         step: int | None = None,
         total: int | None = None,
         description: str | None = None,
+        percent: float | None = None,
         **extra: Any,
     ) -> int | None:
         """Report a custom state with progress; return the event's seq.
+
+        `percent` defaults to step/total; see `jobwire.protocol.progress_meta`.
 
         Updates Celery's result backend (`AsyncResult(id).state == state`, `.info` is
         the progress dict) and jobwire's history and live channels in one Redis round
@@ -82,7 +85,7 @@ class ProgressTask(Task):  # type: ignore[misc]
         job_id = self.request.id
         if job_id is None:  # called directly as a function, not as a task
             return None
-        progress = progress_meta(step, total, description, **extra)
+        progress = progress_meta(step, total, description, percent, **extra)
         recorder = Recorder.for_app(self.app)
         if uses_redis_backend(self.app):
             meta = celery_meta_for(self.app, job_id, state, progress, self.request)

@@ -116,7 +116,7 @@ async def test_plain_celery_sees_custom_states_and_info(server: RunningServer) -
                 break
         result = AsyncResult(job_id, app=server.services.celery)
         assert result.state == "PROCESSING"
-        assert result.info == {"step": 2, "total": 3, "percent": 66.67, "description": "Processing data"}
+        assert result.info == {"step": 2, "total": 3, "percent": 33.33, "description": "Processing data"}
         await events_until_final(ws, job_id, events=[msg])
     assert AsyncResult(job_id, app=server.services.celery).get(timeout=5)["status"] == "done"
 

@@ -1,0 +1,137 @@
+"""`jobwire` console command: watch, submit and check jobs from a terminal or a script.
+
+Exit codes: 0 SUCCESS, 1 FAILURE, 2 REVOKED, 3 job not found, 4 server unreachable or
+refused the request, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Any
+
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from jobwire.client import DEFAULT_URL, JobNotFound, Jobwire, JobwireError, watch
+
+EXIT = {"SUCCESS": 0, "FAILURE": 1, "REVOKED": 2}
+EXIT_NOT_FOUND, EXIT_UNREACHABLE = 3, 4
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _kv(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` arguments; values are parsed as JSON when they can be (numbers, lists)."""
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"jobwire: expected key=value, got {pair!r}")
+        try:
+            kwargs[key] = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            kwargs[key] = raw
+    return kwargs
+
+
+async def cmd_watch(url: str, job_id: str, since: int = 0, give_up_after: float | None = 30.0) -> int:
+    final = None
+    with Progress(
+        TextColumn("[bold]{task.fields[state]:<12}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task("", total=100, state="…")
+        async for event in watch(job_id, url, since=since, give_up_after=give_up_after):
+            state, p = event["state"], event.get("progress") or {}
+            percent = 100.0 if state == "SUCCESS" else p.get("percent", progress.tasks[0].completed)
+            progress.update(bar, completed=percent, state=state, description=p.get("description", ""))
+            progress.console.print(f"[dim]{event['seq']:>3}[/] {state}" + _detail(event))
+            final = event
+    assert final is not None
+    if final["state"] == "SUCCESS":
+        out.print_json(data={"job_id": job_id, "state": "SUCCESS", "result": final.get("result")})
+    return EXIT.get(final["state"], 1)
+
+
+def _detail(event: dict[str, Any]) -> str:
+    if event.get("error"):
+        return f"  [red]{event['error']['type']}: {event['error']['message']}[/]"
+    p = event.get("progress") or {}
+    if p.get("description"):
+        step = f" ({p['step']}/{p['total']})" if "step" in p and "total" in p else ""
+        return f"  {p['description']}{step}"
+    return ""
+
+
+async def cmd_submit(url: str, task: str, kwargs: dict[str, Any], then_watch: bool) -> int:
+    async with Jobwire(url) as api:
+        job_id = await api.submit(task, **kwargs)
+    out.print(job_id)
+    return await cmd_watch(url, job_id) if then_watch else 0
+
+
+async def cmd_status(url: str, job_ids: list[str], as_json: bool) -> int:
+    async with Jobwire(url) as api:
+        jobs = await api.batch_status(job_ids)
+    if as_json:
+        out.print_json(data=jobs)
+    else:
+        table = Table("job id", "status", "seq", "ready")
+        for job_id, s in jobs.items():
+            table.add_row(job_id, s["status"], str(s["seq"]), "yes" if s["ready"] else "no")
+        out.print(table)
+    return EXIT_NOT_FOUND if any(s["status"] == "UNKNOWN" for s in jobs.values()) else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobwire", description="Watch and submit jobwire jobs.")
+    p.add_argument(
+        "--url", default=os.environ.get("JOBWIRE_URL", DEFAULT_URL), help="server (env JOBWIRE_URL)"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("watch", help="follow a job until it ends; exit code tells how")
+    w.add_argument("job_id")
+    w.add_argument("--since", type=int, default=0, help="skip events up to this seq")
+    s = sub.add_parser("submit", help="submit an allowed task")
+    s.add_argument("task")
+    s.add_argument("kwargs", nargs="*", metavar="key=value", help="task keyword arguments")
+    s.add_argument("--watch", action="store_true", help="then watch it")
+    st = sub.add_parser("status", help="status of one or more jobs")
+    st.add_argument("job_ids", nargs="+")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "watch":
+            coro = cmd_watch(args.url, args.job_id, args.since)
+        elif args.command == "submit":
+            coro = cmd_submit(args.url, args.task, _kv(args.kwargs), args.watch)
+        else:
+            coro = cmd_status(args.url, args.job_ids, args.json)
+        return asyncio.run(coro)
+    except JobNotFound as exc:
+        console.print(f"[red]jobwire: {exc.message}[/]")
+        return EXIT_NOT_FOUND
+    except (JobwireError, ConnectionError, OSError) as exc:
+        console.print(f"[red]jobwire: {exc}[/]")
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Python client for other services: watch jobs over websockets, submit and poll over HTTP.
+
+    async for event in watch(job_id, url="http://jobwire:8000"):
+        print(event["state"], event["progress"])
+
+`watch()` reconnects by itself with capped exponential backoff and jitter, resuming from
+the last seq it yielded, so a dropped connection or a server restart costs no event and
+repeats none. It ends after the job's final event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+import orjson
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+# Close codes the server uses for answers that no retry will change.
+_CLOSE_NOT_FOUND = 4404
+_CLOSE_BAD_REQUEST = 4400
+
+
+class JobwireError(Exception):
+    """The server answered with an error (`code` and `message` as it sent them)."""
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.status = code, message, status
+
+
+class JobNotFound(JobwireError):
+    pass
+
+
+def _ws_url(url: str) -> str:
+    url = url.rstrip("/")
+    if url.startswith("https://"):
+        return "wss://" + url[len("https://") :]
+    if url.startswith("http://"):
+        return "ws://" + url[len("http://") :]
+    return url
+
+
+async def watch(
+    job_id: str,
+    url: str = DEFAULT_URL,
+    *,
+    since: int = 0,
+    # Timeouts
+    open_timeout: float = 5.0,
+    backoff_min: float = 0.2,
+    backoff_max: float = 10.0,
+    give_up_after: float | None = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """Yield `job_id`'s events after `since`, in order, once each, until the final one.
+
+    Raises `JobNotFound` if the server does not know the job, and `ConnectionError` if it
+    cannot be reached for `give_up_after` seconds (default: keep trying).
+    """
+    last = since
+    delay = backoff_min
+    loop = asyncio.get_running_loop()
+    failing_since: float | None = None
+    while True:
+        close_code, close_reason = None, ""
+        try:
+            async with websockets.connect(
+                f"{_ws_url(url)}/ws/jobs/{job_id}?since={last}", open_timeout=open_timeout
+            ) as ws:
+                failing_since, delay = None, backoff_min
+                try:
+                    async for frame in ws:
+                        msg = orjson.loads(frame)
+                        if msg.get("type") != "event" or msg["seq"] <= last:
+                            continue
+                        last = msg["seq"]
+                        del msg["type"]
+                        yield msg
+                        if msg["final"]:
+                            return
+                finally:
+                    close_code, close_reason = ws.close_code, ws.close_reason or ""
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if 400 <= status < 500:  # refused for good (e.g. websockets turned off)
+                raise JobwireError(
+                    "websocket_refused", f"server refused the websocket: HTTP {status}", status
+                ) from None
+        except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake):
+            pass  # down, restarting or unreachable: retry below
+        if close_code == _CLOSE_NOT_FOUND:
+            raise JobNotFound("job_not_found", close_reason or f"no job with id {job_id!r}")
+        if close_code == _CLOSE_BAD_REQUEST:
+            raise JobwireError("invalid_request", close_reason)
+        now = loop.time()
+        failing_since = failing_since if failing_since is not None else now
+        if give_up_after is not None and now - failing_since > give_up_after:
+            raise ConnectionError(f"jobwire at {url} unreachable for {give_up_after}s")
+        await asyncio.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, backoff_max)
+
+
+class Jobwire:
+    """HTTP calls to a jobwire server: submit, status, batch status, revoke."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+
+    async def __aenter__(self) -> Jobwire:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ConnectionError(f"jobwire at {self.url} unreachable: {exc}") from None
+        body = orjson.loads(resp.content) if resp.content else None
+        if resp.is_error:
+            err = (body or {}).get("error", {}) if isinstance(body, dict) else {}
+            cls = JobNotFound if err.get("code") == "job_not_found" else JobwireError
+            raise cls(err.get("code", "http_error"), err.get("message", resp.text), resp.status_code)
+        return body
+
+    async def submit(self, task: str, *args: Any, **kwargs: Any) -> str:
+        """Submit an allowed task; return its job id."""
+        body = await self._call(
+            "POST", "/api/v1/jobs", json={"task": task, "args": list(args), "kwargs": kwargs}
+        )
+        return str(body["job_id"])
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        return await self._call("GET", f"/api/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    async def batch_status(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        body = await self._call("POST", "/api/v1/jobs/batch-status", json={"job_ids": list(job_ids)})
+        return body["jobs"]  # type: ignore[no-any-return]
+
+    async def revoke(self, job_id: str) -> dict[str, Any]:
+        return await self._call("DELETE", f"/api/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    async def tasks(self) -> list[dict[str, str]]:
+        return (await self._call("GET", "/api/v1/tasks"))["tasks"]  # type: ignore[no-any-return]

@@ -1,0 +1,293 @@
+// The dashboard: DOM only. Networking lives in jobwire.js.
+//
+// Events are applied to plain models as they arrive, and rows are re-rendered at most once
+// per animation frame, so a burst of thousands of events costs a few paints, not thousands.
+
+import { JobwireClient } from "/jobwire.js";
+
+const MAX_ROWS = 100;
+const FINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
+const TRANSPORT_NAMES = { websocket: "WebSocket", sse: "SSE", polling: "polling" };
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const list = $("#jobs");
+const template = $("#job-template");
+const jobs = new Map(); // job id -> model
+const dirty = new Set();
+let frame = 0;
+
+// -- models ---------------------------------------------------------------------------
+
+function jobFor(id, { task = null, created = Date.now() / 1000 } = {}) {
+  let job = jobs.get(id);
+  if (job) return job;
+  const el = template.content.firstElementChild.cloneNode(true);
+  el.dataset.jobId = id;
+  job = {
+    id, el, task, created, state: "PENDING", seq: 0, progress: null,
+    result: undefined, error: null, events: new Map(), expanded: false,
+  };
+  jobs.set(id, job);
+  $(".job-id", el).textContent = id;
+  $(".cancel", el).addEventListener("click", () => cancel(job));
+  $(".toggle", el).addEventListener("click", () => {
+    job.expanded = !job.expanded;
+    touch(job);
+  });
+  insertRow(job);
+  touch(job);
+  return job;
+}
+
+function insertRow(job) {
+  // Newest first: find the first row created before this one.
+  let before = null;
+  for (const row of list.children) {
+    const other = jobs.get(row.dataset.jobId);
+    if (other && other.created < job.created) {
+      before = row;
+      break;
+    }
+  }
+  list.insertBefore(job.el, before);
+  trimRows();
+}
+
+function trimRows() {
+  const rows = [...list.children];
+  for (const row of rows.slice(MAX_ROWS).reverse()) {
+    const job = jobs.get(row.dataset.jobId);
+    if (job && FINAL.has(job.state)) {
+      row.remove();
+      jobs.delete(job.id);
+      client.unsubscribe([job.id]);
+    }
+  }
+}
+
+function apply(event) {
+  const job = jobFor(event.job_id, { task: event.task, created: event.ts });
+  if (job.events.has(event.seq)) return;
+  job.events.set(event.seq, event);
+  if (event.task) job.task = event.task;
+  if (event.seq > job.seq) {
+    job.seq = event.seq;
+    job.state = event.state;
+    if (event.progress) job.progress = event.progress;
+    job.result = event.result;
+    job.error = event.error || null;
+  }
+  if (event.seq === 1 && event.ts < job.created) job.created = event.ts;
+  touch(job);
+}
+
+function touch(job) {
+  dirty.add(job);
+  if (!frame) frame = requestAnimationFrame(flush);
+}
+
+// -- rendering ------------------------------------------------------------------------
+
+function flush() {
+  frame = 0;
+  for (const job of dirty) render(job);
+  dirty.clear();
+  renderCounts();
+}
+
+function percentOf(job) {
+  if (job.state === "SUCCESS") return 100;
+  if (job.progress && typeof job.progress.percent === "number") return job.progress.percent;
+  return 0;
+}
+
+function render(job) {
+  const el = job.el;
+  const final = FINAL.has(job.state);
+  el.dataset.state = job.state;
+  $(".task", el).textContent = job.task || "task";
+  const badge = $(".state", el);
+  badge.textContent = job.state;
+  badge.dataset.state = job.state;
+
+  const pct = percentOf(job);
+  const bar = $(".progress", el);
+  bar.setAttribute("aria-valuenow", String(pct));
+  $(".bar-fill", el).style.width = `${pct}%`;
+  $(".percent", el).textContent = `${Math.round(pct)}%`;
+
+  const p = job.progress || {};
+  const step = p.step != null && p.total != null ? ` (${p.step}/${p.total})` : "";
+  $(".description", el).textContent = final && job.state !== "SUCCESS" ? "" : (p.description || "") + step;
+  $(".elapsed", el).textContent = elapsed(job);
+
+  const outcome = $(".outcome", el);
+  outcome.classList.toggle("error", Boolean(job.error) && job.state !== "SUCCESS");
+  if (job.state === "SUCCESS" && job.result !== undefined) {
+    outcome.textContent = `result: ${JSON.stringify(job.result)}`;
+  } else if (job.error && (final || job.state === "RETRY")) {
+    outcome.textContent = `${job.error.type}: ${job.error.message}`;
+  } else {
+    outcome.textContent = "";
+  }
+
+  $(".cancel", el).hidden = final;
+  const toggle = $(".toggle", el);
+  toggle.setAttribute("aria-expanded", String(job.expanded));
+  const timeline = $(".timeline", el);
+  timeline.hidden = !job.expanded;
+  renderTimeline(job, timeline);
+}
+
+function renderTimeline(job, timeline) {
+  const events = [...job.events.values()].sort((a, b) => a.seq - b.seq);
+  if (timeline.childElementCount === events.length) return;
+  const first = events.length ? events[0].ts : 0;
+  timeline.replaceChildren(
+    ...events.map((e) => {
+      const li = document.createElement("li");
+      li.dataset.state = e.state;
+      li.dataset.seq = String(e.seq);
+      const extra = e.progress && e.progress.description ? e.progress.description : "";
+      li.innerHTML = '<span class="t-state"></span><span class="t-time"></span><span class="t-offset"></span><span class="t-extra"></span>';
+      li.children[0].textContent = e.state;
+      li.children[1].textContent = new Date(e.ts * 1000).toLocaleTimeString();
+      li.children[2].textContent = `+${(e.ts - first).toFixed(2)}s`;
+      li.children[3].textContent = extra;
+      return li;
+    }),
+  );
+}
+
+function elapsed(job) {
+  const events = [...job.events.values()];
+  if (!events.length) return "";
+  const start = Math.min(...events.map((e) => e.ts));
+  const end = FINAL.has(job.state) ? Math.max(...events.map((e) => e.ts)) : Date.now() / 1000;
+  return `${Math.max(0, end - start).toFixed(1)}s`;
+}
+
+function renderCounts() {
+  let running = 0;
+  for (const job of jobs.values()) if (!FINAL.has(job.state)) running += 1;
+  $("#counts").textContent = `${jobs.size} jobs · ${running} running`;
+}
+
+// Running jobs' elapsed time moves even when no event arrives.
+setInterval(() => {
+  for (const job of jobs.values()) if (!FINAL.has(job.state)) touch(job);
+}, 1000);
+
+// -- connection -----------------------------------------------------------------------
+
+function showConnection({ status, transport }) {
+  const el = $("#connection");
+  el.dataset.status = status;
+  el.dataset.transport = transport;
+  const name = TRANSPORT_NAMES[transport] || transport;
+  const text = {
+    live: transport === "polling" ? "Live · polling" : `Live · ${name}`,
+    connecting: "Connecting…",
+    reconnecting: `Reconnecting… (${name})`,
+    closed: "Disconnected",
+  }[status];
+  $(".conn-text", el).textContent = text || status;
+}
+
+const params = new URLSearchParams(window.location.search);
+const client = new JobwireClient({
+  transports: params.get("transports") ? params.get("transports").split(",") : undefined,
+  onEvent: apply,
+  onStatus: showConnection,
+  onNewJob: (id) => {
+    jobFor(id);
+    client.subscribe([id]);
+  },
+  onError: (err) => console.warn("jobwire:", err.code, err.message),
+});
+
+// -- actions --------------------------------------------------------------------------
+
+async function api(path, init) {
+  const resp = await fetch(path, init);
+  const body = resp.status === 204 ? null : await resp.json();
+  if (!resp.ok) {
+    const err = new Error(body && body.error ? body.error.message : `HTTP ${resp.status}`);
+    err.code = body && body.error ? body.error.code : "http_error";
+    throw err;
+  }
+  return body;
+}
+
+async function cancel(job) {
+  const button = $(".cancel", job.el);
+  button.disabled = true;
+  try {
+    await api(`/api/v1/jobs/${encodeURIComponent(job.id)}`, { method: "DELETE" });
+  } catch (err) {
+    if (err.code !== "job_finished") alert(`Could not cancel: ${err.message}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function loadTasks() {
+  const { tasks } = await api("/api/v1/tasks");
+  const select = $("#task");
+  select.replaceChildren(
+    ...tasks.map((t) => {
+      const option = document.createElement("option");
+      option.value = t.name;
+      option.textContent = t.name;
+      option.dataset.description = t.description;
+      return option;
+    }),
+  );
+  const describe = () => {
+    const option = select.selectedOptions[0];
+    $("#task-description").textContent = option ? option.dataset.description : "";
+  };
+  select.addEventListener("change", describe);
+  describe();
+}
+
+$("#submit-form").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const button = $("#submit");
+  const error = $("#submit-error");
+  error.textContent = "";
+  button.disabled = true;
+  try {
+    const task = $("#task").value;
+    const delay = Number($("#delay").value);
+    const job = await api("/api/v1/jobs", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ task, kwargs: { delay } }),
+    });
+    jobFor(job.job_id, { task });
+    client.subscribe([job.job_id]);
+  } catch (err) {
+    error.textContent = err.message;
+  } finally {
+    button.disabled = false;
+  }
+});
+
+async function loadRecent() {
+  const { jobs: recent } = await api("/api/v1/jobs?limit=50");
+  for (const snap of recent.reverse()) {
+    const job = jobFor(snap.job_id, { task: snap.task, created: snap.created_at });
+    if (!job.seq) {
+      job.state = snap.status; // provisional until the replayed events arrive
+      job.progress = snap.progress;
+    }
+  }
+  client.subscribe(recent.map((s) => s.job_id));
+}
+
+loadTasks().catch((err) => ($("#submit-error").textContent = `Could not load tasks: ${err.message}`));
+loadRecent().catch((err) => console.warn("jobwire: could not load recent jobs", err));
+client.subscribeAll();
+
+window.jobwire = { client, jobs };

@@ -1,0 +1,329 @@
+// jobwire.js — a small browser client for jobwire. Plain ES module, no build step.
+//
+//   import { JobwireClient } from "/jobwire.js";
+//   const client = new JobwireClient({
+//     onEvent: (event) => render(event),          // every event, in seq order per job, once
+//     onStatus: ({ status, transport }) => show(status, transport),
+//   });
+//   client.subscribe(["4c7f…"]);
+//
+// Transports, in order: WebSocket, then Server-Sent Events, then polling. The client moves
+// down when a transport cannot be opened `failuresBeforeFallback` times in a row, and says
+// which one it is on through onStatus. On every reconnect it resumes each job from the last
+// seq it delivered, so across drops, restarts and fallbacks no event is missed and none is
+// delivered twice.
+
+const TRANSPORTS = ["websocket", "sse", "polling"];
+
+export class JobwireClient {
+  /**
+   * @param {object} [options]
+   * @param {string} [options.baseUrl]  the jobwire server (default: this page's origin)
+   * @param {string[]} [options.transports]  allowed transports, in order of preference
+   * @param {(event: object) => void} [options.onEvent]  a job event, ordered and deduplicated
+   * @param {(s: {status: string, transport: string}) => void} [options.onStatus]
+   *        status: "connecting" | "live" | "reconnecting" | "closed"
+   * @param {(jobId: string) => void} [options.onNewJob]  with subscribeAll(): a job appeared
+   * @param {(error: object) => void} [options.onError]  {code, message, job_id?} from the server
+   * @param {number} [options.pollInterval]  ms between polls (default 1000)
+   * @param {number} [options.failuresBeforeFallback]  failed opens before moving on (default 3)
+   */
+  constructor(options = {}) {
+    this.baseUrl = (options.baseUrl || window.location.origin).replace(/\/$/, "");
+    this.transports = (options.transports || TRANSPORTS).filter((t) => TRANSPORTS.includes(t));
+    this.onEvent = options.onEvent || (() => {});
+    this.onStatus = options.onStatus || (() => {});
+    this.onNewJob = options.onNewJob || (() => {});
+    this.onError = options.onError || (() => {});
+    this.pollInterval = options.pollInterval || 1000;
+    this.failuresBeforeFallback = options.failuresBeforeFallback || 3;
+    this.backoffMin = 250;
+    this.backoffMax = 10000;
+
+    this._jobs = new Map(); // jobId -> {last: seq delivered, final: bool}
+    this._all = false;
+    this._known = new Set(); // jobs announced through onNewJob
+    this._level = 0; // index into this.transports
+    this._failures = 0; // consecutive failed opens on the current transport
+    this._everOpened = false;
+    this._conn = null; // the current transport's handle
+    this._timer = null;
+    this._closed = false;
+    this.status = "connecting";
+    this.transport = this.transports[0];
+    this._connect();
+  }
+
+  /** Watch jobs; `since` maps job id to the last seq already seen (default: all history). */
+  subscribe(jobIds, since = {}) {
+    const added = [];
+    for (const id of jobIds) {
+      if (!this._jobs.has(id)) {
+        this._jobs.set(id, { last: since[id] || 0, final: false });
+        added.push(id);
+      }
+    }
+    if (added.length) this._changed(added);
+  }
+
+  unsubscribe(jobIds) {
+    for (const id of jobIds) this._jobs.delete(id);
+    if (this.transport === "websocket") this._wsSend({ op: "unsubscribe", job_ids: jobIds });
+    else if (this.transport === "sse") this._restart();
+  }
+
+  /** Be told (onNewJob) about jobs created anywhere; subscribe to those you want to watch. */
+  subscribeAll() {
+    if (this._all) return;
+    this._all = true;
+    this._changed([]);
+  }
+
+  /** The last seq delivered for a job (0 if none). */
+  lastSeq(jobId) {
+    const job = this._jobs.get(jobId);
+    return job ? job.last : 0;
+  }
+
+  close() {
+    this._closed = true;
+    this._teardown();
+    this._setStatus("closed");
+  }
+
+  // -- delivery ------------------------------------------------------------------------
+
+  _deliver(event) {
+    const job = this._jobs.get(event.job_id);
+    if (!job) {
+      this._announce(event.job_id);
+      return;
+    }
+    if (event.seq <= job.last) return; // already delivered (replay overlap)
+    job.last = event.seq;
+    if (event.final) job.final = true;
+    const { type, ...clean } = event;
+    this.onEvent(clean);
+  }
+
+  _announce(jobId) {
+    if (this._all && !this._jobs.has(jobId) && !this._known.has(jobId)) {
+      this._known.add(jobId);
+      this.onNewJob(jobId);
+    }
+  }
+
+  _changed(added) {
+    if (this.transport === "websocket") {
+      if (added.length) this._wsSubscribe(added);
+      if (this._all) this._wsSend({ op: "subscribe_all" });
+    } else if (this.transport === "sse") {
+      this._restart();
+    } else if (this.transport === "polling") {
+      this._schedulePoll(0);
+    }
+  }
+
+  _setStatus(status) {
+    if (status === this.status && this._shownTransport === this.transport) return;
+    this.status = status;
+    this._shownTransport = this.transport;
+    this.onStatus({ status, transport: this.transport });
+  }
+
+  // -- connection management -------------------------------------------------------------
+
+  _connect(quietly = false) {
+    if (this._closed) return;
+    this.transport = this.transports[this._level];
+    if (!quietly) this._setStatus(this._everOpened ? "reconnecting" : "connecting");
+    if (this.transport === "websocket") this._openWebSocket();
+    else if (this.transport === "sse") this._openEventSource();
+    else this._schedulePoll(0);
+  }
+
+  _opened() {
+    this._failures = 0;
+    this._everOpened = true;
+    this._setStatus("live");
+  }
+
+  /** The connection dropped or could not be opened: retry with backoff, or fall back. */
+  _lost(neverOpened) {
+    this._teardown();
+    if (this._closed) return;
+    if (neverOpened) this._failures += 1;
+    const limit = this.failuresBeforeFallback * (this._everOpened ? 3 : 1);
+    if (this._failures >= limit && this._level < this.transports.length - 1) {
+      this._level += 1;
+      this._failures = 0;
+      this._connect();
+      return;
+    }
+    this._setStatus("reconnecting");
+    const base = Math.min(this.backoffMax, this.backoffMin * 2 ** this._failures);
+    const delay = base / 2 + Math.random() * (base / 2); // jitter: spread reconnect storms
+    this._timer = setTimeout(() => this._connect(), delay);
+  }
+
+  /** Reopen with the current job set (SSE carries it in the URL). */
+  _restart() {
+    this._teardown();
+    this._connect(true);
+  }
+
+  _teardown() {
+    clearTimeout(this._timer);
+    clearTimeout(this._watchdog);
+    this._timer = null;
+    const conn = this._conn;
+    this._conn = null;
+    if (conn) {
+      conn.onopen = conn.onmessage = conn.onerror = conn.onclose = null;
+      try {
+        conn.close();
+      } catch (e) {
+        /* already closed */
+      }
+    }
+  }
+
+  _pending() {
+    const ids = [];
+    const since = {};
+    for (const [id, job] of this._jobs) {
+      if (!job.final) {
+        ids.push(id);
+        since[id] = job.last;
+      }
+    }
+    return { ids, since };
+  }
+
+  // -- WebSocket -------------------------------------------------------------------------
+
+  _openWebSocket() {
+    let ws;
+    let opened = false;
+    try {
+      ws = new WebSocket(this.baseUrl.replace(/^http/, "ws") + "/ws");
+    } catch (e) {
+      this._lost(true);
+      return;
+    }
+    this._conn = ws;
+    ws.onopen = () => {
+      opened = true;
+      this._opened();
+      const { ids } = this._pending();
+      if (ids.length) this._wsSubscribe(ids);
+      if (this._all) this._wsSend({ op: "subscribe_all" });
+    };
+    ws.onmessage = (msg) => {
+      let data;
+      try {
+        data = JSON.parse(msg.data);
+      } catch (e) {
+        return;
+      }
+      this._armWatchdog(data.heartbeat);
+      if (data.type === "event") this._deliver(data);
+      else if (data.type === "error") this.onError(data);
+    };
+    ws.onclose = () => this._lost(!opened);
+  }
+
+  _wsSubscribe(ids) {
+    const since = {};
+    for (const id of ids) since[id] = this.lastSeq(id);
+    this._wsSend({ op: "subscribe", job_ids: ids, since });
+  }
+
+  _wsSend(message) {
+    const ws = this._conn;
+    if (this.transport === "websocket" && ws && ws.readyState === WebSocket.OPEN) {
+      ws.send(JSON.stringify(message));
+    } // otherwise onopen sends the whole state
+  }
+
+  /** No frame for 2.5 heartbeats means a dead link the browser has not noticed: reconnect. */
+  _armWatchdog(heartbeat) {
+    if (heartbeat) this._heartbeat = heartbeat * 1000;
+    if (!this._heartbeat) return;
+    clearTimeout(this._watchdog);
+    this._watchdog = setTimeout(() => this._lost(false), this._heartbeat * 2.5);
+  }
+
+  // -- Server-Sent Events ------------------------------------------------------------------
+
+  _openEventSource() {
+    const { ids, since } = this._pending();
+    const params = new URLSearchParams();
+    for (const id of ids) {
+      params.append("job", id);
+      params.append("since", `${id}:${since[id]}`);
+    }
+    if (this._all) params.set("all", "1");
+    let opened = false;
+    const es = new EventSource(`${this.baseUrl}/api/v1/events?${params}`);
+    this._conn = es;
+    es.onopen = () => {
+      opened = true;
+      this._opened();
+    };
+    es.onmessage = (msg) => this._deliver(JSON.parse(msg.data));
+    es.addEventListener("control", (msg) => {
+      const data = JSON.parse(msg.data);
+      if (data.type === "error") this.onError(data);
+    });
+    // EventSource would reconnect to the same URL with stale `since`; resume ourselves.
+    es.onerror = () => this._lost(!opened);
+  }
+
+  // -- polling -----------------------------------------------------------------------------
+
+  _schedulePoll(delay) {
+    clearTimeout(this._timer);
+    if (this.transport !== "polling" || this._closed) return;
+    this._timer = setTimeout(() => this._poll(), delay);
+  }
+
+  async _poll() {
+    try {
+      const { ids } = this._pending();
+      if (ids.length) {
+        const resp = await this._fetchJson("/api/v1/jobs/batch-status", {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ job_ids: ids.slice(0, 1000) }),
+        });
+        const moved = ids.filter((id) => {
+          const s = resp.jobs[id];
+          return s && s.seq > this.lastSeq(id);
+        });
+        for (const id of moved) {
+          const hist = await this._fetchJson(
+            `/api/v1/jobs/${encodeURIComponent(id)}/history?since=${this.lastSeq(id)}`,
+          );
+          for (const event of hist.events) this._deliver(event);
+        }
+      }
+      if (this._all) {
+        const listing = await this._fetchJson("/api/v1/jobs?limit=50");
+        for (const job of listing.jobs.reverse()) this._announce(job.job_id);
+      }
+      this._opened();
+      this._schedulePoll(this.pollInterval);
+    } catch (e) {
+      this._failures += 1;
+      this._setStatus("reconnecting");
+      this._schedulePoll(Math.min(this.backoffMax, this.pollInterval * 2 ** this._failures));
+    }
+  }
+
+  async _fetchJson(path, init) {
+    const resp = await fetch(this.baseUrl + path, init);
+    if (!resp.ok) throw new Error(`${path}: HTTP ${resp.status}`);
+    return resp.json();
+  }
+}
