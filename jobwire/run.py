@@ -95,6 +95,8 @@ def main() -> None:
     python = sys.executable
     worker = [python, "-m", "celery", "-A", "tasks.app", "worker", "--loglevel=INFO", "--concurrency=2"]
     web = [python, "-m", "uvicorn", "--factory", "server.app:create_app", "--host", host, "--port", port]
+    # SSE streams never end by themselves; do not let them hold a shutdown forever.
+    web += ["--timeout-graceful-shutdown", "5"]
     procs.append(subprocess.Popen(worker, cwd=ROOT, env=env))
     procs.append(subprocess.Popen(web, cwd=ROOT, env=env))
 

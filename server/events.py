@@ -28,6 +28,23 @@ class Delivery:
         frame = '{"type":"event",' + raw[1:].decode()
         return cls(doc["job_id"], int(doc["seq"]), doc["state"], bool(doc["final"]), raw, frame)
 
+    @property
+    def all_frame(self) -> str:
+        """The frame for the all-jobs stream, marked `"stream": "all"`.
+
+        Such events are not part of any job's ordered stream (one may arrive after the
+        client subscribed to that job, ahead of the replayed history), so clients must be
+        able to tell them apart.
+        """
+        return '{"type":"event","stream":"all",' + self.frame[len('{"type":"event",') :]
+
+
+@dataclass(frozen=True, slots=True)
+class FromAll:
+    """A delivery from the all-jobs stream (see `Delivery.all_frame`)."""
+
+    delivery: Delivery
+
 
 @dataclass(frozen=True, slots=True)
 class Resync:

@@ -23,12 +23,13 @@ from collections import deque
 from typing import Any
 
 from jobwire.protocol import Keys
-from server.events import Delivery, Resync
+from server.events import Delivery, FromAll, Resync
 from server.hub import Hub
 from server.store import JobStore
 
-#: What a feed yields: an event, or a control message (a dict sent as JSON).
-Item = Delivery | dict[str, Any]
+#: What a feed yields: a watched job's event, an all-jobs-stream event, or a control
+#: message (a dict sent as JSON).
+Item = Delivery | FromAll | dict[str, Any]
 
 
 class TooManyJobs(Exception):
@@ -169,7 +170,7 @@ class Feed:
                 self._all_last.pop(job_id, None)
             else:
                 self._all_last[job_id] = item.seq
-            self._out.append(item)
+            self._out.append(FromAll(item))
             return
         last = self._last.get(job_id)
         if last is None or item.seq <= last:

@@ -95,10 +95,7 @@ export class JobwireClient {
 
   _deliver(event) {
     const job = this._jobs.get(event.job_id);
-    if (!job) {
-      this._announce(event.job_id);
-      return;
-    }
+    if (!job) return; // unsubscribed meanwhile
     if (event.seq <= job.last) return; // already delivered (replay overlap)
     job.last = event.seq;
     if (event.final) job.final = true;
@@ -227,7 +224,8 @@ export class JobwireClient {
         return;
       }
       this._armWatchdog(data.heartbeat);
-      if (data.type === "event") this._deliver(data);
+      if (data.type === "event" && data.stream === "all") this._announce(data.job_id);
+      else if (data.type === "event") this._deliver(data);
       else if (data.type === "error") this.onError(data);
     };
     ws.onclose = () => this._lost(!opened);
@@ -272,6 +270,7 @@ export class JobwireClient {
       this._opened();
     };
     es.onmessage = (msg) => this._deliver(JSON.parse(msg.data));
+    es.addEventListener("all", (msg) => this._announce(JSON.parse(msg.data).job_id));
     es.addEventListener("control", (msg) => {
       const data = JSON.parse(msg.data);
       if (data.type === "error") this.onError(data);

@@ -128,11 +128,13 @@ class RunningServer:
 
 
 @contextlib.asynccontextmanager
-async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
-    """uvicorn serving `create_app(settings)` in this event loop, on a free port."""
+async def run_server(settings: Settings, port: int | None = None) -> AsyncIterator[RunningServer]:
+    """uvicorn serving `create_app(settings)` in this event loop, on `port` or a free one."""
     app = create_app(settings)
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    port = port or free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=1
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -69,3 +69,5 @@ async def test_subscribe_all_sees_other_jobs(server: RunningServer) -> None:
         job_id = await submit(server.url, delay=0.02)
         events = await events_until_final(ws, job_id)
     assert [e["state"] for e in events] == LIFECYCLE
+    # Marked, so clients never mistake them for a subscribed job's ordered stream.
+    assert all(e["stream"] == "all" for e in events)

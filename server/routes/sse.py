@@ -9,7 +9,8 @@ and a reconnect after that gets `204 No Content`, which tells EventSource to sto
 what the browser client falls back to (browsers allow only six HTTP/1.1 connections per
 host, so one EventSource per job would starve a dashboard). Events carry no `id:`: with
 many jobs one id cannot say where each stopped, so the client tracks the seq per job and
-reconnects with `since`. Control messages (`subscribed`, `error`, `resync`) come as
+reconnects with `since`. With `all=1`, other jobs' live events come as `event: all` (not
+part of any job's ordered stream); control messages (`subscribed`, `error`, `resync`) as
 `event: control`.
 """
 
@@ -24,7 +25,7 @@ from starlette.routing import Route
 
 from server import validation
 from server.errors import ApiError, job_not_found
-from server.events import Delivery
+from server.events import Delivery, FromAll
 from server.feed import Feed, TooManyJobs
 from server.hub import HubUnavailable
 from server.routes.jobs import _path_job_id
@@ -121,6 +122,8 @@ def _stream(
                     yield f"{head}data: {item.raw.decode()}\n\n"
                     if end_on_final and item.final:
                         return
+                elif isinstance(item, FromAll):
+                    yield f"event: all\ndata: {item.delivery.raw.decode()}\n\n"
                 elif not with_ids:
                     yield f"event: control\ndata: {orjson.dumps(item).decode()}\n\n"
         finally:

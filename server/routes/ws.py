@@ -32,8 +32,8 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from server import validation
-from server.events import Delivery
-from server.feed import Feed, TooManyJobs
+from server.events import Delivery, FromAll
+from server.feed import Feed, Item, TooManyJobs
 from server.hub import HubUnavailable
 from server.services import services
 
@@ -52,8 +52,13 @@ def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message, **extra}
 
 
-async def _send(ws: WebSocket, item: Delivery | dict[str, Any]) -> None:
-    text = item.frame if isinstance(item, Delivery) else orjson.dumps(item).decode()
+async def _send(ws: WebSocket, item: Item) -> None:
+    if isinstance(item, Delivery):
+        text = item.frame
+    elif isinstance(item, FromAll):
+        text = item.delivery.all_frame
+    else:
+        text = orjson.dumps(item).decode()
     await ws.send_text(text)
 
 

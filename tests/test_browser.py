@@ -1,0 +1,161 @@
+"""The dashboard in a real headless Chromium (Debian's), driven by Playwright."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+from collections.abc import AsyncIterator
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from jobwire.settings import Settings
+from tests.clients import LIFECYCLE
+from tests.support import free_port, run_server
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must run the browser tests: install Debian's chromium")
+    pytest.skip("no chromium on this machine (apt-get install chromium)", allow_module_level=True)
+
+# As root and with no network beyond loopback, Chromium needs these to start quietly.
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        await b.close()
+
+
+async def open_dashboard(browser: Browser, url: str) -> Page:
+    page = await browser.new_page(viewport={"width": 1100, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.errors = errors  # type: ignore[attr-defined]
+    await page.goto(url)
+    await page.wait_for_selector("#task option", state="attached")
+    return page
+
+
+async def run_job(page: Page, task: str = "long_running_task", delay: float = 0.3) -> str:
+    """Submit from the form; return the new job's id (the row it adds)."""
+    before = set(await page.eval_on_selector_all(".job", "rows => rows.map(r => r.dataset.jobId)"))
+    await page.select_option("#task", task)
+    await page.fill("#delay", str(delay))
+    await page.click("#submit")
+    for _ in range(200):
+        now = await page.eval_on_selector_all(".job", "rows => rows.map(r => r.dataset.jobId)")
+        new = [j for j in now if j not in before]
+        if new:
+            return str(new[0])
+        await asyncio.sleep(0.05)
+    raise AssertionError("no row appeared for the submitted job")
+
+
+def row(page: Page, job_id: str):  # type: ignore[no-untyped-def]
+    return page.locator(f'.job[data-job-id="{job_id}"]')
+
+
+async def timeline(page: Page, job_id: str) -> list[tuple[int, str]]:
+    items = (
+        await row(page, job_id)
+        .locator(".timeline li")
+        .evaluate_all("lis => lis.map(li => [Number(li.dataset.seq), li.dataset.state])")
+    )
+    return [tuple(i) for i in items]
+
+
+def full_story() -> list[tuple[int, str]]:
+    return list(enumerate(LIFECYCLE, start=1))
+
+
+async def test_submit_from_dashboard_reaches_success(
+    browser: Browser, settings: Settings, worker: object
+) -> None:
+    """Run a job from the form: the bar reaches 100%, the badge SUCCESS, the timeline has every step."""
+    async with run_server(settings) as srv:
+        page = await open_dashboard(browser, srv.url)
+        await expect(page.locator("#connection")).to_have_attribute("data-status", "live")
+        await expect(page.locator("#connection")).to_have_attribute("data-transport", "websocket")
+        job_id = await run_job(page, delay=0.4)
+        job = row(page, job_id)
+        # Mid-job the bar shows the work done so far (polled every animation frame).
+        await page.wait_for_function(
+            """id => {
+                const row = document.querySelector(`.job[data-job-id="${id}"]`);
+                return row && row.dataset.state === "PROCESSING"
+                    && row.querySelector(".progress").getAttribute("aria-valuenow") === "33.33";
+            }""",
+            arg=job_id,
+            timeout=10000,
+        )
+        await expect(job.locator(".state")).to_have_text("SUCCESS", timeout=15000)
+        await expect(job.locator(".progress")).to_have_attribute("aria-valuenow", "100")
+        await expect(job.locator(".outcome")).to_contain_text('"status":"done"')
+        await expect(job.locator(".cancel")).to_be_hidden()
+        assert await timeline(page, job_id) == full_story()
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_cancel_from_dashboard_shows_revoked(
+    browser: Browser, settings: Settings, worker: object
+) -> None:
+    """Cancel a running job: REVOKED appears and the cancel button goes away."""
+    async with run_server(settings) as srv:
+        page = await open_dashboard(browser, srv.url)
+        job_id = await run_job(page, delay=3)
+        job = row(page, job_id)
+        await expect(job.locator(".state")).to_have_text("VALIDATING", timeout=10000)
+        await job.locator(".cancel").click()
+        await expect(job.locator(".state")).to_have_text("REVOKED", timeout=10000)
+        await expect(job.locator(".cancel")).to_be_hidden()
+        await expect(job.locator(".outcome")).to_contain_text("TaskRevokedError")
+
+
+async def test_page_survives_server_restart_mid_job(
+    browser: Browser, settings: Settings, worker: object
+) -> None:
+    """The web server restarts mid-job: the page reconnects and shows every transition, once."""
+    port = free_port()
+    async with run_server(settings, port) as srv:
+        page = await open_dashboard(browser, srv.url)
+        job_id = await run_job(page, delay=0.8)
+        await expect(row(page, job_id).locator(".state")).to_have_text("VALIDATING", timeout=10000)
+    # The server is gone while the job moves on.
+    await expect(page.locator("#connection")).to_have_attribute("data-status", "reconnecting")
+    await asyncio.sleep(1.0)
+    async with run_server(settings, port):
+        await expect(page.locator("#connection")).to_have_attribute("data-status", "live", timeout=15000)
+        await expect(page.locator("#connection")).to_have_attribute("data-transport", "websocket")
+        await expect(row(page, job_id).locator(".state")).to_have_text("SUCCESS", timeout=15000)
+        assert await timeline(page, job_id) == full_story()
+
+
+@pytest.mark.parametrize(("offered", "expected"), [(("sse", "polling"), "sse"), (("polling",), "polling")])
+async def test_falls_back_when_websockets_are_refused(
+    browser: Browser, settings: Settings, worker: object, offered: tuple[str, ...], expected: str
+) -> None:
+    """Websocket upgrades refused (and SSE too, for polling): the page falls back and still finishes."""
+    async with run_server(dataclasses.replace(settings, transports=offered)) as srv:
+        page = await open_dashboard(browser, srv.url)
+        await expect(page.locator("#connection")).to_have_attribute("data-transport", expected, timeout=20000)
+        await expect(page.locator("#connection")).to_have_attribute("data-status", "live")
+        job_id = await run_job(page, delay=0.3)
+        await expect(row(page, job_id).locator(".state")).to_have_text("SUCCESS", timeout=20000)
+        assert await timeline(page, job_id) == full_story()
