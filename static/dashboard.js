@@ -118,7 +118,8 @@ function render(job) {
 
   const p = job.progress || {};
   const step = p.step != null && p.total != null ? ` (${p.step}/${p.total})` : "";
-  $(".description", el).textContent = final && job.state !== "SUCCESS" ? "" : (p.description || "") + step;
+  $(".description", el).textContent =
+    job.state === "SUCCESS" ? "Completed" : final ? "" : (p.description || "") + step;
   $(".elapsed", el).textContent = elapsed(job);
 
   const outcome = $(".outcome", el);
