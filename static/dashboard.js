@@ -26,6 +26,7 @@ function jobFor(id, { task = null, created = Date.now() / 1000 } = {}) {
   job = {
     id, el, task, created, state: "PENDING", seq: 0, progress: null,
     result: undefined, error: null, events: new Map(), expanded: false,
+    firstTs: null, lastTs: null,
   };
   jobs.set(id, job);
   $(".job-id", el).textContent = id;
@@ -78,6 +79,8 @@ function apply(event) {
     job.error = event.error || null;
   }
   if (event.seq === 1 && event.ts < job.created) job.created = event.ts;
+  job.firstTs = job.firstTs === null ? event.ts : Math.min(job.firstTs, event.ts);
+  job.lastTs = job.lastTs === null ? event.ts : Math.max(job.lastTs, event.ts);
   touch(job);
 }
 
@@ -140,32 +143,50 @@ function render(job) {
   renderTimeline(job, timeline);
 }
 
+// The timeline shows transitions: a run of events in the same state (progress updates)
+// is one entry that keeps the latest detail and counts the updates. Only entries that
+// changed are touched, so thousands of progress events stay cheap to render.
 function renderTimeline(job, timeline) {
   const events = [...job.events.values()].sort((a, b) => a.seq - b.seq);
-  if (timeline.childElementCount === events.length) return;
-  const first = events.length ? events[0].ts : 0;
-  timeline.replaceChildren(
-    ...events.map((e) => {
-      const li = document.createElement("li");
-      li.dataset.state = e.state;
-      li.dataset.seq = String(e.seq);
-      const extra = e.progress && e.progress.description ? e.progress.description : "";
-      li.innerHTML = '<span class="t-state"></span><span class="t-time"></span><span class="t-offset"></span><span class="t-extra"></span>';
-      li.children[0].textContent = e.state;
-      li.children[1].textContent = new Date(e.ts * 1000).toLocaleTimeString();
-      li.children[2].textContent = `+${(e.ts - first).toFixed(2)}s`;
-      li.children[3].textContent = extra;
-      return li;
-    }),
-  );
+  const runs = [];
+  for (const e of events) {
+    const last = runs[runs.length - 1];
+    if (last && last.state === e.state && e.state !== "RETRY" && e.state !== "STARTED") {
+      last.latest = e;
+      last.count += 1;
+    } else {
+      runs.push({ state: e.state, first: e, latest: e, count: 1 });
+    }
+  }
+  const start = events.length ? events[0].ts : 0;
+  while (timeline.childElementCount > runs.length) timeline.lastElementChild.remove();
+  runs.forEach((run, i) => {
+    let li = timeline.children[i];
+    if (!li) {
+      li = document.createElement("li");
+      li.innerHTML =
+        '<span class="t-state"></span><span class="t-time"></span>' +
+        '<span class="t-offset"></span><span class="t-extra"></span>';
+      timeline.appendChild(li);
+    }
+    if (li.dataset.key === `${run.first.seq}:${run.latest.seq}`) return;
+    li.dataset.key = `${run.first.seq}:${run.latest.seq}`;
+    li.dataset.state = run.state;
+    li.dataset.seq = String(run.first.seq);
+    li.dataset.count = String(run.count);
+    const p = run.latest.progress;
+    const detail = p && p.description ? p.description : "";
+    li.children[0].textContent = run.state;
+    li.children[1].textContent = new Date(run.first.ts * 1000).toLocaleTimeString();
+    li.children[2].textContent = `+${(run.first.ts - start).toFixed(2)}s`;
+    li.children[3].textContent = run.count > 1 ? `${detail} · ${run.count} updates` : detail;
+  });
 }
 
 function elapsed(job) {
-  const events = [...job.events.values()];
-  if (!events.length) return "";
-  const start = Math.min(...events.map((e) => e.ts));
-  const end = FINAL.has(job.state) ? Math.max(...events.map((e) => e.ts)) : Date.now() / 1000;
-  return `${Math.max(0, end - start).toFixed(1)}s`;
+  if (job.firstTs === null) return "";
+  const end = FINAL.has(job.state) ? job.lastTs : Date.now() / 1000;
+  return `${Math.max(0, end - job.firstTs).toFixed(1)}s`;
 }
 
 function renderCounts() {

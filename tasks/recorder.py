@@ -68,8 +68,12 @@ class Recorder:
         task: str | None = None,
         only_if_new: bool = False,
         celery_meta: CeleryMeta | None = None,
+        pipe: redis.client.Pipeline | None = None,
     ) -> int | None:
         """Record one event; return its seq, or None if Redis refused it.
+
+        With `pipe`, the event is queued on that pipeline instead (its `execute()` returns
+        the seqs), so a burst of events costs one round trip.
 
         Refusals are deliberate: a job that is already final never changes again (so a
         late progress report cannot resurrect a revoked job), and `only_if_new` registers
@@ -109,6 +113,9 @@ class Recorder:
         if celery_meta is not None:
             keys.append(celery_meta.key)  # type: ignore[arg-type]
             args += [celery_meta.value, celery_meta.ttl or 0]
+        if pipe is not None:
+            self._record(keys=keys, args=args, client=pipe)
+            return None
         seq = self._record(keys=keys, args=args)
         return int(seq) if seq else None
 

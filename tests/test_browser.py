@@ -9,9 +9,11 @@ import shutil
 from collections.abc import AsyncIterator
 
 import pytest
+import redis
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from jobwire.settings import Settings
+from tasks.recorder import Recorder
 from tests.clients import LIFECYCLE
 from tests.support import free_port, run_server
 
@@ -159,3 +161,30 @@ async def test_falls_back_when_websockets_are_refused(
         job_id = await run_job(page, delay=0.3)
         await expect(row(page, job_id).locator(".state")).to_have_text("SUCCESS", timeout=20000)
         assert await timeline(page, job_id) == full_story()
+
+
+async def test_burst_of_events_renders_every_transition(browser: Browser, settings: Settings) -> None:
+    """3,000 progress events in a burst: the page ends on SUCCESS with every event counted once."""
+    settings = dataclasses.replace(settings, history_limit=5000)
+    redis_client = redis.Redis.from_url(settings.redis_url)
+    recorder = Recorder(redis_client, settings)
+    job_id = f"burst-{os.urandom(4).hex()}"
+    recorder.record(job_id, "PENDING", task="burst")
+    async with run_server(settings) as srv:
+        page = await open_dashboard(browser, srv.url)
+        await expect(row(page, job_id).locator(".state")).to_have_text("PENDING", timeout=10000)
+        pipe = redis_client.pipeline(transaction=False)
+        for step in range(1, 3001):
+            recorder.record(job_id, "WORKING", progress={"step": step, "total": 3000}, pipe=pipe)
+        pipe.execute()
+        recorder.record(job_id, "SUCCESS", result={"steps": 3000})
+        job = row(page, job_id)
+        await expect(job.locator(".state")).to_have_text("SUCCESS", timeout=20000)
+        assert await page.evaluate(f"window.jobwire.client.lastSeq({job_id!r})") == 3002
+        assert await page.evaluate(f"window.jobwire.jobs.get({job_id!r}).events.size") == 3002
+        counts = await job.locator(".timeline li").evaluate_all(
+            "lis => lis.map(li => [li.dataset.state, Number(li.dataset.count)])"
+        )
+        assert counts == [["PENDING", 1], ["WORKING", 3000], ["SUCCESS", 1]]
+        assert page.errors == []  # type: ignore[attr-defined]
+    redis_client.close()
