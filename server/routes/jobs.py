@@ -43,7 +43,8 @@ def _invalid(exc: validation.ValidationError) -> ApiError:
     return ApiError(status, exc.code, str(exc))
 
 
-def _path_job_id(request: Request) -> str:
+def path_job_id(request: Request) -> str:
+    """The `{job_id}` path parameter, checked (422 `invalid_job_id` if malformed)."""
     try:
         return validation.job_id(request.path_params["job_id"])
     except validation.ValidationError as exc:
@@ -93,10 +94,11 @@ async def submit_job(request: Request) -> Response:
     except OperationalError as exc:
         await _record_publish_failure(svc.celery, job_id, exc)
         raise ApiError(503, "broker_unavailable", f"could not queue the job: {exc}") from None
+    links = job_links(request, job_id)
     return JSON(
-        {"job_id": job_id, "status": "PENDING", "task": name, "links": job_links(request, job_id)},
+        {"job_id": job_id, "status": "PENDING", "task": name, "links": links},
         status_code=202,
-        headers={"Location": job_links(request, job_id)["self"]},
+        headers={"Location": links["self"]},
     )
 
 
@@ -125,7 +127,7 @@ async def list_jobs(request: Request) -> Response:
 
 
 async def job_status(request: Request) -> Response:
-    job_id = _path_job_id(request)
+    job_id = path_job_id(request)
     snapshot = await services(request).store.snapshot(job_id)
     if snapshot is None:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r} (never submitted, or expired)")
@@ -135,7 +137,7 @@ async def job_status(request: Request) -> Response:
 async def job_history(request: Request) -> Response:
     """Events after `?since=N` as JSON: a polling client that must see every transition."""
     svc = services(request)
-    job_id = _path_job_id(request)
+    job_id = path_job_id(request)
     try:
         since = validation.seq(request.query_params.get("since", "0"), field="since")
     except validation.ValidationError as exc:
@@ -162,7 +164,7 @@ async def batch_status(request: Request) -> Response:
 
 async def revoke(request: Request) -> Response:
     svc = services(request)
-    job_id = _path_job_id(request)
+    job_id = path_job_id(request)
     snapshot = await svc.store.snapshot(job_id)
     if snapshot is None:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r} (never submitted, or expired)")

@@ -28,7 +28,7 @@ from server.errors import ApiError, job_not_found
 from server.events import Delivery, FromAll
 from server.feed import Feed, TooManyJobs
 from server.hub import HubUnavailable
-from server.routes.jobs import _path_job_id
+from server.routes.jobs import path_job_id
 from server.services import Services, services
 
 RETRY_MS = 2000  # how soon EventSource reconnects after a drop
@@ -44,7 +44,7 @@ def _sse_services(request: Request) -> Services:
 
 async def job_events(request: Request) -> Response:
     svc = _sse_services(request)
-    job_id = _path_job_id(request)
+    job_id = path_job_id(request)
     raw_since = request.headers.get("last-event-id") or request.query_params.get("since") or "0"
     try:
         since = validation.seq(raw_since, field="Last-Event-ID/since")

@@ -1,0 +1,111 @@
+"""The worker-side write path: one round trip per report, Celery kept in step, final is final."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from celery import shared_task
+from celery.result import AsyncResult
+
+from jobwire.settings import Settings
+from tasks.factory import create_celery_app
+from tasks.progress import ProgressTask, revoke_job
+from tests.support import RedisServer
+
+
+class Monitor:
+    """Commands clients send to a Redis, from MONITOR (script-internal ones excluded)."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self.commands: list[str] = []
+        self._client = server.client()
+        self._ready = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(5)
+
+    def _run(self) -> None:
+        with self._client.monitor() as m:
+            self._ready.set()
+            for cmd in m.listen():
+                if self._stop:
+                    return
+                if cmd.get("client_type") != "lua":
+                    self.commands.append(cmd["command"].split(" ", 1)[0].upper())
+
+    def stop(self) -> list[str]:
+        time.sleep(0.2)
+        self._stop = True
+        self._client.ping()  # wakes listen() so the thread sees _stop
+        seen = [c for c in self.commands if c not in ("PING", "MONITOR")]
+        return seen
+
+
+@shared_task(bind=True, base=ProgressTask, name="probe")
+def probe(self: ProgressTask) -> None:
+    """A task whose report() the tests call directly, under a pushed request."""
+
+
+@pytest.fixture
+def app(own_redis: RedisServer):  # type: ignore[no-untyped-def]
+    app = create_celery_app(Settings(redis_url=own_redis.url))
+    yield app
+    app.close()
+
+
+def test_report_is_one_round_trip(app, own_redis: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    """report() sends exactly one command (EVALSHA): Celery's key, history, hash and publishes inside it."""
+    task = app.tasks["probe"]
+    task.push_request(id="rt-1")
+    try:
+        task.report("WARMING", step=0, total=2)  # loads the script once
+        monitor = Monitor(own_redis)
+        seq = task.report("PROBING", step=1, total=2, description="probing")
+        sent = monitor.stop()
+    finally:
+        task.pop_request()
+    assert seq == 2
+    assert sent == ["EVALSHA"]
+    result = AsyncResult("rt-1", app=app)
+    assert result.state == "PROBING"
+    assert result.info == {"step": 1, "total": 2, "percent": 50.0, "description": "probing"}
+
+
+def test_report_refused_after_revoke(app) -> None:  # type: ignore[no-untyped-def]
+    """After REVOKED, report() returns None and neither jobwire nor Celery shows a later state."""
+    task = app.tasks["probe"]
+    task.push_request(id="rt-2")
+    try:
+        assert task.report("PROBING", step=1, total=2) == 1
+        assert revoke_job(app, "rt-2") == 2
+        assert task.report("PROBING", step=2, total=2) is None
+    finally:
+        task.pop_request()
+    assert AsyncResult("rt-2", app=app).state == "REVOKED"
+    assert revoke_job(app, "rt-2") is None  # already final: nothing recorded, nothing sent
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"state": "SUCCESS"}, "custom state"),
+        ({"state": ""}, "custom state"),
+        ({"state": "X", "step": 3, "total": 2}, "past total"),
+        ({"state": "X", "total": 0}, "positive"),
+        ({"state": "X", "step": -1}, "non-negative"),
+        ({"state": "X", "percent": 101}, "0 to 100"),
+    ],
+)
+def test_report_rejects_bad_input(app, kwargs: dict, message: str) -> None:  # type: ignore[no-untyped-def]
+    """Lifecycle states and impossible progress are refused with a clear message."""
+    task = app.tasks["probe"]
+    task.push_request(id="rt-3")
+    try:
+        state = kwargs.pop("state")
+        with pytest.raises(ValueError, match=message):
+            task.report(state, **kwargs)
+    finally:
+        task.pop_request()
