@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import httpx
+import pytest
 import websockets
 
 from tests.clients import LIFECYCLE, assert_gap_free, submit, watch_ws
@@ -92,3 +93,48 @@ async def test_polling_history_sees_every_transition(server: RunningServer) -> N
     assert status["result"]["status"] == "done"
     assert status["progress"]["percent"] == 66.67  # the last report: 2 of 3 steps done
     assert "error" not in status
+
+
+async def test_multiplexed_sse_resumes_per_job_and_reports_unknown(server: RunningServer) -> None:
+    """/api/v1/events: several jobs on one stream, each from its own since; unknown ids as control errors."""
+    a = await submit(server.url, delay=0.01)
+    b = await submit(server.url, delay=0.01)
+    await watch_ws(server.ws_url, a)
+    await watch_ws(server.ws_url, b)
+    params = [("job", a), ("job", b), ("job", "never-seen"), ("since", f"{a}:4")]
+    events: dict[str, list[int]] = {a: [], b: []}
+    controls = []
+    async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
+        async with http.stream("GET", "/api/v1/events", params=params) as resp:
+            assert resp.status_code == 200
+            kind = "message"
+            async for line in resp.aiter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    doc = json.loads(line[6:])
+                    if kind == "control":
+                        controls.append(doc)
+                    else:
+                        events[doc["job_id"]].append(doc["seq"])
+                    kind = "message"
+                if len(events[a]) == 2 and len(events[b]) == 6:
+                    break
+    assert events == {a: [5, 6], b: [1, 2, 3, 4, 5, 6]}
+    assert controls[0]["code"] == "job_not_found" and controls[0]["job_id"] == "never-seen"
+
+
+async def test_transports_can_be_turned_off(settings, worker) -> None:  # type: ignore[no-untyped-def]
+    """JOBWIRE_TRANSPORTS without websocket refuses the upgrade (403); without sse, SSE is 503."""
+    import dataclasses
+
+    from tests.support import run_server
+
+    async with run_server(dataclasses.replace(settings, transports=("polling",))) as srv:
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            async with websockets.connect(f"{srv.ws_url}/ws"):
+                pass
+        assert refused.value.response.status_code == 403
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            resp = await http.get("/api/v1/events")
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "transport_disabled"
