@@ -71,6 +71,8 @@ async def run(clients: int, events: int, rate: float) -> None:
                 str(port),
                 "--log-level",
                 "warning",
+                "--ws-per-message-deflate",
+                "false",
             ],
             cwd=ROOT,
             env=env,

@@ -96,7 +96,9 @@ def main() -> None:
     worker = [python, "-m", "celery", "-A", "tasks.app", "worker", "--loglevel=INFO", "--concurrency=2"]
     web = [python, "-m", "uvicorn", "--factory", "server.app:create_app", "--host", host, "--port", port]
     # SSE streams never end by themselves; do not let them hold a shutdown forever.
-    web += ["--timeout-graceful-shutdown", "5"]
+    # Events are small JSON frames: compressing each one per socket costs more CPU than
+    # it saves bandwidth (the same choice Centrifugo makes by default).
+    web += ["--timeout-graceful-shutdown", "5", "--ws-per-message-deflate", "false"]
     procs.append(subprocess.Popen(worker, cwd=ROOT, env=env))
     procs.append(subprocess.Popen(web, cwd=ROOT, env=env))
 

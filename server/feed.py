@@ -106,6 +106,11 @@ class Feed:
             self._all_last.clear()
             self._hub.unsubscribe(self._keys.all_channel, self._all_sink)
 
+    def post(self, message: dict[str, Any]) -> None:
+        """Queue a control message (a reply to the client) in order with the events."""
+        self._out.append(message)
+        self._wake.set()
+
     def close(self) -> None:
         for job_id in list(self._last):
             self.unwatch(job_id)
@@ -130,13 +135,26 @@ class Feed:
                 from_all, item = self._inbox.popleft()
                 await self._handle(from_all, item)
             else:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), idle)
-                except TimeoutError:
+                if await self._sleep(idle):
                     return None
 
     # -- internals -----------------------------------------------------------------------
+
+    async def _sleep(self, idle: float | None) -> bool:
+        """Wait for something to do; True if `idle` seconds passed with nothing.
+
+        A timer that sets the wake event, rather than `wait_for`: that costs a task per
+        wait (per event, at fan-out rates), and on Python 3.11 it can swallow a
+        cancellation that coincides with the event being set, which hangs shutdown.
+        """
+        self._wake.clear()
+        timer = asyncio.get_running_loop().call_later(idle, self._wake.set) if idle else None
+        try:
+            await self._wake.wait()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        return not (self._out or self._inbox or self._overflowed)
 
     def _job_sink(self, item: Delivery | Resync) -> None:
         self._push(False, item)
@@ -152,33 +170,57 @@ class Feed:
             self._inbox.append((from_all, item))
         self._wake.set()
 
+    def next_nowait(self) -> Item | None:
+        """The next item if it is ready without reading Redis, else None.
+
+        Lets a writer drain a burst without a task and a wait per event; anything that
+        needs history (a gap, a resync) is left for `next()`.
+        """
+        while True:
+            if self._out:
+                return self._out.popleft()
+            if self._overflowed or not self._inbox:
+                return None
+            from_all, item = self._inbox[0]
+            if not self._handle_now(from_all, item):
+                return None
+            self._inbox.popleft()
+
     async def _handle(self, from_all: bool, item: Delivery | Resync) -> None:
+        if self._handle_now(from_all, item):
+            return
+        if isinstance(item, Resync):
+            job_id = self._keys.job_id_from_channel(item.channel)
+            if job_id is not None:
+                await self._backfill(job_id)
+        else:
+            await self._backfill(item.job_id)
+
+    def _handle_now(self, from_all: bool, item: Delivery | Resync) -> bool:
+        """Handle an inbox item that needs no Redis read; False if it needs a backfill."""
         if isinstance(item, Resync):
             if from_all:
                 self._all_last.clear()
                 self._out.append({"type": "resync", "scope": "all"})
-            else:
-                job_id = self._keys.job_id_from_channel(item.channel)
-                if job_id in self._live:
-                    await self._backfill(job_id)
-            return
+                return True
+            return self._keys.job_id_from_channel(item.channel) not in self._live
         job_id = item.job_id
         if from_all:
             if job_id in self._last or item.seq <= self._all_last.get(job_id, 0):
-                return  # watched jobs arrive on their own channel, in order
+                return True  # watched jobs arrive on their own channel, in order
             if item.final:
                 self._all_last.pop(job_id, None)
             else:
                 self._all_last[job_id] = item.seq
             self._out.append(FromAll(item))
-            return
+            return True
         last = self._last.get(job_id)
         if last is None or item.seq <= last:
-            return  # not watched any more, or already delivered from history
+            return True  # not watched any more, or already delivered from history
         if item.seq == last + 1:
             self._emit(item)
-        else:
-            await self._backfill(job_id)
+            return True
+        return False  # a gap: read history from `last`
 
     async def _backfill(self, job_id: str) -> None:
         last = self._last.get(job_id)

@@ -134,7 +134,10 @@ class Hub:
         if ready.done():
             return
         try:
-            await asyncio.wait_for(asyncio.shield(ready), self._subscribe_timeout)
+            # Not wait_for: on Python 3.11 it can swallow a cancellation that coincides
+            # with the future completing.
+            async with asyncio.timeout(self._subscribe_timeout):
+                await asyncio.shield(ready)
         except (TimeoutError, asyncio.CancelledError) as exc:
             self.unsubscribe(channel, sink)
             if isinstance(exc, asyncio.CancelledError):
@@ -229,13 +232,20 @@ class Hub:
         """Send SUBSCRIBE/UNSUBSCRIBE for the difference between wanted and sent, and PING."""
         assert self._pubsub is not None
         pubsub = self._pubsub
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + self._ping_interval
         while True:
+            # A timer sets the event for the next PING. Not wait_for: on Python 3.11 it
+            # can swallow the hub's own cancellation when the event is set at that moment.
+            timer = loop.call_later(max(0.0, next_ping - loop.time()), self._dirty.set)
             try:
-                await asyncio.wait_for(self._dirty.wait(), self._ping_interval)
-            except TimeoutError:
-                await pubsub.execute_command("PING")
-                continue
+                await self._dirty.wait()
+            finally:
+                timer.cancel()
             self._dirty.clear()
+            if loop.time() >= next_ping:
+                await pubsub.execute_command("PING")
+                next_ping = loop.time() + self._ping_interval
             wanted = self._sinks.keys()
             gone = [ch for ch in self._sent if ch not in wanted]
             new = [ch for ch in wanted if ch not in self._sent]

@@ -133,7 +133,13 @@ async def run_server(settings: Settings, port: int | None = None) -> AsyncIterat
     app = create_app(settings)
     port = port or free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=1
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=1,
+        ws_per_message_deflate=False,  # as in the Procfile
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

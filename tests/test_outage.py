@@ -62,3 +62,33 @@ async def test_redis_down_then_back_clients_resume(own_redis: RedisServer) -> No
             recorder.record("after", "SUCCESS", result=1)
             events = await events_until_final(ws, "after", events=events)
     assert [e["state"] for e in events] == ["PENDING", "SUCCESS"]
+
+
+async def test_shutdown_with_open_streams_completes(own_redis: RedisServer) -> None:
+    """Open SSE and websocket clients do not hold the server's shutdown (or the hub's) hostage."""
+    import httpx
+
+    settings = settings_for(own_redis.url, heartbeat_interval=1.0)
+    Recorder(own_redis.client(), settings).record("held", "PENDING")
+    server = run_server(settings)
+    srv = await server.__aenter__()
+    http = httpx.AsyncClient(base_url=srv.url, timeout=30)
+
+    async def hold_sse() -> None:
+        async with http.stream("GET", "/api/v1/events", params={"job": "held", "all": "1"}) as resp:
+            async for _ in resp.aiter_lines():
+                pass
+
+    sse = asyncio.create_task(hold_sse())
+    ws = await websockets.connect(f"{srv.ws_url}/ws")
+    await ws.send(json.dumps({"op": "subscribe", "job_ids": ["held"]}))
+    await until_subscribed(ws, "held")
+    await asyncio.sleep(0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(server.__aexit__(None, None, None), 8)  # run_server waits up to 10 s
+    assert loop.time() - started < 5
+    sse.cancel()
+    await asyncio.gather(sse, return_exceptions=True)
+    await ws.close()
+    await http.aclose()

@@ -128,58 +128,39 @@ async def ws_multi(ws: WebSocket) -> None:
     if not await _accept(ws):
         return
     feed = svc.feed()
-    replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     # Tells the client how often to expect a sign of life, so it can detect a dead link.
-    replies.put_nowait({"type": "welcome", "heartbeat": svc.settings.heartbeat_interval})
+    feed.post({"type": "welcome", "heartbeat": svc.settings.heartbeat_interval})
 
     async def read() -> None:
         while True:
             try:
                 msg = await _receive_json(ws)
-                await _handle(msg, feed, replies)
+                await _handle(msg, feed)
             except _BadMessage as exc:
-                replies.put_nowait(_error(exc.code, exc.message))
+                feed.post(_error(exc.code, exc.message))
 
     try:
-        await _run_until_first_done(ws, read(), _pump(ws, feed, svc.settings.heartbeat_interval, replies))
+        await _run_until_first_done(ws, read(), _pump(ws, feed, svc.settings.heartbeat_interval))
     finally:
         feed.close()
 
 
-async def _pump(
-    ws: WebSocket,
-    feed: Feed,
-    heartbeat: float,
-    replies: asyncio.Queue[dict[str, Any]] | None = None,
-    *,
-    close_after_final: bool = False,
-) -> None:
-    """The socket's only writer: the feed's items, replies to client requests, and a
-    heartbeat when idle (one writer, so frames never interleave)."""
-    replies = replies if replies is not None else asyncio.Queue()
-    reply_task: asyncio.Task[dict[str, Any]] = asyncio.ensure_future(replies.get())
-    feed_task: asyncio.Task[Any] = asyncio.ensure_future(feed.next(idle=heartbeat))
-    try:
-        while True:
-            await asyncio.wait({reply_task, feed_task}, return_when=asyncio.FIRST_COMPLETED)
-            if reply_task.done():
-                await _send(ws, reply_task.result())
-                reply_task = asyncio.ensure_future(replies.get())
-            if feed_task.done():
-                item = feed_task.result()
-                await _send(ws, item if item is not None else {"type": "heartbeat", "ts": time.time()})
-                if close_after_final and isinstance(item, Delivery) and item.final:
-                    await ws.close(CLOSE_NORMAL, "job finished")
-                    return
-                feed_task = asyncio.ensure_future(feed.next(idle=heartbeat))
-    finally:
-        # Only ever cancelled when the socket is going away, so an item lost here has
-        # nowhere to go anyway.
-        reply_task.cancel()
-        feed_task.cancel()
+async def _pump(ws: WebSocket, feed: Feed, heartbeat: float, *, close_after_final: bool = False) -> None:
+    """The socket's only writer (so frames never interleave): the feed's events and
+    replies, and a heartbeat when idle. A burst is drained without a wait per event."""
+    while True:
+        item = await feed.next(idle=heartbeat)
+        if item is None:
+            item = {"type": "heartbeat", "ts": time.time()}
+        while item is not None:
+            await _send(ws, item)
+            if close_after_final and isinstance(item, Delivery) and item.final:
+                await ws.close(CLOSE_NORMAL, "job finished")
+                return
+            item = feed.next_nowait()
 
 
-async def _handle(msg: Any, feed: Feed, replies: asyncio.Queue[dict[str, Any]]) -> None:
+async def _handle(msg: Any, feed: Feed) -> None:
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
         raise _BadMessage("invalid_message", 'a message is an object with an "op" field')
     op = msg["op"]
@@ -187,7 +168,7 @@ async def _handle(msg: Any, feed: Feed, replies: asyncio.Queue[dict[str, Any]]) 
     if handler is None:
         raise _BadMessage("unknown_op", f"unknown op {op!r}; expected one of {sorted(_OPS)}")
     try:
-        await handler(msg, feed, replies.put_nowait)
+        await handler(msg, feed, feed.post)
     except validation.ValidationError as exc:
         raise _BadMessage(exc.code, str(exc)) from None
 
