@@ -219,6 +219,7 @@ function showConnection({ status, transport }) {
 const params = new URLSearchParams(window.location.search);
 const client = new JobwireClient({
   transports: params.get("transports") ? params.get("transports").split(",") : undefined,
+  upgradeInterval: params.get("upgrade") ? Number(params.get("upgrade")) : undefined,
   onEvent: apply,
   onStatus: showConnection,
   onNewJob: (id) => {

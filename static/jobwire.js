@@ -27,6 +27,8 @@ export class JobwireClient {
    * @param {(error: object) => void} [options.onError]  {code, message, job_id?} from the server
    * @param {number} [options.pollInterval]  ms between polls (default 1000)
    * @param {number} [options.failuresBeforeFallback]  failed opens before moving on (default 3)
+   * @param {number} [options.upgradeInterval]  ms between attempts to climb back to a better
+   *        transport after a fallback (default 30000; 0 disables)
    */
   constructor(options = {}) {
     this.baseUrl = (options.baseUrl || window.location.origin).replace(/\/$/, "");
@@ -37,6 +39,7 @@ export class JobwireClient {
     this.onError = options.onError || (() => {});
     this.pollInterval = options.pollInterval || 1000;
     this.failuresBeforeFallback = options.failuresBeforeFallback || 3;
+    this.upgradeInterval = options.upgradeInterval ?? 30000;
     this.backoffMin = 250;
     this.backoffMax = 10000;
 
@@ -87,6 +90,7 @@ export class JobwireClient {
 
   close() {
     this._closed = true;
+    clearTimeout(this._upgradeTimer);
     this._teardown();
     this._setStatus("closed");
   }
@@ -143,6 +147,58 @@ export class JobwireClient {
     this._failures = 0;
     this._everOpened = true;
     this._setStatus("live");
+    this._scheduleUpgrade();
+  }
+
+  /** After a fallback, now and then check whether a better transport works again. */
+  _scheduleUpgrade() {
+    if (this._upgradeTimer || this._level === 0 || !this.upgradeInterval) return;
+    this._upgradeTimer = setTimeout(() => {
+      this._upgradeTimer = null;
+      this._probe(this.transports[0]).then((ok) => {
+        if (this._closed) return;
+        if (!ok) {
+          this._scheduleUpgrade();
+          return;
+        }
+        // Switch over; every job resumes from its last seq, so nothing is lost.
+        this._teardown();
+        this._level = 0;
+        this._failures = 0;
+        this._connect(true);
+      });
+    }, this.upgradeInterval);
+  }
+
+  /** Can `transport` be opened right now? (Opens and closes a throwaway connection.) */
+  _probe(transport) {
+    return new Promise((resolve) => {
+      let conn;
+      const done = (ok) => {
+        if (conn) conn.onopen = conn.onerror = conn.onclose = null;
+        try {
+          conn && conn.close();
+        } catch (e) {
+          /* ignore */
+        }
+        resolve(ok);
+      };
+      try {
+        if (transport === "websocket") {
+          conn = new WebSocket(this.baseUrl.replace(/^http/, "ws") + "/ws");
+        } else if (transport === "sse") {
+          conn = new EventSource(`${this.baseUrl}/api/v1/events`);
+        } else {
+          resolve(true);
+          return;
+        }
+      } catch (e) {
+        resolve(false);
+        return;
+      }
+      conn.onopen = () => done(true);
+      conn.onerror = conn.onclose = () => done(false);
+    });
   }
 
   /** The connection dropped or could not be opened: retry with backoff, or fall back. */

@@ -188,3 +188,22 @@ async def test_burst_of_events_renders_every_transition(browser: Browser, settin
         assert counts == [["PENDING", 1], ["WORKING", 3000], ["SUCCESS", 1]]
         assert page.errors == []  # type: ignore[attr-defined]
     redis_client.close()
+
+
+async def test_climbs_back_to_websocket_when_it_returns(
+    browser: Browser, settings: Settings, worker: object
+) -> None:
+    """Fallen back to SSE while websockets were refused, the page returns to WebSocket once they work."""
+    port = free_port()
+    async with run_server(dataclasses.replace(settings, transports=("sse", "polling")), port) as srv:
+        page = await open_dashboard(browser, f"{srv.url}/?upgrade=1000")
+        await expect(page.locator("#connection")).to_have_attribute("data-transport", "sse", timeout=20000)
+        job_id = await run_job(page, delay=1.0)
+        await expect(row(page, job_id).locator(".state")).to_have_text("VALIDATING", timeout=10000)
+    async with run_server(settings, port):
+        await expect(page.locator("#connection")).to_have_attribute(
+            "data-transport", "websocket", timeout=20000
+        )
+        await expect(page.locator("#connection")).to_have_attribute("data-status", "live")
+        await expect(row(page, job_id).locator(".state")).to_have_text("SUCCESS", timeout=15000)
+        assert await timeline(page, job_id) == full_story()
