@@ -79,7 +79,7 @@ class Feed:
         if not exists:
             self.unwatch(job_id)
             return False
-        self._advance(job_id, events, from_history=True)
+        self._advance(job_id, events)
         self._out.append({"type": "subscribed", "job_id": job_id, "seq": self._last[job_id]})
         self._wake.set()
         return True
@@ -138,6 +138,22 @@ class Feed:
                 if await self._sleep(idle):
                     return None
 
+    def next_nowait(self) -> Item | None:
+        """The next item if it is ready without reading Redis, else None.
+
+        Lets a writer drain a burst without a task and a wait per event; anything that
+        needs history (a gap, a resync) is left for `next()`.
+        """
+        while True:
+            if self._out:
+                return self._out.popleft()
+            if self._overflowed or not self._inbox:
+                return None
+            from_all, item = self._inbox[0]
+            if not self._handle_now(from_all, item):
+                return None
+            self._inbox.popleft()
+
     # -- internals -----------------------------------------------------------------------
 
     async def _sleep(self, idle: float | None) -> bool:
@@ -169,22 +185,6 @@ class Feed:
         else:
             self._inbox.append((from_all, item))
         self._wake.set()
-
-    def next_nowait(self) -> Item | None:
-        """The next item if it is ready without reading Redis, else None.
-
-        Lets a writer drain a burst without a task and a wait per event; anything that
-        needs history (a gap, a resync) is left for `next()`.
-        """
-        while True:
-            if self._out:
-                return self._out.popleft()
-            if self._overflowed or not self._inbox:
-                return None
-            from_all, item = self._inbox[0]
-            if not self._handle_now(from_all, item):
-                return None
-            self._inbox.popleft()
 
     async def _handle(self, from_all: bool, item: Delivery | Resync) -> None:
         if self._handle_now(from_all, item):
@@ -227,15 +227,16 @@ class Feed:
         if last is None:
             return
         _, events = await self._store.events_since(job_id, last)
-        self._advance(job_id, events, from_history=True)
+        self._advance(job_id, events)
 
-    def _advance(self, job_id: str, events: list[Delivery], *, from_history: bool) -> None:
-        for event in events:
+    def _advance(self, job_id: str, history: list[Delivery]) -> None:
+        """Emit the events of `history` the client has not had yet."""
+        for event in history:
             last = self._last.get(job_id)
             if last is None:
                 return  # unwatched meanwhile
             # History is authoritative: a gap there means trimmed events, not lost ones.
-            if event.seq > last and (from_history or event.seq == last + 1):
+            if event.seq > last:
                 self._emit(event)
 
     def _emit(self, event: Delivery) -> None:

@@ -1,0 +1,78 @@
+"""The per-client feed on a real hub and Redis: overflow and gaps never lose an event."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from jobwire.settings import Settings
+from server.events import Delivery
+from server.feed import Feed
+from server.hub import Hub
+from server.store import JobStore
+from tasks.recorder import Recorder
+from tests.support import RedisServer
+
+
+@pytest.fixture
+async def parts(own_redis: RedisServer) -> AsyncIterator[tuple[Hub, JobStore, Recorder, Settings]]:
+    settings = Settings(redis_url=own_redis.url)
+    hub = Hub(own_redis.url)
+    await hub.start()
+    redis = Redis.from_url(own_redis.url)
+    yield hub, JobStore(redis, settings.keys), Recorder(own_redis.client(), settings), settings
+    await hub.stop()
+    await redis.aclose()
+
+
+async def drain(feed: Feed, job_id: str) -> list[int]:
+    seqs = []
+    while True:
+        item = await asyncio.wait_for(feed.next(idle=2.0), 5)
+        assert item is not None, "feed went idle before the final event"
+        if isinstance(item, Delivery) and item.job_id == job_id:
+            seqs.append(item.seq)
+            if item.final:
+                return seqs
+
+
+async def test_slow_client_overflow_resyncs_from_history(parts) -> None:  # type: ignore[no-untyped-def]
+    """A client too far behind has its inbox dropped and gets everything from history, in order.
+
+    48 live events with room for 5: every 6th overflows the inbox and is dropped with it,
+    the final one included, so only the resync can deliver it.
+    """
+    hub, store, recorder, settings = parts
+    recorder.record("slow", "PENDING")
+    feed = Feed(hub, store, settings.keys, queue_limit=5, max_jobs=10)
+    assert await feed.watch("slow")
+    for step in range(47):  # nobody reads the feed meanwhile
+        recorder.record("slow", "WORKING", progress={"step": step})
+    recorder.record("slow", "SUCCESS", result=None)
+    await asyncio.sleep(0.3)  # let the hub deliver (and overflow) the inbox
+    assert feed._overflowed and not feed._inbox  # the final event went with the inbox
+    assert await drain(feed, "slow") == list(range(1, 50))
+    feed.close()
+
+
+async def test_live_gap_is_backfilled(parts) -> None:  # type: ignore[no-untyped-def]
+    """A live event whose seq jumps ahead makes the feed read the missing ones from history."""
+    hub, store, recorder, settings = parts
+    recorder.record("gappy", "PENDING")
+    feed = Feed(hub, store, settings.keys, queue_limit=100, max_jobs=10)
+    assert await feed.watch("gappy")
+    # Record two events this feed cannot hear: unsubscribe (and let Redis drop the
+    # subscription), write, resubscribe.
+    channel = settings.keys.job_channel("gappy")
+    feed._hub.unsubscribe(channel, feed._job_sink)
+    while recorder.client.pubsub_numsub(channel)[0][1]:
+        await asyncio.sleep(0.01)
+    recorder.record("gappy", "A")
+    recorder.record("gappy", "B")
+    await hub.subscribe(settings.keys.job_channel("gappy"), feed._job_sink)
+    recorder.record("gappy", "SUCCESS", result=None)  # arrives live as seq 4 after seq 1
+    assert await drain(feed, "gappy") == [1, 2, 3, 4]
+    feed.close()
