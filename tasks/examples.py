@@ -61,3 +61,10 @@ def retrying_task(self: ProgressTask, delay: float = 1.0, failures: int = 1) -> 
         except ConnectionError as exc:
             raise self.retry(exc=exc, countdown=delay) from exc
     return {"status": "done", "attempts": self.request.retries + 1}
+
+
+@shared_task(name="plain_sum")
+def plain_sum(numbers: list[float], delay: float = 0.0) -> float:
+    """An ordinary Celery task (no jobwire base class): it still gets lifecycle events."""
+    time.sleep(_check_delay(delay))
+    return float(sum(numbers))

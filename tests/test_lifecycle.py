@@ -133,3 +133,25 @@ async def test_job_sent_with_plain_celery_is_watchable_at_once(server: RunningSe
     delayed = long_running_task.delay(delay=0.01)  # a consumed queue: it runs to the end
     events = await watch_ws(server.ws_url, delayed.id)
     assert [e["state"] for e in events][0] == "PENDING" and events[-1]["state"] == "SUCCESS"
+
+
+async def test_ordinary_task_gets_lifecycle_events(server: RunningServer) -> None:
+    """A plain @shared_task, sent with apply_async, reports PENDING → STARTED → SUCCESS unchanged."""
+    from tasks.examples import plain_sum
+
+    result = plain_sum.apply_async(([1, 2, 3.5],), {"delay": 0.05})
+    events = await watch_ws(server.ws_url, result.id)
+    assert [e["state"] for e in events] == ["PENDING", "STARTED", "SUCCESS"]
+    assert events[-1]["result"] == 6.5 and events[0]["task"] == "plain_sum"
+
+
+async def test_plain_celery_revoke_is_recorded_by_the_worker(server: RunningServer) -> None:
+    """Revoked with Celery's own API (no jobwire call): the worker's signal records REVOKED."""
+    from tasks.examples import plain_sum
+
+    result = plain_sum.apply_async(([1],), countdown=1.5)  # held by the worker until its eta
+    await asyncio.sleep(0.5)
+    result.revoke()
+    events = await watch_ws(server.ws_url, result.id)
+    assert [e["state"] for e in events] == ["PENDING", "REVOKED"]
+    assert events[-1]["error"] == {"type": "TaskRevokedError", "message": "revoked before it started"}

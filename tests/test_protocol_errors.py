@@ -129,3 +129,12 @@ async def test_tasks_listing_and_health(server: RunningServer) -> None:
         assert ready.status_code == 200 and ready.json()["hub"] is True
         unknown = await http.get("/api/v1/nope")
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+
+
+async def test_idle_socket_gets_welcome_then_heartbeats(settings: Settings, worker: object) -> None:
+    """/ws says how often it will speak, then sends a heartbeat whenever idle that long."""
+    async with run_server(dataclasses.replace(settings, heartbeat_interval=0.3)) as srv:
+        async with websockets.connect(f"{srv.ws_url}/ws") as ws:
+            assert await recv_json(ws) == {"type": "welcome", "heartbeat": 0.3}
+            beats = [await recv_json(ws, timeout=1.0) for _ in range(2)]
+    assert [b["type"] for b in beats] == ["heartbeat", "heartbeat"]
