@@ -76,6 +76,7 @@ async def _run_until_first_done(ws: WebSocket, *coros: Awaitable[None]) -> None:
             if isinstance(exc, RedisError):
                 log.warning("closing websocket, Redis failed: %s", exc)
                 await _close(ws, CLOSE_TRY_AGAIN_LATER, "job store unavailable, reconnect")
+            # Starlette raises RuntimeError for a send on a socket the client already closed.
             elif exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):
                 raise exc
     finally:
