@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import orjson
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: cached_property needs the instance __dict__
 class Delivery:
     """One job event as received from Redis (live or from history).
 
@@ -28,13 +29,13 @@ class Delivery:
         frame = '{"type":"event",' + raw[1:].decode()
         return cls(doc["job_id"], int(doc["seq"]), doc["state"], bool(doc["final"]), raw, frame)
 
-    @property
+    @cached_property
     def all_frame(self) -> str:
         """The frame for the all-jobs stream, marked `"stream": "all"`.
 
         Such events are not part of any job's ordered stream (one may arrive after the
         client subscribed to that job, ahead of the replayed history), so clients must be
-        able to tell them apart.
+        able to tell them apart. Built on first use, then shared by every dashboard socket.
         """
         return '{"type":"event","stream":"all",' + self.frame[len('{"type":"event",') :]
 
