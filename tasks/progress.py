@@ -14,8 +14,10 @@ Where each lifecycle event is recorded, and why there:
   before the new message is sent, guarantees RETRY precedes the next attempt's STARTED;
   the `task_retry` signal fires only after the republish, when a fast worker may already
   have started the retry.
-- STARTED: `task_prerun`. SUCCESS / FAILURE: `task_success` / `task_failure`, which Celery
-  sends after it has stored the result. REVOKED: `task_revoked` in the worker, and the
+- STARTED: `task_prerun`. If the job is already final there (revoked before this worker
+  heard the broadcast, or finished and redelivered), a `ProgressTask` does not run its
+  body. SUCCESS / FAILURE: `task_success` / `task_failure`, which Celery sends after it
+  has stored the result. REVOKED: `task_revoked` in the worker, and the
   server's revoke (`revoke_job`) for jobs no worker holds yet.
 """
 
@@ -27,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery, Task, current_app
+from celery.exceptions import Ignore
 from celery.signals import (
     before_task_publish,
     task_failure,
@@ -57,6 +60,14 @@ class ProgressTask(Task):  # type: ignore[misc]
     """Task base class with `report()`. Use as `@shared_task(bind=True, base=ProgressTask)`."""
 
     abstract = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A job already final when it reaches a worker (revoked before this worker could
+        # hear the revoke broadcast, or finished and redelivered) must not run again: the
+        # prerun handler saw its STARTED refused. Ignore leaves Celery's result untouched.
+        if getattr(self.request, "jobwire_already_final", False):
+            raise Ignore()
+        return super().__call__(*args, **kwargs)
 
     def report(
         self,
@@ -173,7 +184,9 @@ def _on_publish(sender: str | None = None, headers: dict[str, Any] | None = None
 @_safely
 def _on_prerun(task_id: str | None = None, task: Task | None = None, **_: Any) -> None:
     if task_id and task is not None and _tracked(task.name):
-        Recorder.for_app(task.app).record(task_id, STARTED, task=task.name)
+        seq = Recorder.for_app(task.app).record(task_id, STARTED, task=task.name)
+        # Refused only when the job is already final; ProgressTask then skips the body.
+        task.request.jobwire_already_final = seq is None
 
 
 @task_success.connect(weak=False)

@@ -155,3 +155,23 @@ async def test_plain_celery_revoke_is_recorded_by_the_worker(server: RunningServ
     events = await watch_ws(server.ws_url, result.id)
     assert [e["state"] for e in events] == ["PENDING", "REVOKED"]
     assert events[-1]["error"] == {"type": "TaskRevokedError", "message": "revoked before it started"}
+
+
+async def test_job_revoked_before_any_worker_knew_never_runs(server: RunningServer, worker) -> None:  # type: ignore[no-untyped-def]
+    """REVOKED in jobwire but never broadcast to this worker: the ProgressTask body does not run."""
+    from tasks.recorder import Recorder
+
+    celery = server.services.celery
+    job_id = f"revoked-early-{uuid.uuid4()}"
+    recorder = Recorder.for_app(celery)
+    recorder.record(job_id, "PENDING", task="long_running_task")
+    recorder.record(job_id, "REVOKED", error={"type": "TaskRevokedError", "message": "no broadcast"})
+    celery.send_task("long_running_task", kwargs={"delay": 0.01}, task_id=job_id)
+    for _ in range(100):  # the worker logs that it ignored the task
+        if f"{job_id}] ignored" in worker.log_path.read_text():
+            break
+        await asyncio.sleep(0.05)
+    assert f"{job_id}] ignored" in worker.log_path.read_text()
+    assert AsyncResult(job_id, app=celery).state != "SUCCESS"  # the body never ran
+    events = await watch_ws(server.ws_url, job_id)
+    assert [e["state"] for e in events] == ["PENDING", "REVOKED"]
