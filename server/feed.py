@@ -235,7 +235,10 @@ class Feed:
             last = self._last.get(job_id)
             if last is None:
                 return  # unwatched meanwhile
-            # History is authoritative: a gap there means trimmed events, not lost ones.
+            if event.seq > last + 1:
+                # History is authoritative: a gap there means events trimmed by the
+                # history limit. Say so rather than let the client guess.
+                self._out.append({"type": "gap", "job_id": job_id, "from": last + 1, "to": event.seq - 1})
             if event.seq > last:
                 self._emit(event)
 

@@ -55,6 +55,23 @@ Sink = Callable[[Delivery | Resync], None]
 _CHUNK = 500  # channels per SUBSCRIBE/UNSUBSCRIBE command
 
 
+def _honour_cancellation() -> None:
+    """Raise if this task was cancelled during the last redis-py call.
+
+    redis-py 8 can return normally from a pub/sub call whose task was cancelled during it
+    (seen in tests: an UNSUBSCRIBE in flight at shutdown), and a hub loop that swallows
+    its cancellation never stops. Called after every redis-py await in the hub's loops.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _send(pubsub: PubSub, *args: str) -> None:
+    await pubsub.execute_command(*args)
+    _honour_cancellation()
+
+
 class HubUnavailable(RuntimeError):
     """Redis did not confirm a subscription in time (it is down or unreachable)."""
 
@@ -96,10 +113,9 @@ class Hub:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # wait(), not `await task` in try/except CancelledError: that would also
+            # swallow a cancellation of stop() itself.
+            await asyncio.wait({self._task})
         await self._close_pubsub()
         await self._redis.aclose()
         for fut in self._ready.values():
@@ -235,8 +251,8 @@ class Hub:
         loop = asyncio.get_running_loop()
         next_ping = loop.time() + self._ping_interval
         while True:
-            # A timer sets the event for the next PING. Not wait_for: on Python 3.11 it
-            # can swallow the hub's own cancellation when the event is set at that moment.
+            # A timer sets the event for the next PING. Not wait_for: a task per wait, and
+            # on Python 3.11 it can swallow a cancellation (CPython gh-86296).
             timer = loop.call_later(max(0.0, next_ping - loop.time()), self._dirty.set)
             try:
                 await self._dirty.wait()
@@ -244,7 +260,7 @@ class Hub:
                 timer.cancel()
             self._dirty.clear()
             if loop.time() >= next_ping:
-                await pubsub.execute_command("PING")
+                await _send(pubsub, "PING")
                 next_ping = loop.time() + self._ping_interval
             wanted = self._sinks.keys()
             gone = [ch for ch in self._sent if ch not in wanted]
@@ -256,9 +272,9 @@ class Hub:
                 self._sent.add(ch)
                 self._waiters.setdefault(ch, deque()).append(self._ready.get(ch))
             for i in range(0, len(gone), _CHUNK):
-                await pubsub.execute_command("UNSUBSCRIBE", *gone[i : i + _CHUNK])
+                await _send(pubsub, "UNSUBSCRIBE", *gone[i : i + _CHUNK])
             for i in range(0, len(new), _CHUNK):
-                await pubsub.execute_command("SUBSCRIBE", *new[i : i + _CHUNK])
+                await _send(pubsub, "SUBSCRIBE", *new[i : i + _CHUNK])
 
     async def _read_loop(self) -> None:
         assert self._pubsub is not None
@@ -267,6 +283,7 @@ class Hub:
         last_heard = loop.time()
         while True:
             msg = await pubsub.get_message(timeout=1.0)
+            _honour_cancellation()
             now = loop.time()
             if msg is None:
                 # PINGs go out every ping_interval; three unanswered means a dead link.

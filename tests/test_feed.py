@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
+import redis
 from redis.asyncio import Redis
 
 from jobwire.settings import Settings
@@ -75,4 +77,23 @@ async def test_live_gap_is_backfilled(parts) -> None:  # type: ignore[no-untyped
     await hub.subscribe(settings.keys.job_channel("gappy"), feed._job_sink)
     recorder.record("gappy", "SUCCESS", result=None)  # arrives live as seq 4 after seq 1
     assert await drain(feed, "gappy") == [1, 2, 3, 4]
+    feed.close()
+
+
+async def test_trimmed_history_is_announced_as_a_gap(parts) -> None:  # type: ignore[no-untyped-def]
+    """Resuming from before the retained history says which seqs are gone, then continues."""
+    hub, store, _, settings = parts
+    recorder = Recorder(
+        redis.Redis.from_url(settings.redis_url), dataclasses.replace(settings, history_limit=3)
+    )
+    recorder.record("trimmed", "PENDING")
+    for step in range(4):
+        recorder.record("trimmed", "WORKING", progress={"step": step})
+    recorder.record("trimmed", "SUCCESS", result=None)  # seq 6; history keeps 4, 5, 6
+    feed = Feed(hub, store, settings.keys, queue_limit=100, max_jobs=10)
+    assert await feed.watch("trimmed", since=1)
+    items = [feed.next_nowait() for _ in range(5)]
+    assert items[0] == {"type": "gap", "job_id": "trimmed", "from": 2, "to": 3}
+    assert [i.seq for i in items[1:4]] == [4, 5, 6]  # type: ignore[union-attr]
+    assert items[4]["type"] == "subscribed"  # type: ignore[index]
     feed.close()

@@ -165,3 +165,19 @@ async def test_malformed_payload_is_dropped_not_fatal(hub: Hub, own_redis: Redis
     client.publish("m", event("j", 2))
     await sink.wait_for(1)
     assert sink.items[0].seq == 2  # type: ignore[union-attr]
+
+
+async def test_stop_right_after_unsubscribe_completes(own_redis: RedisServer) -> None:
+    """Stopping while the UNSUBSCRIBE is on the wire finishes (redis-py can swallow that cancel)."""
+    for _ in range(5):
+        h = Hub(own_redis.url)
+        await h.start()
+        sink = Collector()
+        await h.subscribe("bye", sink)
+        h.unsubscribe("bye", sink)
+        await asyncio.sleep(0)  # the reconciler starts sending UNSUBSCRIBE
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stopping = asyncio.create_task(h.stop())
+        await asyncio.wait({stopping}, timeout=3)
+        assert stopping.done() and loop.time() - started < 2, "hub did not stop"
