@@ -64,6 +64,7 @@ class Settings:
     redis_max_connections: int = 64  # server's pool for reads; requests queue beyond it
 
     # Timeouts
+    record_retry_seconds: float = 20.0  # how long a worker retries a write while Redis is down
     heartbeat_interval: float = 15.0  # seconds between app-level heartbeats to clients
     subscribe_timeout: float = 5.0  # how long a subscribe waits for Redis to confirm
 
@@ -107,6 +108,7 @@ class Settings:
             max_jobs_per_socket=_int(env, "JOBWIRE_MAX_JOBS_PER_SOCKET", 1000, minimum=1),
             client_queue_limit=_int(env, "JOBWIRE_CLIENT_QUEUE_LIMIT", 1000, minimum=1),
             redis_max_connections=_int(env, "JOBWIRE_REDIS_MAX_CONNECTIONS", 64, minimum=2),
+            record_retry_seconds=_float(env, "JOBWIRE_RECORD_RETRY_SECONDS", 20.0),
             heartbeat_interval=_float(env, "JOBWIRE_HEARTBEAT_INTERVAL", 15.0),
             subscribe_timeout=_float(env, "JOBWIRE_SUBSCRIBE_TIMEOUT", 5.0),
             allowed_tasks=(

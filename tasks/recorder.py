@@ -12,7 +12,9 @@ calls it through a thread when it must write (revoke, submit).
 from __future__ import annotations
 
 import logging
+import random
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +71,7 @@ class Recorder:
         only_if_new: bool = False,
         celery_meta: CeleryMeta | None = None,
         pipe: redis.client.Pipeline | None = None,
+        event_id: str | None = None,
     ) -> int | None:
         """Record one event; return its seq, or None if Redis refused it.
 
@@ -109,6 +112,7 @@ class Recorder:
             self.keys.job_channel(job_id),
             self.keys.all_channel,
             self.settings.recent_limit,
+            event_id or uuid.uuid4().hex,
         ]
         if celery_meta is not None:
             keys.append(celery_meta.key)  # type: ignore[arg-type]
@@ -116,8 +120,21 @@ class Recorder:
         if pipe is not None:
             self._record(keys=keys, args=args, client=pipe)
             return None
-        seq = self._record(keys=keys, args=args)
+        seq = self._with_retry(keys, args)
         return int(seq) if seq else None
+
+    def _with_retry(self, keys: list[Any], args: list[Any]) -> Any:
+        deadline = time.monotonic() + self.settings.record_retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                return self._record(keys=keys, args=args)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("jobwire: Redis unavailable (%s); retrying in %.2fs", exc, delay)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 1.0)
 
 
 def redis_client_for(app: Celery, settings: Settings) -> redis.Redis:

@@ -34,7 +34,8 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server of our own on a free port, which a test may stop and restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, persist: bool = False) -> None:
+        self.persist = persist  # keep data across stop/start, as a production Redis would
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="jobwire-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -48,7 +49,8 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+            + (["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"])
             + ["--dir", self.dir, "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -160,8 +162,8 @@ def settings_for(redis_url: str, **overrides: Any) -> Settings:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
+def redis_server(*, persist: bool = False) -> Iterator[RedisServer]:
+    server = RedisServer(persist=persist)
     server.start()
     try:
         yield server

@@ -5,14 +5,19 @@ from __future__ import annotations
 import threading
 import time
 
+import orjson
 import pytest
+import redis
 from celery import shared_task
 from celery.result import AsyncResult
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from jobwire.settings import Settings
 from tasks.factory import create_celery_app
 from tasks.progress import ProgressTask, revoke_job
-from tests.support import RedisServer
+from tasks.recorder import Recorder
+from tests.support import RedisServer, redis_server
 
 
 class Monitor:
@@ -109,3 +114,47 @@ def test_report_rejects_bad_input(app, kwargs: dict, message: str) -> None:  # t
             task.report(state, **kwargs)
     finally:
         task.pop_request()
+
+
+def test_retried_event_is_recorded_once(own_redis: RedisServer) -> None:
+    """The same event id twice (a retry after a lost reply) returns the same seq, one event."""
+    settings = Settings(redis_url=own_redis.url)
+    recorder = Recorder(own_redis.client(), settings)
+    first = recorder.record("idem", "WORKING", progress={"step": 1}, event_id="e-1")
+    again = recorder.record("idem", "WORKING", progress={"step": 1}, event_id="e-1")
+    later = recorder.record("idem", "WORKING", progress={"step": 2})
+    assert (first, again, later) == (1, 1, 2)
+    assert own_redis.client().zcard(settings.keys.history("idem")) == 2
+
+
+def test_report_rides_out_a_redis_restart() -> None:
+    """Redis restarts while a worker reports: the call waits, then lands, with no gap or duplicate."""
+    with redis_server(persist=True) as server:
+        settings = Settings(redis_url=server.url, record_retry_seconds=10)
+        # No retries inside redis-py (its default rides out ~3 s by itself): this tests
+        # the recorder's own window, which is what covers longer restarts.
+        client = redis.Redis(port=server.port, retry=Retry(NoBackoff(), 0))
+        recorder = Recorder(client, settings)
+        assert recorder.record("blip", "WORKING", progress={"step": 1}) == 1
+        server.stop()
+        restart = threading.Timer(1.0, server.start)
+        restart.start()
+        started = time.monotonic()
+        try:
+            seq = recorder.record("blip", "WORKING", progress={"step": 2})  # Redis is down now
+        finally:
+            restart.join()
+        assert seq == 2 and time.monotonic() - started >= 0.9
+        history = server.client().zrange(settings.keys.history("blip"), 0, -1)
+        assert [orjson.loads(e)["seq"] for e in history] == [1, 2]
+
+
+def test_report_gives_up_after_the_retry_window(own_redis: RedisServer) -> None:
+    """Redis gone for longer than record_retry_seconds: the write raises instead of hanging."""
+    settings = Settings(redis_url=own_redis.url, record_retry_seconds=0.5)
+    recorder = Recorder(own_redis.client(), settings)
+    own_redis.stop()
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        recorder.record("gone", "WORKING")
+    assert time.monotonic() - started < 10  # redis-py retries a little on its own too

@@ -7,13 +7,19 @@
 -- KEYS[4] (optional) Celery result key, written exactly as Celery's Redis backend does
 -- ARGV: job_id, state, final('1'/'0'), head, tail, progress_json, result_json, error_json,
 --       task, ts, history_limit, ttl, only_if_new('1'/'0'), job_channel, all_channel,
---       recent_limit, celery_value, celery_ttl
+--       recent_limit, event_id, celery_value, celery_ttl
 local job, hist, recent = KEYS[1], KEYS[2], KEYS[3]
 local job_id, state, final, head, tail = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local progress, result, err, task, ts = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local limit, ttl, only_new = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13]
 local chan_job, chan_all, recent_limit = ARGV[14], ARGV[15], tonumber(ARGV[16])
+local event_id = ARGV[17]
 
+-- A retry of the last event recorded (its reply was lost to a dropped connection) gets the
+-- same seq back instead of a duplicate event.
+if event_id ~= '' and redis.call('HGET', job, 'eid') == event_id then
+  return tonumber(redis.call('HGET', job, 'seq'))
+end
 if only_new == '1' and redis.call('EXISTS', job) == 1 then
   return false
 end
@@ -23,7 +29,7 @@ end
 
 local seq = redis.call('HINCRBY', job, 'seq', 1)
 local event = head .. seq .. tail
-redis.call('HSET', job, 'state', state, 'final', final, 'updated', ts, 'event', event)
+redis.call('HSET', job, 'state', state, 'final', final, 'updated', ts, 'event', event, 'eid', event_id)
 -- progress is sticky (the last known step stays useful); result and error describe the
 -- latest event only, so a SUCCESS after a RETRY does not keep showing the retry's error.
 if progress ~= '' then redis.call('HSET', job, 'progress', progress) end
@@ -41,7 +47,7 @@ redis.call('EXPIRE', job, ttl)
 redis.call('EXPIRE', hist, ttl)
 
 if #KEYS >= 4 then
-  local celery_value, celery_ttl = ARGV[17], tonumber(ARGV[18])
+  local celery_value, celery_ttl = ARGV[18], tonumber(ARGV[19])
   if celery_ttl and celery_ttl > 0 then
     redis.call('SET', KEYS[4], celery_value, 'EX', celery_ttl)
   else
