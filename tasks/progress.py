@@ -86,7 +86,9 @@ class ProgressTask(Task):  # type: ignore[misc]
         Updates Celery's result backend (`AsyncResult(id).state == state`, `.info` is
         the progress dict) and jobwire's history and live channels in one Redis round
         trip. Returns None when the job is already final (revoked), so a long task can
-        stop cooperatively: ``if self.report(...) is None: return``.
+        stop cooperatively: ``if self.report(...) is None: return``. Called outside a
+        task (as a plain function, e.g. in your unit tests) it records nothing and
+        returns 0.
         """
         if not isinstance(state, str) or not state or state in RESERVED_STATES:
             raise ValueError(
@@ -95,7 +97,7 @@ class ProgressTask(Task):  # type: ignore[misc]
             )
         job_id = self.request.id
         if job_id is None:  # called directly as a function, not as a task
-            return None
+            return 0
         progress = progress_meta(step, total, description, percent, **extra)
         recorder = Recorder.for_app(self.app)
         if uses_redis_backend(self.app):

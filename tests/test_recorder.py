@@ -158,3 +158,10 @@ def test_report_gives_up_after_the_retry_window(own_redis: RedisServer) -> None:
     with pytest.raises(redis.ConnectionError):
         recorder.record("gone", "WORKING")
     assert time.monotonic() - started < 10  # redis-py retries a little on its own too
+
+
+def test_task_called_as_a_plain_function_runs_normally() -> None:
+    """Outside a worker (no request id) report() records nothing and does not mean 'revoked'."""
+    from tasks.examples import long_running_task
+
+    assert long_running_task(delay=0)["status"] == "done"
