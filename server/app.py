@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,8 +21,6 @@ from server.store import JobStore
 from tasks.factory import create_celery_app
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
-
-log = logging.getLogger("jobwire")
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

@@ -53,10 +53,6 @@ class Feed:
 
     # -- what the client asks for --------------------------------------------------------
 
-    @property
-    def jobs(self) -> frozenset[str]:
-        return frozenset(self._last)
-
     async def watch(self, job_id: str, since: int = 0) -> bool:
         """Deliver `job_id`'s events after `since`, then its live ones.
 

@@ -179,10 +179,6 @@ class Hub:
     def subscribers(self, channel: str) -> int:
         return len(self._sinks.get(channel, ()))
 
-    @property
-    def channels(self) -> int:
-        return len(self._sinks)
-
     # -- the connection ----------------------------------------------------------------
 
     async def _run(self) -> None:

@@ -29,9 +29,6 @@ class JobStore:
         fields = await self.redis.hgetall(self.keys.job(job_id))
         return _snapshot(job_id, fields) if fields else None
 
-    async def exists(self, job_id: str) -> bool:
-        return bool(await self.redis.exists(self.keys.job(job_id)))
-
     async def events_since(self, job_id: str, since: int) -> tuple[bool, list[Delivery]]:
         """Whether the job exists, and its retained events with seq > `since`, in order."""
         async with self.redis.pipeline(transaction=False) as pipe:
