@@ -16,6 +16,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from server.validation import ValidationError
+
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +57,13 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status, exc.code, exc.message)
 
 
+async def _invalid_input(request: Request, exc: Exception) -> Response:
+    """Any request input that failed a `server.validation` check: 413 for too many ids,
+    422 otherwise, with the check's own code and message."""
+    assert isinstance(exc, ValidationError)
+    return error_response(413 if exc.code == "too_many_ids" else 422, exc.code, str(exc))
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
@@ -77,6 +86,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     ApiError: _api_error,
+    ValidationError: _invalid_input,
     HTTPException: _http_error,
     RedisError: _redis_error,
     Exception: _unexpected,

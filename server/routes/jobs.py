@@ -38,17 +38,9 @@ async def read_json(request: Request) -> Any:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
 
 
-def _invalid(exc: validation.ValidationError) -> ApiError:
-    status = 413 if exc.code == "too_many_ids" else 422
-    return ApiError(status, exc.code, str(exc))
-
-
 def path_job_id(request: Request) -> str:
     """The `{job_id}` path parameter, checked (422 `invalid_job_id` if malformed)."""
-    try:
-        return validation.job_id(request.path_params["job_id"])
-    except validation.ValidationError as exc:
-        raise _invalid(exc) from None
+    return validation.job_id(request.path_params["job_id"])
 
 
 def job_links(request: Request, job_id: str) -> dict[str, str]:
@@ -130,7 +122,7 @@ async def job_status(request: Request) -> Response:
     job_id = path_job_id(request)
     snapshot = await services(request).store.snapshot(job_id)
     if snapshot is None:
-        raise ApiError(404, "job_not_found", f"no job with id {job_id!r} (never submitted, or expired)")
+        raise job_not_found(job_id)
     return JSON(snapshot)
 
 
@@ -138,10 +130,7 @@ async def job_history(request: Request) -> Response:
     """Events after `?since=N` as JSON: a polling client that must see every transition."""
     svc = services(request)
     job_id = path_job_id(request)
-    try:
-        since = validation.seq(request.query_params.get("since", "0"), field="since")
-    except validation.ValidationError as exc:
-        raise _invalid(exc) from None
+    since = validation.seq(request.query_params.get("since", "0"), field="since")
     exists, events = await svc.store.events_since(job_id, since)
     if not exists:
         raise job_not_found(job_id)
@@ -155,10 +144,7 @@ async def batch_status(request: Request) -> Response:
     svc = services(request)
     body = await read_json(request)
     ids = body.get("job_ids") if isinstance(body, dict) else body
-    try:
-        job_ids = validation.job_ids(ids, limit=svc.settings.batch_max_ids)
-    except validation.ValidationError as exc:
-        raise _invalid(exc) from None
+    job_ids = validation.job_ids(ids, limit=svc.settings.batch_max_ids)
     return JSON({"jobs": await svc.store.batch_status(job_ids)})
 
 
@@ -167,7 +153,7 @@ async def revoke(request: Request) -> Response:
     job_id = path_job_id(request)
     snapshot = await svc.store.snapshot(job_id)
     if snapshot is None:
-        raise ApiError(404, "job_not_found", f"no job with id {job_id!r} (never submitted, or expired)")
+        raise job_not_found(job_id)
     if not snapshot["final"]:
         seq = await run_in_threadpool(revoke_job, svc.celery, job_id)
         if seq is not None:
