@@ -32,6 +32,11 @@ from server.store import JobStore
 Item = Delivery | FromAll | dict[str, Any]
 
 
+def error_message(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """A control message telling the client what could not be done (same on every transport)."""
+    return {"type": "error", "code": code, "message": message, **extra}
+
+
 class TooManyJobs(Exception):
     """The client already watches as many jobs as one connection may."""
 

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from server import validation
 from server.errors import ApiError, job_not_found
 from server.events import Delivery, FromAll
-from server.feed import Feed, TooManyJobs
+from server.feed import Feed, TooManyJobs, error_message
 from server.hub import HubUnavailable
 from server.routes.jobs import path_job_id
 from server.services import Services, services
@@ -87,10 +87,7 @@ async def events(request: Request) -> Response:
     except TooManyJobs as exc:
         feed.close()
         raise ApiError(413, "too_many_jobs", str(exc)) from None
-    notices = [
-        {"type": "error", "code": "job_not_found", "message": f"no job with id {j!r}", "job_id": j}
-        for j in missing
-    ]
+    notices = [error_message("job_not_found", f"no job with id {j!r}", job_id=j) for j in missing]
     return _stream(feed, svc.settings.heartbeat_interval, notices=notices)
 
 

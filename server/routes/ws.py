@@ -33,7 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from server import validation
 from server.events import Delivery, FromAll
-from server.feed import Feed, Item, TooManyJobs
+from server.feed import Feed, Item, TooManyJobs, error_message
 from server.hub import HubUnavailable
 from server.services import services
 
@@ -46,10 +46,6 @@ CLOSE_NORMAL = 1000
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_BAD_REQUEST = 4400
 CLOSE_NOT_FOUND = 4404
-
-
-def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": message, **extra}
 
 
 async def _send(ws: WebSocket, item: Item) -> None:
@@ -138,7 +134,7 @@ async def ws_multi(ws: WebSocket) -> None:
                 msg = await _receive_json(ws)
                 await _handle(msg, feed)
             except _BadMessage as exc:
-                feed.post(_error(exc.code, exc.message))
+                feed.post(error_message(exc.code, exc.message))
 
     try:
         await _run_until_first_done(ws, read(), _pump(ws, feed, svc.settings.heartbeat_interval))
@@ -184,11 +180,11 @@ async def _op_subscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
     async def one(job_id: str) -> None:
         try:
             if not await feed.watch(job_id, since.get(job_id, 0)):
-                reply(_error("job_not_found", f"no job with id {job_id!r}", job_id=job_id))
+                reply(error_message("job_not_found", f"no job with id {job_id!r}", job_id=job_id))
         except TooManyJobs as exc:
-            reply(_error("too_many_jobs", str(exc), job_id=job_id))
+            reply(error_message("too_many_jobs", str(exc), job_id=job_id))
         except (HubUnavailable, RedisError) as exc:
-            reply(_error("unavailable", f"job store unavailable, retry: {exc}", job_id=job_id))
+            reply(error_message("unavailable", f"job store unavailable, retry: {exc}", job_id=job_id))
 
     await asyncio.gather(*(one(job_id) for job_id in ids))
 
@@ -204,7 +200,7 @@ async def _op_subscribe_all(msg: dict[str, Any], feed: Feed, reply: Reply) -> No
     try:
         await feed.watch_all()
     except HubUnavailable as exc:
-        reply(_error("unavailable", str(exc)))
+        reply(error_message("unavailable", str(exc)))
         return
     reply({"type": "subscribed_all"})
 
