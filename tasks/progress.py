@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery, Task, current_app
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, TaskRevokedError
 from celery.signals import (
     before_task_publish,
     task_failure,
@@ -48,7 +48,7 @@ from jobwire.protocol import (
     SUCCESS,
     progress_meta,
 )
-from tasks.recorder import Recorder, celery_meta_for, uses_redis_backend
+from tasks.recorder import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,11 @@ class ProgressTask(Task):  # type: ignore[misc]
             return 0
         progress = progress_meta(step, total, description, percent, **extra)
         recorder = Recorder.for_app(self.app)
-        if uses_redis_backend(self.app):
-            meta = celery_meta_for(self.app, job_id, state, progress, self.request)
-            return recorder.record(job_id, state, progress=progress, task=self.name, celery_meta=meta)
-        # Another backend cannot share the round trip; keep Celery's view correct anyway.
-        self.update_state(state=state, meta=progress)
-        return recorder.record(job_id, state, progress=progress, task=self.name)
+        meta = recorder.celery_meta(job_id, state, progress, self.request)
+        if meta is None:
+            # Another backend cannot share the round trip; keep Celery's view correct anyway.
+            self.update_state(state=state, meta=progress)
+        return recorder.record(job_id, state, progress=progress, task=self.name, celery_meta=meta)
 
 
 def revoke_job(app: Celery, job_id: str, *, reason: str = "revoked by request") -> int | None:
@@ -118,11 +117,7 @@ def revoke_job(app: Celery, job_id: str, *, reason: str = "revoked by request") 
     """
     recorder = Recorder.for_app(app)
     error = {"type": "TaskRevokedError", "message": reason}
-    meta = None
-    if uses_redis_backend(app):
-        from celery.exceptions import TaskRevokedError
-
-        meta = celery_meta_for(app, job_id, REVOKED, TaskRevokedError(reason), None)
+    meta = recorder.celery_meta(job_id, REVOKED, TaskRevokedError(reason), None)
     seq = recorder.record(job_id, REVOKED, error=error, celery_meta=meta)
     if seq is not None:
         app.control.revoke(job_id, terminate=True, signal="SIGTERM")

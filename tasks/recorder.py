@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.backends.redis import RedisBackend
 
 from jobwire import scripts
 from jobwire.protocol import FINAL_STATES, dumps, event_parts
@@ -42,11 +43,14 @@ class CeleryMeta:
 class Recorder:
     """Records events for one Celery app's jobs (see module docstring)."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, *, app: Celery | None = None) -> None:
         self.client = client
         self.settings = settings
         self.keys = settings.keys
         self._record = client.register_script(scripts.RECORD)
+        # Decided once: Celery's result write can ride in our round trip only when its
+        # backend is this Redis (`for_app` then hands us the backend's own client).
+        self._celery = app if app is not None and isinstance(app.backend, RedisBackend) else None
 
     @classmethod
     def for_app(cls, app: Celery) -> Recorder:
@@ -54,7 +58,7 @@ class Recorder:
         rec: Recorder | None = getattr(app, "_jobwire_recorder", None)
         if rec is None:
             settings = getattr(app, "jobwire_settings", None) or Settings.from_env()
-            rec = cls(redis_client_for(app, settings), settings)
+            rec = cls(redis_client_for(app, settings), settings, app=app)
             app._jobwire_recorder = rec  # type: ignore[attr-defined]
         return rec
 
@@ -123,6 +127,19 @@ class Recorder:
         seq = self._with_retry(keys, args)
         return int(seq) if seq else None
 
+    def celery_meta(self, job_id: str, state: str, result: Any, request: Any) -> CeleryMeta | None:
+        """Celery's own encoding of its result write for this event, to be written in the
+        same round trip (so plain Celery readers agree); None when the app's backend is
+        not this Redis, and the caller must let Celery write it."""
+        if self._celery is None:
+            return None
+        backend = self._celery.backend
+        meta = backend._get_result_meta(
+            result=backend.encode_result(result, state), state=state, traceback=None, request=request
+        )
+        meta["task_id"] = job_id
+        return CeleryMeta(backend.get_key_for_task(job_id), backend.encode(meta), backend.expires)
+
     def _with_retry(self, keys: list[Any], args: list[Any]) -> Any:
         deadline = time.monotonic() + self.settings.record_retry_seconds
         delay = 0.05
@@ -143,25 +160,7 @@ def redis_client_for(app: Celery, settings: Settings) -> redis.Redis:
     Sharing it keeps jobwire's keys in the same database as Celery's result keys (a Lua
     script can only touch one database) and costs no extra connection pool.
     """
-    from celery.backends.redis import RedisBackend
-
     backend = app.backend
     if isinstance(backend, RedisBackend):
         return backend.client  # type: ignore[no-any-return]
     return redis.Redis.from_url(settings.redis_url)
-
-
-def celery_meta_for(app: Celery, job_id: str, state: str, result: Any, request: Any) -> CeleryMeta:
-    """Celery's own encoding of a result-backend write, so plain Celery readers agree."""
-    backend = app.backend
-    meta = backend._get_result_meta(
-        result=backend.encode_result(result, state), state=state, traceback=None, request=request
-    )
-    meta["task_id"] = job_id
-    return CeleryMeta(backend.get_key_for_task(job_id), backend.encode(meta), backend.expires)
-
-
-def uses_redis_backend(app: Celery) -> bool:
-    from celery.backends.redis import RedisBackend
-
-    return isinstance(app.backend, RedisBackend)
