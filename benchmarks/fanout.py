@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from jobwire.settings import Settings
-from tasks.recorder import Recorder
+from jobwire.tasks.recorder import Recorder
 from tests.support import ROOT, free_port, redis_server
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -59,14 +59,14 @@ async def run(clients: int, events: int, rate: float) -> None:
     with redis_server() as redis:
         settings = Settings(redis_url=redis.url, history_limit=events + 10)
         port = free_port()
-        env = {**os.environ, "JOBWIRE_REDIS_URL": redis.url, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "JOBWIRE_REDIS_URL": redis.url}
         server = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "uvicorn",
                 "--factory",
-                "server.app:create_app",
+                "jobwire.server.app:create_app",
                 "--port",
                 str(port),
                 "--log-level",

@@ -1,7 +1,10 @@
-"""`jobwire` console command: watch, submit and check jobs from a terminal or a script.
+"""`jobwire` console command: run the server; watch, submit and check jobs.
 
-Exit codes: 0 SUCCESS, 1 FAILURE, 2 REVOKED, 3 job not found, 4 server unreachable or
-refused the request, 130 interrupted.
+    jobwire serve [--host H] [--port P]     # the web server, configured by JOBWIRE_* variables
+    jobwire watch|submit|status …           # a client of a running server
+
+Client exit codes: 0 SUCCESS, 1 FAILURE, 2 REVOKED, 3 job not found, 4 server unreachable
+or refused the request, 130 interrupted. `serve` exits 2 on a configuration error.
 """
 
 from __future__ import annotations
@@ -94,12 +97,42 @@ async def cmd_status(url: str, job_ids: list[str], as_json: bool) -> int:
     return EXIT_NOT_FOUND if any(s["status"] == "UNKNOWN" for s in jobs.values()) else 0
 
 
+def cmd_serve(host: str, port: int) -> int:
+    """Serve with uvicorn, as the Procfile's `web` does; settings from the environment."""
+    import uvicorn
+
+    from jobwire.server.app import create_app
+    from jobwire.settings import SettingsError
+    from jobwire.tasks.attach import AttachError
+
+    try:
+        app = create_app()  # here, not in uvicorn: a bad setting is one clear line, not a traceback
+    except (SettingsError, AttachError) as exc:
+        console.print(f"[red]jobwire: {exc}[/]")
+        return 2
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        # SSE streams never end by themselves; do not let them hold a shutdown forever.
+        timeout_graceful_shutdown=5,
+        # Events are small JSON frames: compressing each one per socket costs more CPU
+        # than it saves bandwidth (Centrifugo makes the same choice by default).
+        ws_per_message_deflate=False,
+        log_level=os.environ.get("JOBWIRE_LOG_LEVEL", "info").lower(),
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobwire", description="Watch and submit jobwire jobs.")
+    p = argparse.ArgumentParser(prog="jobwire", description="Serve, watch and submit jobwire jobs.")
     p.add_argument(
         "--url", default=os.environ.get("JOBWIRE_URL", DEFAULT_URL), help="server (env JOBWIRE_URL)"
     )
     sub = p.add_subparsers(dest="command", required=True)
+    sv = sub.add_parser("serve", help="run the web server (settings from JOBWIRE_* variables)")
+    sv.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="default 127.0.0.1 (env HOST)")
+    sv.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="default 8000 (env PORT)")
     w = sub.add_parser("watch", help="follow a job until it ends; exit code tells how")
     w.add_argument("job_id")
     w.add_argument("--since", type=int, default=0, help="skip events up to this seq")
@@ -115,6 +148,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args.host, args.port)
     try:
         if args.command == "watch":
             coro = cmd_watch(args.url, args.job_id, args.since)

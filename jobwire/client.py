@@ -11,7 +11,6 @@ repeats none. It ends after the job's final event.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -20,23 +19,12 @@ import orjson
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from jobwire.backoff import backoff
+from jobwire.protocol import Close, JobNotFound, JobwireError, Msg
+
+__all__ = ["DEFAULT_URL", "JobNotFound", "Jobwire", "JobwireError", "watch"]
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-
-# Close codes the server uses for answers that no retry will change.
-_CLOSE_NOT_FOUND = 4404
-_CLOSE_BAD_REQUEST = 4400
-
-
-class JobwireError(Exception):
-    """The server answered with an error (`code` and `message` as it sent them)."""
-
-    def __init__(self, code: str, message: str, status: int | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message, self.status = code, message, status
-
-
-class JobNotFound(JobwireError):
-    pass
 
 
 def _ws_url(url: str) -> str:
@@ -65,7 +53,7 @@ async def watch(
     cannot be reached for `give_up_after` seconds (default: keep trying).
     """
     last = since
-    delay = backoff_min
+    delays = backoff(backoff_min, backoff_max)
     loop = asyncio.get_running_loop()
     failing_since: float | None = None
     while True:
@@ -74,11 +62,11 @@ async def watch(
             async with websockets.connect(
                 f"{_ws_url(url)}/ws/jobs/{job_id}?since={last}", open_timeout=open_timeout
             ) as ws:
-                failing_since, delay = None, backoff_min
+                failing_since, delays = None, backoff(backoff_min, backoff_max)
                 try:
                     async for frame in ws:
                         msg = orjson.loads(frame)
-                        if msg.get("type") != "event" or msg["seq"] <= last:
+                        if msg.get("type") != Msg.EVENT or msg["seq"] <= last:
                             continue
                         last = msg["seq"]
                         del msg["type"]
@@ -95,16 +83,15 @@ async def watch(
                 ) from None
         except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake):
             pass  # down, restarting or unreachable: retry below
-        if close_code == _CLOSE_NOT_FOUND:
-            raise JobNotFound("job_not_found", close_reason or f"no job with id {job_id!r}")
-        if close_code == _CLOSE_BAD_REQUEST:
+        if close_code == Close.NOT_FOUND:
+            raise JobNotFound(job_id, close_reason or None)
+        if close_code == Close.BAD_REQUEST:
             raise JobwireError("invalid_request", close_reason)
         now = loop.time()
         failing_since = failing_since if failing_since is not None else now
         if give_up_after is not None and now - failing_since > give_up_after:
             raise ConnectionError(f"jobwire at {url} unreachable for {give_up_after}s")
-        await asyncio.sleep(delay * (0.5 + random.random()))
-        delay = min(delay * 2, backoff_max)
+        await asyncio.sleep(next(delays))
 
 
 class Jobwire:
@@ -131,8 +118,10 @@ class Jobwire:
         body = orjson.loads(resp.content) if resp.content else None
         if resp.is_error:
             err = (body or {}).get("error", {}) if isinstance(body, dict) else {}
-            cls = JobNotFound if err.get("code") == "job_not_found" else JobwireError
-            raise cls(err.get("code", "http_error"), err.get("message", resp.text), resp.status_code)
+            code, message = err.get("code", "http_error"), err.get("message", resp.text)
+            if code == "job_not_found":
+                raise JobNotFound(path.rsplit("/", 1)[-1], message)
+            raise JobwireError(code, message, resp.status_code)
         return body
 
     async def submit(self, task: str, *args: Any, **kwargs: Any) -> str:

@@ -1,8 +1,10 @@
-"""The wire contract shared by the worker (`tasks/`) and the server (`server/`).
+"""The contract every jobwire component reads: worker (`jobwire.tasks`), server
+(`jobwire.server`) and clients (`jobwire.client`; `static/jobwire.js` mirrors it).
 
-Everything that both sides must agree on lives here and nowhere else: job states, the
-event format, and every Redis key and channel name. If the two sides imported their own
-copies they would drift apart silently; one module makes that impossible.
+Everything two sides must agree on lives here and nowhere else: job states, the event
+format, the messages and close codes of the client protocol, error codes and their HTTP
+statuses, limits, and every Redis key and channel name. If each side kept its own copy
+they would drift apart silently; one module makes that impossible.
 
 Event format (one JSON object, produced once on the worker, forwarded byte-for-byte)::
 
@@ -34,20 +36,120 @@ UNKNOWN = "UNKNOWN"
 #: States after which a job never changes again; the record script refuses later events.
 FINAL_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
 
+# -- The client protocol -------------------------------------------------------------------
+
+
+class Op:
+    """What a client sends on `/ws`: `{"op": <Op>, ...}`."""
+
+    SUBSCRIBE = "subscribe"  # {"job_ids": [...], "since"?: {"<id>": seq}}
+    UNSUBSCRIBE = "unsubscribe"  # {"job_ids": [...]}
+    SUBSCRIBE_ALL = "subscribe_all"
+    UNSUBSCRIBE_ALL = "unsubscribe_all"
+    PING = "ping"
+
+
+class Msg:
+    """The `type` of what the server sends, on `/ws` frames and SSE `event: control` data."""
+
+    WELCOME = "welcome"  # first frame: {"heartbeat": seconds}
+    EVENT = "event"  # a job event; `"stream": "all"` marks the all-jobs stream
+    SUBSCRIBED = "subscribed"  # {"job_id", "seq"}: history replayed, live from here
+    UNSUBSCRIBED = "unsubscribed"  # {"job_ids"}
+    SUBSCRIBED_ALL = "subscribed_all"
+    UNSUBSCRIBED_ALL = "unsubscribed_all"
+    GAP = "gap"  # {"job_id", "from", "to"}: seqs trimmed from history, never delivered
+    RESYNC = "resync"  # {"scope": "all"}: refetch the job listing
+    HEARTBEAT = "heartbeat"  # {"ts"}
+    PONG = "pong"  # {"ts"}
+    ERROR = "error"  # {"code", "message", "job_id"?}
+    END = "end"  # SSE only: nothing more can follow on this stream; do not reconnect
+
+
+class Close:
+    """Websocket close codes (4000-4999 are jobwire's own)."""
+
+    NORMAL = 1000  # the job's final event was sent
+    GOING_AWAY = 1001  # the server is shutting down: reconnect (to another process) and resume
+    POLICY = 1008  # refused by policy (e.g. the transport is turned off)
+    TRY_AGAIN_LATER = 1013  # Redis is unreachable: reconnect with backoff and resume
+    BAD_REQUEST = 4400  # malformed job id or since
+    NOT_FOUND = 4404  # no such job
+
+
+#: Close codes after which reconnecting cannot help; every other code means "reconnect and
+#: resume from the last seq".
+TERMINAL_CLOSE_CODES = frozenset({Close.NORMAL, Close.POLICY, Close.BAD_REQUEST, Close.NOT_FOUND})
+
+#: Every error code jobwire answers with, and the HTTP status it carries on REST and SSE.
+#: On `/ws` the same codes arrive in `{"type": "error"}` messages.
+ERROR_STATUS: dict[str, int] = {
+    "bad_request": 400,
+    "invalid_json": 400,
+    "invalid_message": 400,
+    "unknown_op": 400,
+    "job_not_found": 404,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "job_finished": 409,
+    "payload_too_large": 413,
+    "too_many_ids": 413,
+    "too_many_jobs": 413,
+    "invalid_request": 422,
+    "invalid_job_id": 422,
+    "task_not_allowed": 422,
+    "internal_error": 500,
+    "unavailable": 503,
+    "redis_unavailable": 503,
+    "broker_unavailable": 503,
+    "transport_disabled": 503,
+}
+
+
+class JobwireError(Exception):
+    """An error with a stable machine `code`, a human `message` and its HTTP `status`.
+
+    Raised by the server's checks (and turned into `{"error": {"code", "message"}}` with
+    the status, or a `{"type": "error"}` message on a websocket), and by the Python client
+    for what a server answered.
+    """
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+        self.status = status if status is not None else ERROR_STATUS.get(code, 400)
+
+    def as_message(self, **extra: Any) -> dict[str, Any]:
+        """The error as a control message (same shape on every transport)."""
+        return {"type": Msg.ERROR, "code": self.code, "message": self.message, **extra}
+
+
+class JobNotFound(JobwireError):
+    """No job with that id: never submitted, or expired."""
+
+    def __init__(self, job_id: str, message: str | None = None) -> None:
+        super().__init__("job_not_found", message or f"no job with id {job_id!r} (never submitted, or expired)")
+        self.job_id = job_id
+
+
+# -- Limits ----------------------------------------------------------------------------------
+
+MAX_BODY_BYTES = 1 << 20  # a REST body: generous for task arguments and 1,000 ids
+MAX_IDS_PER_MESSAGE = 1000  # job ids in one /ws subscribe or unsubscribe
+MAX_JOBS_PER_STREAM = 200  # jobs on one multiplexed SSE stream (they travel in the URL)
+SSE_RETRY_MS = 2000  # how soon EventSource reconnects after a drop
+
 # Job ids are usually Celery UUIDs, but other services may pick their own
 # (`apply_async(task_id=...)`). Anything printable without whitespace is fine in a key.
 _JOB_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
-class InvalidJobId(ValueError):
-    """A job id that could never have been issued (empty, too long, whitespace, binary)."""
-
-
 def check_job_id(value: object) -> str:
-    """Return `value` if it is a well-formed job id, else raise `InvalidJobId`."""
+    """Return `value` if it is a well-formed job id, else raise `JobwireError` (invalid_job_id)."""
     if not isinstance(value, str) or not _JOB_ID.match(value):
-        raise InvalidJobId(
-            f"job id must be 1-200 printable ASCII characters without spaces, got {value!r:.80}"
+        raise JobwireError(
+            "invalid_job_id",
+            f"job id must be 1-200 printable ASCII characters without spaces, got {value!r:.80}",
         )
     return value
 
@@ -141,3 +243,27 @@ def progress_meta(
     if description is not None:
         meta["description"] = description
     return meta
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def progress_from_meta(meta: Any) -> dict[str, Any] | None:
+    """The `progress` of an event for a custom state stored with Celery's `update_state`.
+
+    `meta` is kept as given; a `percent` is added when the meta has none and says how far
+    along it is, in either convention in use: `step`/`total` (Celery's docs) or
+    `current`/`total` (celery-progress). Never raises: plain Celery code must not fail
+    because of what it chose to store. A meta that is not a dict is kept under `value`.
+    """
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        return {"value": meta}
+    progress = dict(meta)
+    total = meta.get("total")
+    done = meta.get("step", meta.get("current"))
+    if "percent" not in meta and _count(total) and total > 0 and _count(done) and done <= total:
+        progress["percent"] = round(100.0 * done / total, 2)
+    return progress

@@ -23,8 +23,7 @@ import redis
 
 from jobwire.settings import DEFAULT_REDIS_URL
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN_DIR = ROOT / ".run"
+RUN_DIR = Path.cwd() / ".run"  # the embedded Redis's files
 
 
 def _answers(url: str) -> bool:
@@ -88,20 +87,16 @@ def main() -> None:
     url = os.environ.get("JOBWIRE_REDIS_URL") or DEFAULT_REDIS_URL
     host = os.environ.get("HOST", "127.0.0.1")
     port = os.environ.get("PORT", "8000")
-    env = {**os.environ, "JOBWIRE_REDIS_URL": url, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "JOBWIRE_REDIS_URL": url}
 
     procs: list[subprocess.Popen[bytes]] = []
     if not _answers(url):
         procs.append(_start_redis(url))
     python = sys.executable
-    worker = [python, "-m", "celery", "-A", "tasks.app", "worker", "--loglevel=INFO", "--concurrency=2"]
-    web = [python, "-m", "uvicorn", "--factory", "server.app:create_app", "--host", host, "--port", port]
-    # SSE streams never end by themselves; do not let them hold a shutdown forever.
-    # Events are small JSON frames: compressing each one per socket costs more CPU than
-    # it saves bandwidth (the same choice Centrifugo makes by default).
-    web += ["--timeout-graceful-shutdown", "5", "--ws-per-message-deflate", "false"]
-    procs.append(subprocess.Popen(worker, cwd=ROOT, env=env))
-    procs.append(subprocess.Popen(web, cwd=ROOT, env=env))
+    worker = [python, "-m", "celery", "-A", "jobwire.tasks.demo", "worker", "--loglevel=INFO", "--concurrency=2"]
+    web = [python, "-m", "jobwire.cli", "serve", "--host", host, "--port", port]
+    procs.append(subprocess.Popen(worker, env=env))
+    procs.append(subprocess.Popen(web, env=env))
 
     def stop(*_: object) -> None:
         for p in reversed(procs):

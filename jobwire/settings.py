@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from jobwire.protocol import Keys
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_TASKS = ("long_running_task", "failing_task", "retrying_task")
+DEMO_APP = "jobwire.tasks.demo:app"
+DEFAULT_TASKS = ("long_running_task", "report_steps", "failing_task", "retrying_task")
 TRANSPORTS = ("websocket", "sse", "polling")
 
 
@@ -68,10 +69,20 @@ class Settings:
     heartbeat_interval: float = 15.0  # seconds between app-level heartbeats to clients
     subscribe_timeout: float = 5.0  # how long a subscribe waits for Redis to confirm
 
-    allowed_tasks: tuple[str, ...] = field(default=DEFAULT_TASKS)
+    # The Celery app the server submits and revokes through (`package.module:attribute`).
+    celery_app: str = DEMO_APP
+    # Tasks `POST /api/v1/jobs` may submit. None: the demo's tasks for the demo app, and
+    # none at all for an app of yours until you name them.
+    allowed_tasks: tuple[str, ...] | None = None
     # Which push transports the server offers (polling always works). Turning websocket
     # off behaves like a proxy that refuses the upgrade: clients fall back.
     transports: tuple[str, ...] = field(default=TRANSPORTS)
+
+    @property
+    def submittable(self) -> tuple[str, ...]:
+        if self.allowed_tasks is not None:
+            return self.allowed_tasks
+        return DEFAULT_TASKS if self.celery_app == DEMO_APP else ()
 
     @property
     def effective_broker_url(self) -> str:
@@ -111,9 +122,6 @@ class Settings:
             record_retry_seconds=_float(env, "JOBWIRE_RECORD_RETRY_SECONDS", 20.0),
             heartbeat_interval=_float(env, "JOBWIRE_HEARTBEAT_INTERVAL", 15.0),
             subscribe_timeout=_float(env, "JOBWIRE_SUBSCRIBE_TIMEOUT", 5.0),
-            allowed_tasks=(
-                tuple(t.strip() for t in tasks.split(",") if t.strip())
-                if tasks is not None
-                else DEFAULT_TASKS
-            ),
+            celery_app=env.get("JOBWIRE_CELERY_APP") or DEMO_APP,
+            allowed_tasks=(tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks is not None else None),
         )

@@ -1,9 +1,10 @@
-"""The Starlette app factory. Run with `uvicorn --factory server.app:create_app`."""
+"""The Starlette app factory: `jobwire serve`, or `uvicorn --factory jobwire.server.app:create_app`."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +14,27 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from jobwire.settings import Settings
-from server.errors import EXCEPTION_HANDLERS
-from server.hub import Hub
-from server.routes import health, jobs, sse, ws
-from server.services import Services
-from server.store import JobStore
-from tasks.factory import create_celery_app
+from jobwire.server.errors import EXCEPTION_HANDLERS
+from jobwire.server.hub import Hub
+from jobwire.server.routes import health, jobs, sse, ws
+from jobwire.server.services import Services
+from jobwire.server.celery_app import load_celery_app
+from jobwire.server.store import JobStore
+from jobwire.tasks import registry
 
+# `static/` sits beside `server/` in the repository and beside `jobwire/server/` once
+# installed (package data), so one path serves both.
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    # Imported now, not in the lifespan: a wrong JOBWIRE_CELERY_APP fails at start, loudly.
+    celery = load_celery_app(settings)
+    # Read events where the app's workers write them (attach() may have taken the Redis
+    # from the app's result backend).
+    recorded = registry.settings_for(celery)
+    settings = replace(settings, redis_url=recorded.redis_url, key_prefix=recorded.key_prefix)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -40,14 +50,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         redis = Redis(connection_pool=pool)
         hub = Hub(settings.redis_url, subscribe_timeout=settings.subscribe_timeout)
         await hub.start()
-        celery = create_celery_app(settings)
         app.state.jobwire = Services(settings, redis, hub, JobStore(redis, settings.keys), celery)
         try:
             yield
         finally:
             await hub.stop()
             await redis.aclose()
-            celery.close()
 
     routes: list[Any] = [
         *health.routes,

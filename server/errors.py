@@ -1,8 +1,9 @@
 """One error shape for every HTTP failure: `{"error": {"code", "message"}}` with a status.
 
-Route code raises `ApiError`; Starlette's own errors (404 route, 405 method) and Redis
-outages are translated by the handlers here, so no client ever sees an HTML error page
-or a bare 500 for a foreseeable failure.
+Route code raises `JobwireError` (the contract's one error type, which carries its HTTP
+status); Starlette's own errors (404 route, 405 method) and Redis outages are translated by
+the handlers here, so no client ever sees an HTML error page or a bare 500 for a
+foreseeable failure.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.validation import ValidationError
+from jobwire.protocol import JobwireError
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,6 @@ class JSON(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, default=str)
-
-
-class ApiError(Exception):
-    """An expected failure with an HTTP status, a stable machine code and a message."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def job_not_found(job_id: str) -> ApiError:
-    return ApiError(404, "job_not_found", f"no job with id {job_id!r} (never submitted, or expired)")
 
 
 def error_response(status: int, code: str, message: str) -> Response:
@@ -52,16 +41,9 @@ _HTTP_CODES = {
 }
 
 
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
+async def _jobwire_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, JobwireError)
     return error_response(exc.status, exc.code, exc.message)
-
-
-async def _invalid_input(request: Request, exc: Exception) -> Response:
-    """Any request input that failed a `server.validation` check: 413 for too many ids,
-    422 otherwise, with the check's own code and message."""
-    assert isinstance(exc, ValidationError)
-    return error_response(413 if exc.code == "too_many_ids" else 422, exc.code, str(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -85,8 +67,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {
-    ApiError: _api_error,
-    ValidationError: _invalid_input,
+    JobwireError: _jobwire_error,
     HTTPException: _http_error,
     RedisError: _redis_error,
     Exception: _unexpected,

@@ -22,23 +22,14 @@ import asyncio
 from collections import deque
 from typing import Any
 
-from jobwire.protocol import Keys
-from server.events import Delivery, FromAll, Resync
-from server.hub import Hub
-from server.store import JobStore
+from jobwire.protocol import JobwireError, Keys, Msg
+from jobwire.server.events import Delivery, FromAll, Resync
+from jobwire.server.hub import Hub
+from jobwire.server.store import JobStore
 
 #: What a feed yields: a watched job's event, an all-jobs-stream event, or a control
 #: message (a dict sent as JSON).
 Item = Delivery | FromAll | dict[str, Any]
-
-
-def error_message(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    """A control message telling the client what could not be done (same on every transport)."""
-    return {"type": "error", "code": code, "message": message, **extra}
-
-
-class TooManyJobs(Exception):
-    """The client already watches as many jobs as one connection may."""
 
 
 class Feed:
@@ -62,13 +53,13 @@ class Feed:
         """Deliver `job_id`'s events after `since`, then its live ones.
 
         Returns False (and watches nothing) if the job was never seen. Watching a job
-        already watched is a no-op: its stream simply continues. Raises `TooManyJobs`,
-        or `HubUnavailable` when Redis cannot be reached.
+        already watched is a no-op: its stream simply continues. Raises `JobwireError`
+        (too_many_jobs), or `HubUnavailable` when Redis cannot be reached.
         """
         if job_id in self._last:
             return True
         if len(self._last) >= self._max_jobs:
-            raise TooManyJobs(f"a connection may watch at most {self._max_jobs} jobs")
+            raise JobwireError("too_many_jobs", f"a connection may watch at most {self._max_jobs} jobs")
         self._last[job_id] = since
         self._live.add(job_id)
         try:
@@ -81,7 +72,7 @@ class Feed:
             self.unwatch(job_id)
             return False
         self._advance(job_id, events)
-        self._out.append({"type": "subscribed", "job_id": job_id, "seq": self._last[job_id]})
+        self._out.append({"type": Msg.SUBSCRIBED, "job_id": job_id, "seq": self._last[job_id]})
         self._wake.set()
         return True
 
@@ -111,6 +102,13 @@ class Feed:
         """Queue a control message (a reply to the client) in order with the events."""
         self._out.append(message)
         self._wake.set()
+
+    @property
+    def exhausted(self) -> bool:
+        """Nothing is queued and nothing more can arrive: every watched job has ended and
+        the all-jobs stream is off. A stream that only sends keepalives from here on
+        should end."""
+        return not (self._live or self._all or self._out or self._inbox or self._overflowed)
 
     def close(self) -> None:
         for job_id in list(self._last):
@@ -202,7 +200,7 @@ class Feed:
         if isinstance(item, Resync):
             if from_all:
                 self._all_last.clear()
-                self._out.append({"type": "resync", "scope": "all"})
+                self._out.append({"type": Msg.RESYNC, "scope": "all"})
                 return True
             return self._keys.job_id_from_channel(item.channel) not in self._live
         job_id = item.job_id
@@ -239,7 +237,7 @@ class Feed:
             if event.seq > last + 1:
                 # History is authoritative: a gap there means events trimmed by the
                 # history limit. Say so rather than let the client guess.
-                self._out.append({"type": "gap", "job_id": job_id, "from": last + 1, "to": event.seq - 1})
+                self._out.append({"type": Msg.GAP, "job_id": job_id, "from": last + 1, "to": event.seq - 1})
             if event.seq > last:
                 self._emit(event)
 
@@ -257,4 +255,4 @@ class Feed:
             await self._backfill(job_id)
         if self._all:
             self._all_last.clear()
-            self._out.append({"type": "resync", "scope": "all"})
+            self._out.append({"type": Msg.RESYNC, "scope": "all"})

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
 from collections.abc import Callable
 
@@ -46,7 +45,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from server.events import Delivery, Resync
+from jobwire.backoff import backoff
+from jobwire.server.events import Delivery, Resync
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class Hub:
     # -- the connection ----------------------------------------------------------------
 
     async def _run(self) -> None:
-        delay = self._reconnect_min
+        delays = backoff(self._reconnect_min, self._reconnect_max)
         while True:
             try:
                 self._pubsub = self._redis.pubsub()
@@ -190,7 +190,7 @@ class Hub:
                 if self.reconnects:
                     log.warning("jobwire hub: reconnected to Redis")
                 self.connected = True
-                delay = self._reconnect_min
+                delays = backoff(self._reconnect_min, self._reconnect_max)
                 self._dirty.set()
                 await self._serve()
             except asyncio.CancelledError:
@@ -202,8 +202,7 @@ class Hub:
             self.reconnects += 1
             await self._close_pubsub()
             self._forget_connection()
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, self._reconnect_max)
+            await asyncio.sleep(next(delays))
 
     async def _serve(self) -> None:
         """Read and write on the connection until either side fails."""

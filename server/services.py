@@ -9,9 +9,9 @@ from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
 from jobwire.settings import Settings
-from server.feed import Feed
-from server.hub import Hub
-from server.store import JobStore
+from jobwire.server.feed import Feed
+from jobwire.server.hub import Hub
+from jobwire.server.store import JobStore
 
 
 @dataclass

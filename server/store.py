@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from jobwire import scripts
 from jobwire.protocol import UNKNOWN, Keys
-from server.events import Delivery
+from jobwire.server.events import Delivery
 
 
 class JobStore:

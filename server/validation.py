@@ -1,6 +1,6 @@
 """Checks on what clients send, shared by the HTTP and websocket endpoints.
 
-Each raises `ValidationError` whose message names the field, the value and what was
+Each raises `JobwireError` whose message names the field, the value and what was
 expected; the transport turns it into a 4xx JSON error or a websocket error message.
 """
 
@@ -8,28 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobwire.protocol import InvalidJobId, check_job_id
+from jobwire.protocol import JobwireError, check_job_id
 
-
-class ValidationError(ValueError):
-    def __init__(self, message: str, code: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def job_id(value: Any) -> str:
-    try:
-        return check_job_id(value)
-    except InvalidJobId as exc:
-        raise ValidationError(str(exc), "invalid_job_id") from None
+job_id = check_job_id
 
 
 def job_ids(value: Any, *, limit: int, field: str = "job_ids") -> list[str]:
     """A non-empty list of distinct, well-formed job ids (order kept, duplicates dropped)."""
     if not isinstance(value, list):
-        raise ValidationError(f"{field} must be a list of job ids, got {type(value).__name__}")
+        raise JobwireError("invalid_request", f"{field} must be a list of job ids, got {type(value).__name__}")
     if len(value) > limit:
-        raise ValidationError(f"{field} holds {len(value)} ids; at most {limit} per request", "too_many_ids")
+        raise JobwireError("too_many_ids", f"{field} holds {len(value)} ids; at most {limit} per request")
     return list(dict.fromkeys(job_id(v) for v in value))
 
 
@@ -38,7 +27,7 @@ def seq(value: Any, *, field: str) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError(f"{field} must be a non-negative integer, got {value!r:.40}")
+        raise JobwireError("invalid_request", f"{field} must be a non-negative integer, got {value!r:.40}")
     return value
 
 
@@ -47,5 +36,5 @@ def since_map(value: Any) -> dict[str, int]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ValidationError(f"since must be an object of job id to seq, got {value!r:.60}")
+        raise JobwireError("invalid_request", f"since must be an object of job id to seq, got {value!r:.60}")
     return {job_id(k): seq(v, field=f"since[{k!r}]") for k, v in value.items()}

@@ -1,1 +1,1 @@
-"""Worker side of jobwire: the Celery app, the progress-reporting task base, examples."""
+"""The Celery side of jobwire: `attach()`, `ProgressTask`, the event recorder, demo tasks."""

@@ -1,14 +1,15 @@
 """Demo tasks, submittable by these exact names. Each takes `delay` (seconds per step)
-so demos and tests can watch them move."""
+so demos and tests can watch them move. `register(app)` adds them to an app: they are
+not shared tasks, so an app of yours in the same process never sees them."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from celery import shared_task
+from celery import Celery, Task
 
-from tasks.progress import ProgressTask
+from jobwire.tasks.progress import ProgressTask
 
 MAX_DELAY = 60.0
 
@@ -21,26 +22,36 @@ def _check_delay(delay: Any) -> float:
     return float(delay)
 
 
-@shared_task(bind=True, base=ProgressTask, name="long_running_task")
-def long_running_task(self: ProgressTask, delay: float = 1.0) -> dict[str, Any]:
-    """Validates, processes and uploads, reporting each step (VALIDATING → PROCESSING → UPLOADING)."""
+def long_running_task(self: Task, delay: float = 1.0) -> dict[str, Any]:
+    """Validates, processes and uploads (VALIDATING → PROCESSING → UPLOADING), with plain update_state."""
+    # The spec's body, as Celery documents custom states: no jobwire API in it. An
+    # attached app streams each update_state as an event.
     delay = _check_delay(delay)
-    steps = [
-        ("VALIDATING", "Validating input"),
-        ("PROCESSING", "Processing data"),
-        ("UPLOADING", "Uploading results"),
-    ]
-    started = time.time()
-    for step, (state, description) in enumerate(steps, start=1):
-        # `step` names the step in progress; percent counts the steps already done.
-        done = 100.0 * (step - 1) / len(steps)
-        if self.report(state, step=step, total=len(steps), description=description, percent=done) is None:
-            return {"status": "cancelled", "steps": step - 1}
+    self.update_state(state="VALIDATING", meta={"step": 1, "total": 3, "description": "Validating input"})
+    time.sleep(delay)
+    self.update_state(state="PROCESSING", meta={"step": 2, "total": 3, "description": "Processing data"})
+    time.sleep(delay)
+    self.update_state(state="UPLOADING", meta={"step": 3, "total": 3, "description": "Uploading results"})
+    time.sleep(delay)
+    return {"status": "done", "steps": 3}
+
+
+def report_steps(self: ProgressTask, steps: int = 5, delay: float = 1.0) -> dict[str, Any]:
+    """Counts through `steps` steps with report(); stops early, cooperatively, when revoked."""
+    delay = _check_delay(delay)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise ValueError(f"steps must be an integer from 1 to 1000, got {steps!r}")
+    for done in range(steps):
+        # `step` names the step in progress; percent counts the steps already done, so the
+        # bar never shows 100% while the last step still runs.
+        seq = self.report("WORKING", step=done + 1, total=steps, percent=100.0 * done / steps,
+                          description=f"Step {done + 1} of {steps}")
+        if seq is None:
+            return {"status": "cancelled", "steps": done}
         time.sleep(delay)
-    return {"status": "done", "steps": len(steps), "seconds": round(time.time() - started, 3)}
+    return {"status": "done", "steps": steps}
 
 
-@shared_task(bind=True, base=ProgressTask, name="failing_task")
 def failing_task(self: ProgressTask, delay: float = 1.0) -> None:
     """Processes one step, then fails with a clear error."""
     delay = _check_delay(delay)
@@ -49,7 +60,6 @@ def failing_task(self: ProgressTask, delay: float = 1.0) -> None:
     raise ValueError("Simulated failure: the input file is corrupt at row 42")
 
 
-@shared_task(bind=True, base=ProgressTask, name="retrying_task", max_retries=3)
 def retrying_task(self: ProgressTask, delay: float = 1.0, failures: int = 1) -> dict[str, Any]:
     """Fails its first `failures` attempts with a transient error, retrying after `delay`."""
     delay = _check_delay(delay)
@@ -63,8 +73,16 @@ def retrying_task(self: ProgressTask, delay: float = 1.0, failures: int = 1) -> 
     return {"status": "done", "attempts": self.request.retries + 1}
 
 
-@shared_task(name="plain_sum")
 def plain_sum(numbers: list[float], delay: float = 0.0) -> float:
     """An ordinary Celery task (no jobwire base class): it still gets lifecycle events."""
     time.sleep(_check_delay(delay))
     return float(sum(numbers))
+
+
+def register(app: Celery) -> None:
+    """Add the demo tasks to `app`, under the names above."""
+    app.task(bind=True, name="long_running_task")(long_running_task)
+    app.task(bind=True, base=ProgressTask, name="report_steps")(report_steps)
+    app.task(bind=True, base=ProgressTask, name="failing_task")(failing_task)
+    app.task(bind=True, base=ProgressTask, name="retrying_task", max_retries=3)(retrying_task)
+    app.task(name="plain_sum")(plain_sum)

@@ -12,7 +12,6 @@ calls it through a thread when it must write (revoke, submit).
 from __future__ import annotations
 
 import logging
-import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,8 +22,10 @@ from celery import Celery
 from celery.backends.redis import RedisBackend
 
 from jobwire import scripts
-from jobwire.protocol import FINAL_STATES, dumps, event_parts
+from jobwire.backoff import backoff
+from jobwire.protocol import FINAL_STATES, dumps, event_parts, progress_from_meta
 from jobwire.settings import Settings
+from jobwire.tasks import registry
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +49,37 @@ class Recorder:
         self.settings = settings
         self.keys = settings.keys
         self._record = client.register_script(scripts.RECORD)
+        self._app = app
         # Decided once: Celery's result write can ride in our round trip only when its
         # backend is this Redis (`for_app` then hands us the backend's own client).
         self._celery = app if app is not None and isinstance(app.backend, RedisBackend) else None
 
     @classmethod
     def for_app(cls, app: Celery) -> Recorder:
-        """The app's recorder, created once per process (and again after a fork)."""
+        """The app's recorder, created once per process, with the settings `attach()` was
+        given (or the environment's)."""
         rec: Recorder | None = getattr(app, "_jobwire_recorder", None)
         if rec is None:
-            settings = getattr(app, "jobwire_settings", None) or Settings.from_env()
+            settings = registry.settings_for(app)
             rec = cls(redis_client_for(app, settings), settings, app=app)
             app._jobwire_recorder = rec  # type: ignore[attr-defined]
         return rec
+
+    def record_state(
+        self, job_id: str, state: str, meta: Any, request: Any = None, *, task: str | None = None
+    ) -> int | None:
+        """Record a custom state whose Celery meta is `meta` (what `update_state` stores).
+
+        Celery's result key gets `meta` exactly as given, so `AsyncResult(id).info == meta`;
+        the event's `progress` is `meta` with a derived `percent` (see
+        `progress_from_meta`). With a Redis result backend both writes are one round trip;
+        with another backend Celery writes its own first. Returns the seq, or None when
+        the job is already final.
+        """
+        celery_meta = self.celery_meta(job_id, state, meta, request)
+        if celery_meta is None and self._app is not None:
+            self._app.backend.store_result(job_id, meta, state, request=request)
+        return self.record(job_id, state, progress=progress_from_meta(meta), task=task, celery_meta=celery_meta)
 
     def record(
         self,
@@ -142,16 +161,15 @@ class Recorder:
 
     def _with_retry(self, keys: list[Any], args: list[Any]) -> Any:
         deadline = time.monotonic() + self.settings.record_retry_seconds
-        delay = 0.05
-        while True:
+        for delay in backoff(0.05, 1.0):
             try:
                 return self._record(keys=keys, args=args)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("jobwire: Redis unavailable (%s); retrying in %.2fs", exc, delay)
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 1.0)
+                time.sleep(delay)
+        raise AssertionError("unreachable: backoff() never ends")
 
 
 def redis_client_for(app: Celery, settings: Settings) -> redis.Redis:

@@ -20,7 +20,7 @@ import redis
 import uvicorn
 
 from jobwire.settings import Settings
-from server.app import create_app
+from jobwire.server.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,10 +90,10 @@ class Worker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "JOBWIRE_REDIS_URL": self.redis_url, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "JOBWIRE_REDIS_URL": self.redis_url}
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "--pool", "prefork"]
+            [sys.executable, "-m", "celery", "-A", "jobwire.tasks.demo", "worker", "--pool", "prefork"]
             + ["--concurrency", "2", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
             cwd=ROOT,
             env=env,
@@ -169,3 +169,19 @@ def redis_server(*, persist: bool = False) -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+async def wait_until(
+    condition: Any, *, what: str, timeout: float = 15.0, interval: float = 0.05
+) -> None:
+    """Wait until `condition()` (sync or async) is true; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting until {what}")
+        await asyncio.sleep(interval)

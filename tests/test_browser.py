@@ -13,7 +13,7 @@ import redis
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from jobwire.settings import Settings
-from tasks.recorder import Recorder
+from jobwire.tasks.recorder import Recorder
 from tests.clients import LIFECYCLE
 from tests.support import free_port, run_server
 
@@ -102,7 +102,7 @@ async def test_submit_from_dashboard_reaches_success(
             """id => {
                 const row = document.querySelector(`.job[data-job-id="${id}"]`);
                 return row && row.dataset.state === "PROCESSING"
-                    && row.querySelector(".progress").getAttribute("aria-valuenow") === "33.33";
+                    && row.querySelector(".progress").getAttribute("aria-valuenow") === "66.67";
             }""",
             arg=job_id,
             timeout=10000,

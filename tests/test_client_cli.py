@@ -62,7 +62,7 @@ async def _cli(url: str, *args: str) -> tuple[int, str]:
         url,
         *args,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "100"},
+        env={**os.environ, "COLUMNS": "100"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

@@ -11,11 +11,11 @@ import redis
 from redis.asyncio import Redis
 
 from jobwire.settings import Settings
-from server.events import Delivery
-from server.feed import Feed
-from server.hub import Hub
-from server.store import JobStore
-from tasks.recorder import Recorder
+from jobwire.server.events import Delivery
+from jobwire.server.feed import Feed
+from jobwire.server.hub import Hub
+from jobwire.server.store import JobStore
+from jobwire.tasks.recorder import Recorder
 from tests.support import RedisServer
 
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 
-from server.events import Delivery, Resync
-from server.hub import Hub, HubUnavailable
+from jobwire.server.events import Delivery, Resync
+from jobwire.server.hub import Hub, HubUnavailable
 from tests.support import RedisServer
 
 

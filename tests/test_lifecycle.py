@@ -20,7 +20,12 @@ from tests.clients import (
     until_subscribed,
     watch_ws,
 )
-from tests.support import RunningServer
+from tests.support import RunningServer, wait_until
+
+
+def _scheduled(celery, job_id: str) -> bool:  # type: ignore[no-untyped-def]
+    replies = celery.control.inspect(timeout=0.5).scheduled() or {}
+    return any(entry["request"]["id"] == job_id for entries in replies.values() for entry in entries)
 
 
 async def test_failing_task_reports_failure_type_and_message(server: RunningServer) -> None:
@@ -116,7 +121,7 @@ async def test_plain_celery_sees_custom_states_and_info(server: RunningServer) -
                 break
         result = AsyncResult(job_id, app=server.services.celery)
         assert result.state == "PROCESSING"
-        assert result.info == {"step": 2, "total": 3, "percent": 33.33, "description": "Processing data"}
+        assert result.info == {"step": 2, "total": 3, "description": "Processing data"}  # as stored
         await events_until_final(ws, job_id, events=[msg])
     assert AsyncResult(job_id, app=server.services.celery).get(timeout=5)["status"] == "done"
 
@@ -128,17 +133,14 @@ async def test_job_sent_with_plain_celery_is_watchable_at_once(server: RunningSe
     async with httpx.AsyncClient(base_url=server.url) as http:
         status = (await http.get(f"/api/v1/jobs/{result.id}")).json()
     assert status["status"] == "PENDING" and status["task"] == "long_running_task"
-    from tasks.examples import long_running_task
-
-    delayed = long_running_task.delay(delay=0.01)  # a consumed queue: it runs to the end
+    delayed = celery.tasks["long_running_task"].delay(delay=0.01)  # a consumed queue: it runs to the end
     events = await watch_ws(server.ws_url, delayed.id)
     assert [e["state"] for e in events][0] == "PENDING" and events[-1]["state"] == "SUCCESS"
 
 
 async def test_ordinary_task_gets_lifecycle_events(server: RunningServer) -> None:
     """A plain @shared_task, sent with apply_async, reports PENDING → STARTED → SUCCESS unchanged."""
-    from tasks.examples import plain_sum
-
+    plain_sum = server.services.celery.tasks["plain_sum"]
     result = plain_sum.apply_async(([1, 2, 3.5],), {"delay": 0.05})
     events = await watch_ws(server.ws_url, result.id)
     assert [e["state"] for e in events] == ["PENDING", "STARTED", "SUCCESS"]
@@ -147,10 +149,9 @@ async def test_ordinary_task_gets_lifecycle_events(server: RunningServer) -> Non
 
 async def test_plain_celery_revoke_is_recorded_by_the_worker(server: RunningServer) -> None:
     """Revoked with Celery's own API (no jobwire call): the worker's signal records REVOKED."""
-    from tasks.examples import plain_sum
-
-    result = plain_sum.apply_async(([1],), countdown=1.5)  # held by the worker until its eta
-    await asyncio.sleep(0.5)
+    celery = server.services.celery
+    result = celery.tasks["plain_sum"].apply_async(([1],), countdown=30)  # held by the worker until its eta
+    await wait_until(lambda: _scheduled(celery, result.id), what="the worker holds the eta task")
     result.revoke()
     events = await watch_ws(server.ws_url, result.id)
     assert [e["state"] for e in events] == ["PENDING", "REVOKED"]
@@ -159,19 +160,16 @@ async def test_plain_celery_revoke_is_recorded_by_the_worker(server: RunningServ
 
 async def test_job_revoked_before_any_worker_knew_never_runs(server: RunningServer, worker) -> None:  # type: ignore[no-untyped-def]
     """REVOKED in jobwire but never broadcast to this worker: the ProgressTask body does not run."""
-    from tasks.recorder import Recorder
+    from jobwire.tasks.recorder import Recorder
 
     celery = server.services.celery
     job_id = f"revoked-early-{uuid.uuid4()}"
     recorder = Recorder.for_app(celery)
-    recorder.record(job_id, "PENDING", task="long_running_task")
+    recorder.record(job_id, "PENDING", task="report_steps")
     recorder.record(job_id, "REVOKED", error={"type": "TaskRevokedError", "message": "no broadcast"})
-    celery.send_task("long_running_task", kwargs={"delay": 0.01}, task_id=job_id)
-    for _ in range(100):  # the worker logs that it ignored the task
-        if f"{job_id}] ignored" in worker.log_path.read_text():
-            break
-        await asyncio.sleep(0.05)
-    assert f"{job_id}] ignored" in worker.log_path.read_text()
+    celery.send_task("report_steps", kwargs={"steps": 1, "delay": 0.01}, task_id=job_id)
+    log = worker.log_path
+    await wait_until(lambda: f"{job_id}] ignored" in log.read_text(), what="the worker logs it ignored the task")
     assert AsyncResult(job_id, app=celery).state != "SUCCESS"  # the body never ran
     events = await watch_ws(server.ws_url, job_id)
     assert [e["state"] for e in events] == ["PENDING", "REVOKED"]

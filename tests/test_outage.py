@@ -7,7 +7,7 @@ import json
 
 import websockets
 
-from tasks.recorder import Recorder
+from jobwire.tasks.recorder import Recorder
 from tests.clients import assert_gap_free, events_until_final, until_subscribed
 from tests.support import RedisServer, run_server, settings_for
 

@@ -14,9 +14,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from jobwire.settings import Settings
-from tasks.factory import create_celery_app
-from tasks.progress import ProgressTask, revoke_job
-from tasks.recorder import Recorder
+from jobwire.tasks.control import revoke_job
+from jobwire.tasks.demo import create_demo_app
+from jobwire.tasks.progress import ProgressTask
+from jobwire.tasks.recorder import Recorder
 from tests.support import RedisServer, redis_server
 
 
@@ -56,7 +57,7 @@ def probe(self: ProgressTask) -> None:
 
 @pytest.fixture
 def app(own_redis: RedisServer):  # type: ignore[no-untyped-def]
-    app = create_celery_app(Settings(redis_url=own_redis.url))
+    app = create_demo_app(Settings(redis_url=own_redis.url))
     yield app
     app.close()
 
@@ -160,8 +161,6 @@ def test_report_gives_up_after_the_retry_window(own_redis: RedisServer) -> None:
     assert time.monotonic() - started < 10  # redis-py retries a little on its own too
 
 
-def test_task_called_as_a_plain_function_runs_normally() -> None:
+def test_task_called_as_a_plain_function_runs_normally(app) -> None:  # type: ignore[no-untyped-def]
     """Outside a worker (no request id) report() records nothing and does not mean 'revoked'."""
-    from tasks.examples import long_running_task
-
-    assert long_running_task(delay=0)["status"] == "done"
+    assert app.tasks["report_steps"](steps=2, delay=0) == {"status": "done", "steps": 2}

@@ -24,7 +24,7 @@ async def test_ws_multi_sees_whole_lifecycle(server: RunningServer) -> None:
     assert events[3]["progress"] == {
         "step": 2,
         "total": 3,
-        "percent": 33.33,
+        "percent": 66.67,
         "description": "Processing data",
     }
     assert all(isinstance(e["ts"], float) for e in events)

@@ -9,8 +9,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from server.errors import JSON
-from server.services import services
+from jobwire.server.errors import JSON
+from jobwire.server.services import services
 
 
 async def healthz(request: Request) -> Response:

@@ -12,30 +12,29 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from jobwire.protocol import FAILURE
-from server import validation
-from server.errors import JSON, ApiError, job_not_found
-from server.services import services
-from tasks.progress import revoke_job
-from tasks.recorder import Recorder
-
-MAX_BODY = 1 << 20  # 1 MiB: generous for task arguments and 1,000 ids
+from jobwire.protocol import FAILURE, MAX_BODY_BYTES, JobNotFound, JobwireError
+from jobwire.server import validation
+from jobwire.server.errors import JSON
+from jobwire.server.services import services
+from jobwire.tasks.control import revoke_job, submit
+from jobwire.tasks.recorder import Recorder
 
 
 async def read_json(request: Request) -> Any:
     """The request body as JSON, with a size cap and clear errors."""
+    too_large = JobwireError("payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
-        raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
     body = b""
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_BODY:
-            raise ApiError(413, "payload_too_large", f"request body over {MAX_BODY} bytes")
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+        raise JobwireError("invalid_json", f"request body is not valid JSON: {exc}") from None
 
 
 def path_job_id(request: Request) -> str:
@@ -54,7 +53,7 @@ def job_links(request: Request, job_id: str) -> dict[str, str]:
 async def list_tasks(request: Request) -> Response:
     svc = services(request)
     tasks = []
-    for name in svc.settings.allowed_tasks:
+    for name in svc.settings.submittable:
         task = svc.celery.tasks.get(name)
         doc = (task.__doc__ or "").strip().splitlines() if task is not None else []
         tasks.append({"name": name, "description": doc[0] if doc else ""})
@@ -65,27 +64,27 @@ async def submit_job(request: Request) -> Response:
     svc = services(request)
     body = await read_json(request)
     if not isinstance(body, dict):
-        raise ApiError(422, "invalid_request", "body must be an object: {task, args?, kwargs?}")
+        raise JobwireError("invalid_request", "body must be an object: {task, args?, kwargs?}")
     name, args, kwargs = body.get("task"), body.get("args", []), body.get("kwargs", {})
     if not isinstance(name, str) or not name:
-        raise ApiError(422, "invalid_request", "task must be a task name (string)")
-    if name not in svc.settings.allowed_tasks:
-        allowed = ", ".join(svc.settings.allowed_tasks) or "none"
-        raise ApiError(422, "task_not_allowed", f"task {name!r} is not submittable; allowed: {allowed}")
+        raise JobwireError("invalid_request", "task must be a task name (string)")
+    if name not in svc.settings.submittable:
+        allowed = ", ".join(svc.settings.submittable) or "none"
+        raise JobwireError("task_not_allowed", f"task {name!r} is not submittable; allowed: {allowed}")
     if not isinstance(args, list):
-        raise ApiError(422, "invalid_request", f"args must be a list, got {type(args).__name__}")
+        raise JobwireError("invalid_request", f"args must be a list, got {type(args).__name__}")
     if not isinstance(kwargs, dict):
-        raise ApiError(422, "invalid_request", f"kwargs must be an object, got {type(kwargs).__name__}")
+        raise JobwireError("invalid_request", f"kwargs must be an object, got {type(kwargs).__name__}")
     unknown = set(body) - {"task", "args", "kwargs"}
     if unknown:
-        raise ApiError(422, "invalid_request", f"unknown fields: {', '.join(sorted(unknown))}")
+        raise JobwireError("invalid_request", f"unknown fields: {', '.join(sorted(unknown))}")
     job_id = str(uuid.uuid4())
     try:
         # The PENDING event is recorded by the publish signal, before the message leaves.
-        await run_in_threadpool(svc.celery.send_task, name, args=args, kwargs=kwargs, task_id=job_id)
+        await run_in_threadpool(submit, svc.celery, name, args, kwargs, job_id)
     except OperationalError as exc:
         await _record_publish_failure(svc.celery, job_id, exc)
-        raise ApiError(503, "broker_unavailable", f"could not queue the job: {exc}") from None
+        raise JobwireError("broker_unavailable", f"could not queue the job: {exc}") from None
     links = job_links(request, job_id)
     return JSON(
         {"job_id": job_id, "status": "PENDING", "task": name, "links": links},
@@ -108,9 +107,9 @@ async def list_jobs(request: Request) -> Response:
         limit = int(params.get("limit", "50"))
         before = float(params["before"]) if "before" in params else None
     except ValueError:
-        raise ApiError(422, "invalid_request", "limit must be an integer, before a number") from None
+        raise JobwireError("invalid_request", "limit must be an integer, before a number") from None
     if not 1 <= limit <= 200:
-        raise ApiError(422, "invalid_request", f"limit must be between 1 and 200, got {limit}")
+        raise JobwireError("invalid_request", f"limit must be between 1 and 200, got {limit}")
     jobs = await svc.store.recent(limit=limit, before=before)
     cursor = jobs[-1]["cursor"] if len(jobs) == limit else None
     for job in jobs:
@@ -122,7 +121,7 @@ async def job_status(request: Request) -> Response:
     job_id = path_job_id(request)
     snapshot = await services(request).store.snapshot(job_id)
     if snapshot is None:
-        raise job_not_found(job_id)
+        raise JobNotFound(job_id)
     return JSON(snapshot)
 
 
@@ -133,7 +132,7 @@ async def job_history(request: Request) -> Response:
     since = validation.seq(request.query_params.get("since", "0"), field="since")
     exists, events = await svc.store.events_since(job_id, since)
     if not exists:
-        raise job_not_found(job_id)
+        raise JobNotFound(job_id)
     return Response(
         b'{"job_id":' + orjson.dumps(job_id) + b',"events":[' + b",".join(e.raw for e in events) + b"]}",
         media_type="application/json",
@@ -153,13 +152,13 @@ async def revoke(request: Request) -> Response:
     job_id = path_job_id(request)
     snapshot = await svc.store.snapshot(job_id)
     if snapshot is None:
-        raise job_not_found(job_id)
+        raise JobNotFound(job_id)
     if not snapshot["final"]:
         seq = await run_in_threadpool(revoke_job, svc.celery, job_id)
         if seq is not None:
             return JSON({"job_id": job_id, "status": "REVOKED", "seq": seq}, status_code=202)
         snapshot = await svc.store.snapshot(job_id) or snapshot  # it finished meanwhile
-    raise ApiError(409, "job_finished", f"job {job_id!r} already finished with {snapshot['status']}")
+    raise JobwireError("job_finished", f"job {job_id!r} already finished with {snapshot['status']}")
 
 
 routes = [

@@ -11,35 +11,48 @@ host, so one EventSource per job would starve a dashboard). Events carry no `id:
 many jobs one id cannot say where each stopped, so the client tracks the seq per job and
 reconnects with `since`. With `all=1`, other jobs' live events come as `event: all` (not
 part of any job's ordered stream); control messages (`subscribed`, `error`, `resync`) as
-`event: control`.
+`event: control`. Once nothing more can come (every job ended, or none exists, and no
+`all=1`), the stream says `{"type": "end"}` and closes, rather than idle on keepalives.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from server import validation
-from server.errors import ApiError, job_not_found
-from server.events import Delivery, FromAll
-from server.feed import Feed, TooManyJobs, error_message
-from server.hub import HubUnavailable
-from server.routes.jobs import path_job_id
-from server.services import Services, services
-
-RETRY_MS = 2000  # how soon EventSource reconnects after a drop
-MAX_JOBS_PER_STREAM = 200
+from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, JobNotFound, JobwireError, Msg
+from jobwire.server import validation
+from jobwire.server.events import Delivery, FromAll
+from jobwire.server.feed import Feed
+from jobwire.server.hub import HubUnavailable
+from jobwire.server.routes.jobs import path_job_id
+from jobwire.server.services import Services, services
 
 
 def _sse_services(request: Request) -> Services:
     svc = services(request)
     if "sse" not in svc.settings.transports:
-        raise ApiError(503, "transport_disabled", "Server-Sent Events are turned off on this server")
+        raise JobwireError("transport_disabled", "Server-Sent Events are turned off on this server")
     return svc
+
+
+@asynccontextmanager
+async def _opening(feed: Feed) -> AsyncIterator[None]:
+    """Until the stream is handed over, any failure closes the feed (else its hub
+    subscriptions would outlive the request); Redis being down answers 503."""
+    try:
+        yield
+    except HubUnavailable as exc:
+        feed.close()
+        raise JobwireError("unavailable", str(exc)) from None
+    except BaseException:
+        feed.close()
+        raise
 
 
 async def job_events(request: Request) -> Response:
@@ -50,17 +63,14 @@ async def job_events(request: Request) -> Response:
 
     snapshot = await svc.store.snapshot(job_id)
     if snapshot is None:
-        raise job_not_found(job_id)
+        raise JobNotFound(job_id)
     if snapshot["final"] and since >= snapshot["seq"]:
         return Response(status_code=204)
 
     feed = svc.feed()
-    try:
+    async with _opening(feed):
         await feed.watch(job_id, since)
-    except HubUnavailable as exc:
-        feed.close()
-        raise ApiError(503, "unavailable", str(exc)) from None
-    return _stream(feed, svc.settings.heartbeat_interval, with_ids=True, end_on_final=True)
+    return _stream(feed, svc.settings.heartbeat_interval, with_ids=True)
 
 
 async def events(request: Request) -> Response:
@@ -75,20 +85,18 @@ async def events(request: Request) -> Response:
 
     feed = svc.feed()
     missing: list[str] = []
-    try:
+    async with _opening(feed):
         if want_all:
             await feed.watch_all()
         for job_id in job_ids:
             if not await feed.watch(job_id, since.get(job_id, 0)):
                 missing.append(job_id)
-    except HubUnavailable as exc:
-        feed.close()
-        raise ApiError(503, "unavailable", str(exc)) from None
-    except TooManyJobs as exc:
-        feed.close()
-        raise ApiError(413, "too_many_jobs", str(exc)) from None
-    notices = [error_message("job_not_found", f"no job with id {j!r}", job_id=j) for j in missing]
+    notices = [JobNotFound(j, f"no job with id {j!r}").as_message(job_id=j) for j in missing]
     return _stream(feed, svc.settings.heartbeat_interval, notices=notices)
+
+
+def _control(message: dict[str, object]) -> str:
+    return f"event: control\ndata: {orjson.dumps(message).decode()}\n\n"
 
 
 def _stream(
@@ -96,27 +104,31 @@ def _stream(
     heartbeat: float,
     *,
     with_ids: bool = False,
-    end_on_final: bool = False,
     notices: list[dict[str, object]] | None = None,
 ) -> StreamingResponse:
+    """The feed as SSE. A single-job stream (`with_ids`) ends after the job's final event;
+    a multiplexed one ends with `end` once the feed is exhausted."""
+
     async def body() -> AsyncIterator[str]:
         try:
-            yield f"retry: {RETRY_MS}\n\n"
+            yield f"retry: {SSE_RETRY_MS}\n\n"
             for notice in notices or ():
-                yield f"event: control\ndata: {orjson.dumps(notice).decode()}\n\n"
-            while True:
+                yield _control(notice)
+            while not feed.exhausted:
                 item = await feed.next(idle=heartbeat)
                 if item is None:
                     yield ": keepalive\n\n"
                 elif isinstance(item, Delivery):
                     head = f"id: {item.seq}\n" if with_ids else ""
                     yield f"{head}data: {item.raw.decode()}\n\n"
-                    if end_on_final and item.final:
+                    if with_ids and item.final:
                         return
                 elif isinstance(item, FromAll):
                     yield f"event: all\ndata: {item.delivery.raw.decode()}\n\n"
                 elif not with_ids:
-                    yield f"event: control\ndata: {orjson.dumps(item).decode()}\n\n"
+                    yield _control(item)
+            if not with_ids:
+                yield _control({"type": Msg.END})
         finally:
             feed.close()
 

@@ -31,21 +31,14 @@ from redis.exceptions import RedisError
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from server import validation
-from server.events import Delivery, FromAll
-from server.feed import Feed, Item, TooManyJobs, error_message
-from server.hub import HubUnavailable
-from server.services import services
+from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobNotFound, JobwireError, Msg, Op
+from jobwire.server import validation
+from jobwire.server.events import Delivery, FromAll
+from jobwire.server.feed import Feed, Item
+from jobwire.server.hub import HubUnavailable
+from jobwire.server.services import services
 
 log = logging.getLogger(__name__)
-
-MAX_IDS_PER_MESSAGE = 1000
-
-# Close codes (4000-4999 are the application's own).
-CLOSE_NORMAL = 1000
-CLOSE_TRY_AGAIN_LATER = 1013
-CLOSE_BAD_REQUEST = 4400
-CLOSE_NOT_FOUND = 4404
 
 
 async def _send(ws: WebSocket, item: Item) -> None:
@@ -71,7 +64,7 @@ async def _run_until_first_done(ws: WebSocket, *coros: Awaitable[None]) -> None:
             exc = task.exception()
             if isinstance(exc, RedisError):
                 log.warning("closing websocket, Redis failed: %s", exc)
-                await _close(ws, CLOSE_TRY_AGAIN_LATER, "job store unavailable, reconnect")
+                await _close(ws, Close.TRY_AGAIN_LATER, "job store unavailable, reconnect")
             # Starlette raises RuntimeError for a send on a socket the client already closed.
             elif exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):
                 raise exc
@@ -82,16 +75,16 @@ async def _run_until_first_done(ws: WebSocket, *coros: Awaitable[None]) -> None:
 
 
 async def _receive_json(ws: WebSocket) -> Any:
-    """The next client message, decoded; `_BadMessage` for anything that is not JSON text."""
+    """The next client message, decoded; `JobwireError` for anything that is not JSON text."""
     message = await ws.receive()
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     if message.get("text") is None:
-        raise _BadMessage("invalid_message", "send JSON in text frames, not binary")
+        raise JobwireError("invalid_message", "send JSON in text frames, not binary")
     try:
         return orjson.loads(message["text"])
     except orjson.JSONDecodeError:
-        raise _BadMessage("invalid_json", "message is not valid JSON") from None
+        raise JobwireError("invalid_json", "message is not valid JSON") from None
 
 
 async def _close(ws: WebSocket, code: int, reason: str = "") -> None:
@@ -102,19 +95,13 @@ async def _close(ws: WebSocket, code: int, reason: str = "") -> None:
             pass  # the client is already gone
 
 
-class _BadMessage(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
 # -- /ws ---------------------------------------------------------------------------------
 
 
 async def _accept(ws: WebSocket) -> bool:
     """Accept the socket, or refuse the upgrade (HTTP 403) when websockets are turned off."""
     if "websocket" not in services(ws).settings.transports:
-        await ws.close(code=1008)
+        await ws.close(code=Close.POLICY)
         return False
     await ws.accept()
     return True
@@ -126,15 +113,15 @@ async def ws_multi(ws: WebSocket) -> None:
         return
     feed = svc.feed()
     # Tells the client how often to expect a sign of life, so it can detect a dead link.
-    feed.post({"type": "welcome", "heartbeat": svc.settings.heartbeat_interval})
+    feed.post({"type": Msg.WELCOME, "heartbeat": svc.settings.heartbeat_interval})
 
     async def read() -> None:
         while True:
             try:
                 msg = await _receive_json(ws)
                 await _handle(msg, feed)
-            except _BadMessage as exc:
-                feed.post(error_message(exc.code, exc.message))
+            except JobwireError as exc:
+                feed.post(exc.as_message())
 
     try:
         await _run_until_first_done(ws, read(), _pump(ws, feed, svc.settings.heartbeat_interval))
@@ -148,26 +135,23 @@ async def _pump(ws: WebSocket, feed: Feed, heartbeat: float, *, close_after_fina
     while True:
         item = await feed.next(idle=heartbeat)
         if item is None:
-            item = {"type": "heartbeat", "ts": time.time()}
+            item = {"type": Msg.HEARTBEAT, "ts": time.time()}
         while item is not None:
             await _send(ws, item)
             if close_after_final and isinstance(item, Delivery) and item.final:
-                await ws.close(CLOSE_NORMAL, "job finished")
+                await ws.close(Close.NORMAL, "job finished")
                 return
             item = feed.next_nowait()
 
 
 async def _handle(msg: Any, feed: Feed) -> None:
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
-        raise _BadMessage("invalid_message", 'a message is an object with an "op" field')
+        raise JobwireError("invalid_message", 'a message is an object with an "op" field')
     op = msg["op"]
     handler = _OPS.get(op)
     if handler is None:
-        raise _BadMessage("unknown_op", f"unknown op {op!r}; expected one of {sorted(_OPS)}")
-    try:
-        await handler(msg, feed, feed.post)
-    except validation.ValidationError as exc:
-        raise _BadMessage(exc.code, str(exc)) from None
+        raise JobwireError("unknown_op", f"unknown op {op!r}; expected one of {sorted(_OPS)}")
+    await handler(msg, feed, feed.post)
 
 
 Reply = Callable[[dict[str, Any]], None]
@@ -180,11 +164,11 @@ async def _op_subscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
     async def one(job_id: str) -> None:
         try:
             if not await feed.watch(job_id, since.get(job_id, 0)):
-                reply(error_message("job_not_found", f"no job with id {job_id!r}", job_id=job_id))
-        except TooManyJobs as exc:
-            reply(error_message("too_many_jobs", str(exc), job_id=job_id))
+                reply(JobNotFound(job_id, f"no job with id {job_id!r}").as_message(job_id=job_id))
+        except JobwireError as exc:
+            reply(exc.as_message(job_id=job_id))
         except (HubUnavailable, RedisError) as exc:
-            reply(error_message("unavailable", f"job store unavailable, retry: {exc}", job_id=job_id))
+            reply(JobwireError("unavailable", f"job store unavailable, retry: {exc}").as_message(job_id=job_id))
 
     await asyncio.gather(*(one(job_id) for job_id in ids))
 
@@ -193,33 +177,33 @@ async def _op_unsubscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None
     ids = validation.job_ids(msg.get("job_ids"), limit=MAX_IDS_PER_MESSAGE)
     for job_id in ids:
         feed.unwatch(job_id)
-    reply({"type": "unsubscribed", "job_ids": ids})
+    reply({"type": Msg.UNSUBSCRIBED, "job_ids": ids})
 
 
 async def _op_subscribe_all(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
     try:
         await feed.watch_all()
     except HubUnavailable as exc:
-        reply(error_message("unavailable", str(exc)))
+        reply(JobwireError("unavailable", str(exc)).as_message())
         return
-    reply({"type": "subscribed_all"})
+    reply({"type": Msg.SUBSCRIBED_ALL})
 
 
 async def _op_unsubscribe_all(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
     feed.unwatch_all()
-    reply({"type": "unsubscribed_all"})
+    reply({"type": Msg.UNSUBSCRIBED_ALL})
 
 
 async def _op_ping(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
-    reply({"type": "pong", "ts": time.time()})
+    reply({"type": Msg.PONG, "ts": time.time()})
 
 
 _OPS = {
-    "subscribe": _op_subscribe,
-    "unsubscribe": _op_unsubscribe,
-    "subscribe_all": _op_subscribe_all,
-    "unsubscribe_all": _op_unsubscribe_all,
-    "ping": _op_ping,
+    Op.SUBSCRIBE: _op_subscribe,
+    Op.UNSUBSCRIBE: _op_unsubscribe,
+    Op.SUBSCRIBE_ALL: _op_subscribe_all,
+    Op.UNSUBSCRIBE_ALL: _op_unsubscribe_all,
+    Op.PING: _op_ping,
 }
 
 
@@ -233,18 +217,18 @@ async def ws_job(ws: WebSocket) -> None:
     try:
         job_id = validation.job_id(ws.path_params["job_id"])
         since = validation.seq(ws.query_params.get("since", "0"), field="since")
-    except validation.ValidationError as exc:
-        await ws.close(CLOSE_BAD_REQUEST, str(exc)[:120])
+    except JobwireError as exc:
+        await ws.close(Close.BAD_REQUEST, exc.message[:120])
         return
     feed = svc.feed()
     try:
         try:
             found = await feed.watch(job_id, since)
         except (HubUnavailable, RedisError):
-            await _close(ws, CLOSE_TRY_AGAIN_LATER, "job store unavailable, retry")
+            await _close(ws, Close.TRY_AGAIN_LATER, "job store unavailable, retry")
             return
         if not found:
-            await _close(ws, CLOSE_NOT_FOUND, "job not found")
+            await _close(ws, Close.NOT_FOUND, "job not found")
             return
 
         async def read() -> None:
@@ -252,7 +236,7 @@ async def ws_job(ws: WebSocket) -> None:
             while True:
                 try:
                     await _receive_json(ws)
-                except _BadMessage:
+                except JobwireError:
                     pass
 
         await _run_until_first_done(
@@ -260,7 +244,7 @@ async def ws_job(ws: WebSocket) -> None:
         )
     finally:
         feed.close()
-        await _close(ws, CLOSE_NORMAL)
+        await _close(ws, Close.NORMAL)
 
 
 routes = [

@@ -1,0 +1,100 @@
+"""`jobwire.attach(app)`: make any Celery app report its jobs to jobwire.
+
+One call, made where the app is configured (`celery_app.py`, Django's `celery.py` …),
+after its configuration is loaded. It touches that app only: no import side effects, no
+`set_default()`, nothing for other apps in the same process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+from celery import Celery
+from celery.app.backends import by_url
+from celery.backends.redis import RedisBackend
+from redis.connection import parse_url
+
+from jobwire.settings import Settings
+from jobwire.tasks import registry, signals
+from jobwire.tasks.backend import BACKEND_ALIASES, JobwireBackendMixin
+
+
+class AttachError(RuntimeError):
+    """The app's configuration cannot be served by jobwire; the message says what to change."""
+
+
+def attach(app: Celery, settings: Settings | None = None, *, allow_other_backend: bool = False) -> Celery:
+    """Report `app`'s jobs to jobwire; return `app`.
+
+    - Lifecycle events (PENDING at publish, STARTED, RETRY, SUCCESS, FAILURE, REVOKED) for
+      every task of the app, from Celery's signals.
+    - Custom states stored with plain `self.update_state(state=..., meta=...)` stream as
+      progress, written with Celery's result in one Redis round trip.
+    - `task_track_started` is turned on, so `AsyncResult(id).state` says STARTED when
+      jobwire's stream does.
+
+    jobwire keeps its events in the Redis of the app's result backend. With no
+    `settings`, they come from the environment, and `JOBWIRE_REDIS_URL` defaults to that
+    backend's URL. Raises `AttachError` when the backend is not Redis (unless
+    `allow_other_backend`), or is another Redis than `JOBWIRE_REDIS_URL`.
+    """
+    explicit_url = settings is not None or bool(os.environ.get("JOBWIRE_REDIS_URL"))
+    settings = settings or Settings.from_env()
+    backend_url = app.conf.result_backend
+    backend_cls, _ = by_url(app.backend_cls or backend_url, app.loader)
+    if issubclass(backend_cls, RedisBackend):
+        aliases = dict(app.loader.override_backends)
+        aliases.update(BACKEND_ALIASES)
+        app.loader.override_backends = aliases
+        if app._backend is not None and not isinstance(app._backend, JobwireBackendMixin):
+            app._backend = app._get_backend()  # already built (in this thread): build ours now
+        settings = _same_redis(app, settings, backend_url, explicit_url)
+    elif not allow_other_backend:
+        raise AttachError(_other_backend_message(backend_url or "disabled", backend_cls))
+    app.conf.task_track_started = True
+    app.__dict__.pop("_jobwire_recorder", None)
+    registry.add(app, settings)
+    signals.connect()
+    return app
+
+
+def _same_redis(app: Celery, settings: Settings, backend_url: str, explicit_url: bool) -> Settings:
+    """jobwire's Redis must be the backend's: one script writes both, and a script sees
+    one database of one server."""
+    params: dict[str, Any] = getattr(app.backend, "connparams", {})
+    if "host" not in params:  # sentinel or a unix socket: trust the settings
+        return settings
+    if not explicit_url:
+        return replace(settings, redis_url=backend_url)
+    ours = parse_url(settings.redis_url)
+    mine = (_host(ours.get("host", "localhost")), int(ours.get("port", 6379)), int(ours.get("db", 0)))
+    theirs = (_host(params["host"]), int(params.get("port") or 6379), int(params.get("db") or 0))
+    if mine != theirs:
+        raise AttachError(
+            f"the app's result backend is Redis {theirs[0]}:{theirs[1]} db {theirs[2]}, but "
+            f"JOBWIRE_REDIS_URL is {settings.redis_url!r} ({mine[0]}:{mine[1]} db {mine[2]}). jobwire "
+            "writes each event together with Celery's result, in the backend's Redis, and its "
+            "server reads them from JOBWIRE_REDIS_URL: point both at the same Redis database "
+            "(or leave JOBWIRE_REDIS_URL unset where the worker runs)."
+        )
+    return settings
+
+
+def _host(host: str) -> str:
+    return "127.0.0.1" if host in ("localhost", "::1") else host
+
+
+def _other_backend_message(url: str, cls: type) -> str:
+    shown = url.split("://", 1)[0] + "://…" if "://" in url else url
+    return (
+        f"the app's result backend is {shown} ({cls.__name__}), not Redis. jobwire keeps each "
+        "event next to Celery's result in Redis; with another backend it still streams "
+        "lifecycle events and report() progress (to JOBWIRE_REDIS_URL), but: plain "
+        "update_state() calls do not stream (use ProgressTask.report()); each progress "
+        "event costs two writes instead of one, and AsyncResult can lag the stream; a revoke "
+        "from jobwire reaches Celery's stored state only through the worker. Set "
+        "result_backend to a redis:// URL (the Redis of JOBWIRE_REDIS_URL), or call "
+        "attach(app, allow_other_backend=True) to accept that."
+    )

@@ -1,0 +1,54 @@
+"""Celery's Redis result backends, with custom states written by jobwire's record script.
+
+`attach(app)` makes the app use these classes for its `redis://`, `rediss://` and
+`sentinel://` result backends. They change one thing: storing a custom state (anything
+outside Celery's own lifecycle states, e.g. `update_state(state="VALIDATING", meta=...)`)
+writes Celery's result key and jobwire's event in one atomic round trip, instead of
+Celery's GET-then-SET. So code written the way Celery documents it streams progress with
+no change, and `AsyncResult(id).state/.info` read exactly what it stored.
+
+Lifecycle states (STARTED, SUCCESS, RETRY ...) are stored by Celery as usual; jobwire
+records their events from signals (see `jobwire.tasks.signals`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import states
+from celery.backends.redis import RedisBackend, SentinelBackend
+
+#: Celery's own states; anything else a task stores is a custom (progress) state.
+CELERY_STATES = frozenset(states.ALL_STATES) | {states.IGNORED}
+
+
+class JobwireBackendMixin:
+    """Routes custom states through jobwire's recorder (see module docstring)."""
+
+    def _store_result(
+        self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any
+    ) -> Any:
+        if state in CELERY_STATES:
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)  # type: ignore[misc]
+        from jobwire.tasks.recorder import Recorder
+
+        same_job = request is not None and getattr(request, "id", None) == task_id
+        task = getattr(request, "task", None) if same_job else None
+        Recorder.for_app(self.app).record_state(task_id, state, result, request, task=task)  # type: ignore[attr-defined]
+        return result
+
+
+class JobwireRedisBackend(JobwireBackendMixin, RedisBackend):  # type: ignore[misc]
+    """`redis://` and `rediss://` results, custom states through jobwire."""
+
+
+class JobwireSentinelBackend(JobwireBackendMixin, SentinelBackend):  # type: ignore[misc]
+    """`sentinel://` results, custom states through jobwire."""
+
+
+#: The aliases `attach()` puts in the app's `loader.override_backends`.
+BACKEND_ALIASES = {
+    "redis": f"{__name__}:JobwireRedisBackend",
+    "rediss": f"{__name__}:JobwireRedisBackend",
+    "sentinel": f"{__name__}:JobwireSentinelBackend",
+}
