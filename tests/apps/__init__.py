@@ -1,0 +1,1 @@
+"""Celery apps that know nothing of jobwire, as users' projects would be."""
