@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from weakref import WeakKeyDictionary
 
 import httpx
 import pytest
@@ -60,9 +61,10 @@ def test_update_state_streams_in_one_round_trip(own_redis: RedisServer) -> None:
     app.close()
 
 
-def test_attach_touches_that_app_only(own_redis: RedisServer) -> None:
+def test_attach_touches_that_app_only(own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """No set_default(); a second, unattached app publishing from a thread where it is current
     records nothing; the attached one does."""
+    monkeypatch.setattr(registry, "_attached", WeakKeyDictionary())  # only this test's apps
     default_before = celery_state.default_app
     mine = jobwire.attach(_app(own_redis.url, "mine"), Settings(redis_url=own_redis.url))
     other = _app(own_redis.url, "other")
