@@ -84,17 +84,19 @@ class RedisServer:
 class Worker:
     """A real `celery worker` process (prefork, 2 children) against a given Redis."""
 
-    def __init__(self, redis_url: str, log_path: Path) -> None:
+    def __init__(self, redis_url: str, log_path: Path, *, concurrency: int = 2, env: dict[str, str] | None = None) -> None:
         self.redis_url = redis_url
         self.log_path = log_path
+        self.concurrency = concurrency
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "JOBWIRE_REDIS_URL": self.redis_url}
+        env = {**os.environ, "JOBWIRE_REDIS_URL": self.redis_url, **self.env}
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "jobwire.tasks.demo", "worker", "--pool", "prefork"]
-            + ["--concurrency", "2", "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
+            + ["--concurrency", str(self.concurrency), "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
             cwd=ROOT,
             env=env,
             stdout=self.log,
