@@ -15,6 +15,17 @@
 
 const TRANSPORTS = ["websocket", "sse", "polling"];
 
+// The protocol's names, mirrored from jobwire/protocol.py (the one contract module; change
+// them there first). Only what this client reads is here.
+const Op = { SUBSCRIBE: "subscribe", UNSUBSCRIBE: "unsubscribe", SUBSCRIBE_ALL: "subscribe_all" };
+const Msg = { EVENT: "event", ERROR: "error", END: "end" };
+
+/** Exponential backoff with jitter (as jobwire/backoff.py): the delay in ms for `attempt`. */
+export function backoff(attempt, min, max) {
+  const base = Math.min(max, min * 2 ** attempt);
+  return base / 2 + Math.random() * base; // 0.5-1.5 × base: spreads reconnect storms
+}
+
 export class JobwireClient {
   /**
    * @param {object} [options]
@@ -71,7 +82,7 @@ export class JobwireClient {
 
   unsubscribe(jobIds) {
     for (const id of jobIds) this._jobs.delete(id);
-    if (this.transport === "websocket") this._wsSend({ op: "unsubscribe", job_ids: jobIds });
+    if (this.transport === "websocket") this._wsSend({ op: Op.UNSUBSCRIBE, job_ids: jobIds });
     else if (this.transport === "sse") this._restart();
   }
 
@@ -117,7 +128,7 @@ export class JobwireClient {
   _changed(added) {
     if (this.transport === "websocket") {
       if (added.length) this._wsSubscribe(added);
-      if (this._all) this._wsSend({ op: "subscribe_all" });
+      if (this._all) this._wsSend({ op: Op.SUBSCRIBE_ALL });
     } else if (this.transport === "sse") {
       this._restart();
     } else if (this.transport === "polling") {
@@ -214,8 +225,7 @@ export class JobwireClient {
       return;
     }
     this._setStatus("reconnecting");
-    const base = Math.min(this.backoffMax, this.backoffMin * 2 ** this._failures);
-    const delay = base / 2 + Math.random() * (base / 2); // jitter: spread reconnect storms
+    const delay = backoff(this._failures, this.backoffMin, this.backoffMax);
     this._timer = setTimeout(() => this._connect(), delay);
   }
 
@@ -270,7 +280,7 @@ export class JobwireClient {
       this._opened();
       const { ids } = this._pending();
       if (ids.length) this._wsSubscribe(ids);
-      if (this._all) this._wsSend({ op: "subscribe_all" });
+      if (this._all) this._wsSend({ op: Op.SUBSCRIBE_ALL });
     };
     ws.onmessage = (msg) => {
       let data;
@@ -280,9 +290,9 @@ export class JobwireClient {
         return;
       }
       this._armWatchdog(data.heartbeat);
-      if (data.type === "event" && data.stream === "all") this._announce(data.job_id);
-      else if (data.type === "event") this._deliver(data);
-      else if (data.type === "error") this.onError(data);
+      if (data.type === Msg.EVENT && data.stream === "all") this._announce(data.job_id);
+      else if (data.type === Msg.EVENT) this._deliver(data);
+      else if (data.type === Msg.ERROR) this.onError(data);
     };
     ws.onclose = () => this._lost(!opened);
   }
@@ -290,7 +300,7 @@ export class JobwireClient {
   _wsSubscribe(ids) {
     const since = {};
     for (const id of ids) since[id] = this.lastSeq(id);
-    this._wsSend({ op: "subscribe", job_ids: ids, since });
+    this._wsSend({ op: Op.SUBSCRIBE, job_ids: ids, since });
   }
 
   _wsSend(message) {
@@ -312,6 +322,11 @@ export class JobwireClient {
 
   _openEventSource() {
     const { ids, since } = this._pending();
+    if (!ids.length && !this._all) {
+      // Nothing to follow: hold no stream until subscribe() or subscribeAll() (_changed).
+      this._opened();
+      return;
+    }
     const params = new URLSearchParams();
     for (const id of ids) {
       params.append("job", id);
@@ -329,7 +344,8 @@ export class JobwireClient {
     es.addEventListener("all", (msg) => this._announce(JSON.parse(msg.data).job_id));
     es.addEventListener("control", (msg) => {
       const data = JSON.parse(msg.data);
-      if (data.type === "error") this.onError(data);
+      if (data.type === Msg.ERROR) this.onError(data);
+      else if (data.type === Msg.END) this._teardown(); // every job ended: do not reconnect
     });
     // EventSource would reconnect to the same URL with stale `since`; resume ourselves.
     es.onerror = () => this._lost(!opened);
@@ -372,7 +388,7 @@ export class JobwireClient {
     } catch (e) {
       this._failures += 1;
       this._setStatus("reconnecting");
-      this._schedulePoll(Math.min(this.backoffMax, this.pollInterval * 2 ** this._failures));
+      this._schedulePoll(backoff(this._failures, this.pollInterval, this.backoffMax));
     }
   }
 

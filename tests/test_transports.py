@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import httpx
 import pytest
@@ -91,7 +92,7 @@ async def test_polling_history_sees_every_transition(server: RunningServer) -> N
     assert_gap_free(events)
     assert status["status"] == "SUCCESS" and status["seq"] == 6
     assert status["result"]["status"] == "done"
-    assert status["progress"]["percent"] == 66.67  # the last report: 2 of 3 steps done
+    assert status["progress"]["percent"] == 100.0  # the last update_state: step 3 of 3
     assert "error" not in status
 
 
@@ -118,10 +119,57 @@ async def test_multiplexed_sse_resumes_per_job_and_reports_unknown(server: Runni
                     else:
                         events[doc["job_id"]].append(doc["seq"])
                     kind = "message"
-                if len(events[a]) == 2 and len(events[b]) == 6:
-                    break
+    # Both jobs had ended: after their events the stream says `end` and closes by itself.
     assert events == {a: [5, 6], b: [1, 2, 3, 4, 5, 6]}
     assert controls[0]["code"] == "job_not_found" and controls[0]["job_id"] == "never-seen"
+    assert controls[-1] == {"type": "end"}
+
+
+async def read_sse(resp: httpx.Response) -> list[tuple[str, dict]]:
+    """Every (event kind, data) of an SSE response, until the server ends it."""
+    out, kind = [], "message"
+    async for line in resp.aiter_lines():
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            out.append((kind, json.loads(line[6:])))
+            kind = "message"
+    return out
+
+
+async def test_multiplexed_sse_with_nothing_to_follow_ends(server: RunningServer) -> None:
+    """Only unknown ids: the stream says so, then `end`, and closes (no stream of keepalives),
+    holding no hub subscription."""
+    hub, keys = server.services.hub, server.services.settings.keys
+    async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
+        async with http.stream("GET", "/api/v1/events", params=[("job", "never-1"), ("job", "never-2")]) as resp:
+            assert resp.status_code == 200
+            messages = await read_sse(resp)
+    assert [(k, d.get("code") or d["type"]) for k, d in messages] == [
+        ("control", "job_not_found"),
+        ("control", "job_not_found"),
+        ("control", "end"),
+    ]
+    assert hub.subscribers(keys.job_channel("never-1")) == 0
+
+
+async def test_multiplexed_sse_redis_error_leaves_no_subscription(server: RunningServer, rclient) -> None:  # type: ignore[no-untyped-def]
+    """A Redis error while the stream opens (WRONGTYPE on the history key) answers an error
+    and releases the hub subscription it had taken."""
+    keys = server.services.settings.keys
+    live = await submit(server.url, "report_steps", steps=3, delay=0.5)
+    broken = f"broken-{uuid.uuid4()}"
+    rclient.hset(keys.job(broken), mapping={"state": "PENDING", "seq": 1})
+    rclient.set(keys.history(broken), "not a sorted set")
+    hub = server.services.hub
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
+            resp = await http.get("/api/v1/events", params=[("job", live), ("job", broken)])
+        assert resp.status_code >= 500 and "error" in resp.json()
+        assert hub.subscribers(keys.job_channel(live)) == 0
+        assert hub.subscribers(keys.job_channel(broken)) == 0
+    finally:
+        rclient.delete(keys.job(broken), keys.history(broken))
 
 
 async def test_transports_can_be_turned_off(settings, worker) -> None:  # type: ignore[no-untyped-def]
