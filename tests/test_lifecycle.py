@@ -46,7 +46,7 @@ async def test_failing_task_reports_failure_type_and_message(server: RunningServ
     assert status["status"] == "FAILURE" and status["error"]["type"] == "ValueError"
 
 
-async def test_revoke_running_job_reaches_every_watcher(server: RunningServer) -> None:
+async def test_revoke_running_job_reaches_every_watcher(server: RunningServer, worker) -> None:  # type: ignore[no-untyped-def]
     """DELETE on a running job: every watcher gets REVOKED as the final event; nothing follows it."""
     job_id = await submit(server.url, delay=1.0)
     sockets = [await websockets.connect(f"{server.ws_url}/ws") for _ in range(3)]
@@ -74,12 +74,32 @@ async def test_revoke_running_job_reaches_every_watcher(server: RunningServer) -
         assert events[-1]["state"] == "REVOKED" and events[-1]["final"] is True
         assert "SUCCESS" not in [e["state"] for e in events]
         assert_gap_free(events)
-    # The worker's later reports are refused: the job stays REVOKED, for Celery too.
-    await asyncio.sleep(1.5)
-    async with httpx.AsyncClient(base_url=server.url) as http:
-        status = (await http.get(f"/api/v1/jobs/{job_id}")).json()
-    assert status["status"] == "REVOKED"
+    # The worker terminated the task (SIGTERM); Celery's stored state says REVOKED too.
+    await wait_until(lambda: f"Terminating {job_id}" in worker.log_path.read_text(), what="the worker terminates it")
     assert AsyncResult(job_id, app=server.services.celery).state == "REVOKED"
+
+
+async def test_reports_after_revoke_are_refused(server: RunningServer) -> None:
+    """REVOKED recorded while the task runs, and no worker told (no SIGTERM): its next
+    report() is refused (returns None, so it stops), and its SUCCESS is refused too."""
+    from jobwire.tasks.recorder import Recorder
+
+    celery = server.services.celery
+    job_id = await submit(server.url, "report_steps", steps=50, delay=0.1)
+    async with websockets.connect(f"{server.ws_url}/ws") as ws:
+        await ws.send(json.dumps({"op": "subscribe", "job_ids": [job_id]}))
+        events = await events_until_state(ws, job_id, "WORKING", await until_subscribed(ws, job_id))
+        error = {"type": "TaskRevokedError", "message": "revoked, no broadcast"}
+        assert Recorder.for_app(celery).record(job_id, "REVOKED", error=error) is not None
+        events = await events_until_final(ws, job_id, events=events)
+    # The task saw report() refused and returned early; Celery stored what it returned.
+    result = AsyncResult(job_id, app=celery)
+    await wait_until(result.ready, what="the task returns")
+    assert result.result["status"] == "cancelled" and result.result["steps"] < 50
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        history = (await http.get(f"/api/v1/jobs/{job_id}/history")).json()["events"]
+    assert history[-1]["state"] == "REVOKED" and events[-1]["state"] == "REVOKED"
+    assert "SUCCESS" not in [e["state"] for e in history]
 
 
 async def test_revoke_queued_job_never_runs(server: RunningServer, rclient: redis.Redis) -> None:

@@ -150,15 +150,20 @@ def test_report_rides_out_a_redis_restart() -> None:
         assert [orjson.loads(e)["seq"] for e in history] == [1, 2]
 
 
-def test_report_gives_up_after_the_retry_window(own_redis: RedisServer) -> None:
-    """Redis gone for longer than record_retry_seconds: the write raises instead of hanging."""
-    settings = Settings(redis_url=own_redis.url, record_retry_seconds=0.5)
-    recorder = Recorder(own_redis.client(), settings)
+def test_report_gives_up_after_the_retry_window(own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis gone for longer than record_retry_seconds: the write retries (with backoff) for
+    that window, then raises instead of hanging."""
+    settings = Settings(redis_url=own_redis.url, record_retry_seconds=1.0)
+    client = redis.Redis(port=own_redis.port, retry=Retry(NoBackoff(), 0))  # only the recorder retries
+    recorder = Recorder(client, settings)
     own_redis.stop()
     started = time.monotonic()
-    with pytest.raises(redis.ConnectionError):
+    with caplog.at_level("WARNING", logger="jobwire.tasks.recorder"), pytest.raises(redis.ConnectionError):
         recorder.record("gone", "WORKING")
-    assert time.monotonic() - started < 10  # redis-py retries a little on its own too
+    elapsed = time.monotonic() - started
+    retries = [r for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) >= 3, "the recorder must retry before giving up"
+    assert 0.5 <= elapsed <= 1.0 + 1.5  # it used the window, and stopped at its end (+ one last try)
 
 
 def test_task_called_as_a_plain_function_runs_normally(app) -> None:  # type: ignore[no-untyped-def]
