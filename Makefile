@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test browser lint format bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -21,8 +21,21 @@ install: $(STAMP)
 run: install
 	$(PY) -m jobwire.run
 
-test: install
+test: install browser
 	$(PY) -m pytest
+
+# The browser tests need Debian's chromium: installed here where we can (root and apt),
+# otherwise `make test` stops and says how. JOBWIRE_SKIP_BROWSER=1 opts out, and says so.
+browser:
+	@if [ -n "$$JOBWIRE_SKIP_BROWSER" ] || command -v chromium >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "make test: installing Debian's chromium for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "make test: the browser tests need Chromium. Run: sudo apt-get install chromium"; \
+		echo "           (or JOBWIRE_SKIP_BROWSER=1 make test to skip them on purpose)"; \
+		exit 1; \
+	fi
 
 lint: install
 	$(VENV)/bin/ruff check .
