@@ -1,13 +1,16 @@
-"""Configuration for the worker and the server, read from the environment once.
+"""Configuration for the worker and the server: `JOBWIRE_*` environment variables.
 
-Tests build a `Settings` directly instead of patching `os.environ`.
+Parsed by pydantic-settings; `from_env()` turns its errors into one line per variable that
+names it, the value and what was expected. Tests build a `Settings` with keyword
+arguments (which win over the environment) instead of patching `os.environ`.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from jobwire.protocol import Keys
 
@@ -16,67 +19,62 @@ DEMO_APP = "jobwire.tasks.demo:app"
 DEFAULT_TASKS = ("long_running_task", "report_steps", "failing_task", "retrying_task")
 TRANSPORTS = ("websocket", "sse", "polling")
 
+ENV_PREFIX = "JOBWIRE_"
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value jobwire cannot use."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be >= {minimum}, got {value}")
-    return value
+CommaList = Annotated[tuple[str, ...], NoDecode]  # "a, b,c" in the environment
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise SettingsError(f"{name} must be > 0, got {value}")
-    return value
-
-
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
     """Everything jobwire can be configured with (see README, "Configuration")."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore", env_ignore_empty=True)
 
     redis_url: str = DEFAULT_REDIS_URL
     broker_url: str = ""  # empty: same as redis_url
-    key_prefix: str = "jobwire:"
-    result_expires: int = 86400
+    key_prefix: Annotated[str, Field(min_length=1)] = "jobwire:"
+    result_expires: Annotated[int, Field(ge=1)] = 86400
 
     # Limits
-    history_limit: int = 1000  # events kept per job; older ones are trimmed
-    recent_limit: int = 10000  # jobs kept in the recent-jobs index
-    batch_max_ids: int = 1000  # ids per batch-status call
-    max_jobs_per_socket: int = 1000
-    client_queue_limit: int = 1000  # events buffered per client before it is resynced
-    redis_max_connections: int = 64  # server's pool for reads; requests queue beyond it
+    history_limit: Annotated[int, Field(ge=1)] = 1000  # events kept per job; older ones are trimmed
+    recent_limit: Annotated[int, Field(ge=1)] = 10000  # jobs kept in the recent-jobs index
+    batch_max_ids: Annotated[int, Field(ge=1)] = 1000  # ids per batch-status call
+    max_jobs_per_socket: Annotated[int, Field(ge=1)] = 1000
+    client_queue_limit: Annotated[int, Field(ge=1)] = 1000  # events buffered per client before a resync
+    redis_max_connections: Annotated[int, Field(ge=2)] = 64  # server's pool for reads; requests queue beyond it
 
     # Timeouts
-    record_retry_seconds: float = 20.0  # how long a worker retries a write while Redis is down
-    heartbeat_interval: float = 15.0  # seconds between app-level heartbeats to clients
-    subscribe_timeout: float = 5.0  # how long a subscribe waits for Redis to confirm
+    record_retry_seconds: Annotated[float, Field(gt=0)] = 20.0  # a worker retries a write this long
+    heartbeat_interval: Annotated[float, Field(gt=0)] = 15.0  # seconds between heartbeats to clients
+    subscribe_timeout: Annotated[float, Field(gt=0)] = 5.0  # how long a subscribe waits for Redis
 
     # The Celery app the server submits and revokes through (`package.module:attribute`).
     celery_app: str = DEMO_APP
     # Tasks `POST /api/v1/jobs` may submit. None: the demo's tasks for the demo app, and
     # none at all for an app of yours until you name them.
-    allowed_tasks: tuple[str, ...] | None = None
+    allowed_tasks: Annotated[tuple[str, ...] | None, NoDecode] = None
     # Which push transports the server offers (polling always works). Turning websocket
     # off behaves like a proxy that refuses the upgrade: clients fall back.
-    transports: tuple[str, ...] = field(default=TRANSPORTS)
+    transports: CommaList = TRANSPORTS
+
+    @field_validator("allowed_tasks", "transports", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(t.strip() for t in value.split(",") if t.strip())
+        return value
+
+    @field_validator("transports")
+    @classmethod
+    def _known_transports(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = set(value) - set(TRANSPORTS)
+        if unknown:
+            raise ValueError(f"has unknown {sorted(unknown)}; choose from {list(TRANSPORTS)}")
+        return value
 
     @property
     def submittable(self) -> tuple[str, ...]:
@@ -93,35 +91,27 @@ class Settings:
         return Keys(self.key_prefix)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
-        tasks = env.get("JOBWIRE_ALLOWED_TASKS")
-        prefix = env.get("JOBWIRE_KEY_PREFIX", "jobwire:")
-        if not prefix:
-            raise SettingsError("JOBWIRE_KEY_PREFIX must not be empty")
-        transports = tuple(
-            t.strip() for t in env.get("JOBWIRE_TRANSPORTS", ",".join(TRANSPORTS)).split(",") if t.strip()
-        )
-        unknown = set(transports) - set(TRANSPORTS)
-        if unknown:
-            raise SettingsError(
-                f"JOBWIRE_TRANSPORTS has unknown {sorted(unknown)}; choose from {list(TRANSPORTS)}"
-            )
-        return cls(
-            transports=transports,
-            redis_url=env.get("JOBWIRE_REDIS_URL") or DEFAULT_REDIS_URL,
-            broker_url=env.get("JOBWIRE_BROKER_URL", ""),
-            key_prefix=prefix,
-            result_expires=_int(env, "JOBWIRE_RESULT_EXPIRES", 86400, minimum=1),
-            history_limit=_int(env, "JOBWIRE_HISTORY_LIMIT", 1000, minimum=1),
-            recent_limit=_int(env, "JOBWIRE_RECENT_LIMIT", 10000, minimum=1),
-            batch_max_ids=_int(env, "JOBWIRE_BATCH_MAX_IDS", 1000, minimum=1),
-            max_jobs_per_socket=_int(env, "JOBWIRE_MAX_JOBS_PER_SOCKET", 1000, minimum=1),
-            client_queue_limit=_int(env, "JOBWIRE_CLIENT_QUEUE_LIMIT", 1000, minimum=1),
-            redis_max_connections=_int(env, "JOBWIRE_REDIS_MAX_CONNECTIONS", 64, minimum=2),
-            record_retry_seconds=_float(env, "JOBWIRE_RECORD_RETRY_SECONDS", 20.0),
-            heartbeat_interval=_float(env, "JOBWIRE_HEARTBEAT_INTERVAL", 15.0),
-            subscribe_timeout=_float(env, "JOBWIRE_SUBSCRIBE_TIMEOUT", 5.0),
-            celery_app=env.get("JOBWIRE_CELERY_APP") or DEMO_APP,
-            allowed_tasks=(tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks is not None else None),
-        )
+    def from_env(cls, **overrides: Any) -> Settings:
+        """The environment's settings (with `overrides`); `SettingsError` names what is wrong."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise SettingsError("; ".join(_explain(e) for e in exc.errors())) from None
+
+
+def _explain(error: Any) -> str:
+    """One pydantic error as the line a user sees: the variable, the value, the rule."""
+    name = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else "settings"
+    value, ctx, kind = error.get("input"), error.get("ctx") or {}, error["type"]
+    if kind == "int_parsing":
+        return f"{name} must be an integer, got {value!r}"
+    if kind == "float_parsing":
+        return f"{name} must be a number, got {value!r}"
+    if kind in ("greater_than_equal", "greater_than"):
+        sign, bound = (">=", ctx["ge"]) if "ge" in ctx else (">", ctx["gt"])
+        return f"{name} must be {sign} {bound:g}, got {value}"
+    if kind == "string_too_short":
+        return f"{name} must not be empty"
+    if kind == "value_error":
+        return f"{name} {ctx['error']}"
+    return f"{name}: {error['msg']}, got {value!r:.80}"

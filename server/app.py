@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
+
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     # Read events where the app's workers write them (attach() may have taken the Redis
     # from the app's result backend).
     recorded = registry.settings_for(celery)
-    settings = replace(settings, redis_url=recorded.redis_url, key_prefix=recorded.key_prefix)
+    settings = settings.model_copy(update={"redis_url": recorded.redis_url, "key_prefix": recorded.key_prefix})
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -8,7 +8,7 @@ after its configuration is loaded. It touches that app only: no import side effe
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+
 from typing import Any
 
 from celery import Celery
@@ -67,7 +67,7 @@ def _same_redis(app: Celery, settings: Settings, backend_url: str, explicit_url:
     if "host" not in params:  # sentinel or a unix socket: trust the settings
         return settings
     if not explicit_url:
-        return replace(settings, redis_url=backend_url)
+        return settings.model_copy(update={"redis_url": backend_url})
     ours = parse_url(settings.redis_url)
     mine = (_host(ours.get("host", "localhost")), int(ours.get("port", 6379)), int(ours.get("db", 0)))
     theirs = (_host(params["host"]), int(params.get("port") or 6379), int(params.get("db") or 0))

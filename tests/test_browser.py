@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -158,7 +157,7 @@ async def test_falls_back_when_websockets_are_refused(
     browser: Browser, settings: Settings, worker: object, offered: tuple[str, ...], expected: str
 ) -> None:
     """Websocket upgrades refused (and SSE too, for polling): the page falls back and still finishes."""
-    async with run_server(dataclasses.replace(settings, transports=offered)) as srv:
+    async with run_server(settings.model_copy(update=dict(transports=offered))) as srv:
         page = await open_dashboard(browser, srv.url)
         await expect(page.locator("#connection")).to_have_attribute("data-transport", expected, timeout=20000)
         await expect(page.locator("#connection")).to_have_attribute("data-status", "live")
@@ -169,7 +168,7 @@ async def test_falls_back_when_websockets_are_refused(
 
 async def test_burst_of_events_renders_every_transition(browser: Browser, settings: Settings) -> None:
     """3,000 progress events in a burst: the page ends on SUCCESS with every event counted once."""
-    settings = dataclasses.replace(settings, history_limit=5000)
+    settings = settings.model_copy(update=dict(history_limit=5000))
     redis_client = redis.Redis.from_url(settings.redis_url)
     recorder = Recorder(redis_client, settings)
     job_id = f"burst-{os.urandom(4).hex()}"
@@ -199,7 +198,7 @@ async def test_climbs_back_to_websocket_when_it_returns(
 ) -> None:
     """Fallen back to SSE while websockets were refused, the page returns to WebSocket once they work."""
     port = free_port()
-    async with run_server(dataclasses.replace(settings, transports=("sse", "polling")), port) as srv:
+    async with run_server(settings.model_copy(update=dict(transports=("sse", "polling"))), port) as srv:
         page = await open_dashboard(browser, f"{srv.url}/?upgrade=1000")
         await expect(page.locator("#connection")).to_have_attribute("data-transport", "sse", timeout=20000)
         job_id = await run_job(page, delay=1.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator
 
 import pytest
@@ -84,7 +83,7 @@ async def test_trimmed_history_is_announced_as_a_gap(parts) -> None:  # type: ig
     """Resuming from before the retained history says which seqs are gone, then continues."""
     hub, store, _, settings = parts
     recorder = Recorder(
-        redis.Redis.from_url(settings.redis_url), dataclasses.replace(settings, history_limit=3)
+        redis.Redis.from_url(settings.redis_url), settings.model_copy(update=dict(history_limit=3))
     )
     recorder.record("trimmed", "PENDING")
     for step in range(4):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import uuid
 
@@ -69,7 +68,7 @@ async def test_subscribe_unknown_job_errors_and_others_still_stream(server: Runn
 
 async def test_too_many_jobs_per_socket(settings: Settings, worker: object) -> None:
     """Past max_jobs_per_socket, a further subscription gets too_many_jobs; the rest stream."""
-    async with run_server(dataclasses.replace(settings, max_jobs_per_socket=1)) as srv:
+    async with run_server(settings.model_copy(update=dict(max_jobs_per_socket=1))) as srv:
         ids = [await submit(srv.url, delay=0.01) for _ in range(2)]
         async with websockets.connect(f"{srv.ws_url}/ws") as ws:
             await ws.send(json.dumps({"op": "subscribe", "job_ids": ids}))
@@ -133,8 +132,27 @@ async def test_tasks_listing_and_health(server: RunningServer) -> None:
 
 async def test_idle_socket_gets_welcome_then_heartbeats(settings: Settings, worker: object) -> None:
     """/ws says how often it will speak, then sends a heartbeat whenever idle that long."""
-    async with run_server(dataclasses.replace(settings, heartbeat_interval=0.3)) as srv:
+    async with run_server(settings.model_copy(update=dict(heartbeat_interval=0.3))) as srv:
         async with websockets.connect(f"{srv.ws_url}/ws") as ws:
             assert await recv_json(ws) == {"type": "welcome", "heartbeat": 0.3}
             beats = [await recv_json(ws, timeout=1.0) for _ in range(2)]
     assert [b["type"] for b in beats] == ["heartbeat", "heartbeat"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ([], "body must be an object: {task, args?, kwargs?}"),
+        ({}, "task must be a task name (string)"),
+        ({"task": 5}, "task must be a task name (string), got int"),
+        ({"task": ""}, "task must be a task name (string)"),
+        ({"task": "long_running_task", "args": {}}, "args must be a list, got dict"),
+        ({"task": "long_running_task", "kwargs": []}, "kwargs must be an object, got list"),
+        ({"task": "long_running_task", "queue": "x", "eta": 1}, "unknown fields: eta, queue"),
+    ],
+)
+async def test_submit_errors_say_what_is_wrong(server: RunningServer, body: object, message: str) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        resp = await http.post("/api/v1/jobs", json=body)
+    assert resp.status_code == 422
+    assert resp.json() == {"error": {"code": "invalid_request", "message": message}}

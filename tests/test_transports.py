@@ -174,11 +174,10 @@ async def test_multiplexed_sse_redis_error_leaves_no_subscription(server: Runnin
 
 async def test_transports_can_be_turned_off(settings, worker) -> None:  # type: ignore[no-untyped-def]
     """JOBWIRE_TRANSPORTS without websocket refuses the upgrade (403); without sse, SSE is 503."""
-    import dataclasses
-
+    
     from tests.support import run_server
 
-    async with run_server(dataclasses.replace(settings, transports=("polling",))) as srv:
+    async with run_server(settings.model_copy(update=dict(transports=("polling",)))) as srv:
         with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
             async with websockets.connect(f"{srv.ws_url}/ws"):
                 pass

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jobwire.protocol import FAILURE, MAX_BODY_BYTES, JobNotFound, JobwireError
-from jobwire.server import validation
+from jobwire.server import schemas, validation
 from jobwire.server.errors import JSON
 from jobwire.server.services import services
 from jobwire.tasks.control import revoke_job, submit
@@ -62,22 +62,11 @@ async def list_tasks(request: Request) -> Response:
 
 async def submit_job(request: Request) -> Response:
     svc = services(request)
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise JobwireError("invalid_request", "body must be an object: {task, args?, kwargs?}")
-    name, args, kwargs = body.get("task"), body.get("args", []), body.get("kwargs", {})
-    if not isinstance(name, str) or not name:
-        raise JobwireError("invalid_request", "task must be a task name (string)")
+    req = schemas.parse(schemas.SubmitRequest, await read_json(request))
+    name, args, kwargs = req.task, req.args, req.kwargs
     if name not in svc.settings.submittable:
         allowed = ", ".join(svc.settings.submittable) or "none"
         raise JobwireError("task_not_allowed", f"task {name!r} is not submittable; allowed: {allowed}")
-    if not isinstance(args, list):
-        raise JobwireError("invalid_request", f"args must be a list, got {type(args).__name__}")
-    if not isinstance(kwargs, dict):
-        raise JobwireError("invalid_request", f"kwargs must be an object, got {type(kwargs).__name__}")
-    unknown = set(body) - {"task", "args", "kwargs"}
-    if unknown:
-        raise JobwireError("invalid_request", f"unknown fields: {', '.join(sorted(unknown))}")
     job_id = str(uuid.uuid4())
     try:
         # The PENDING event is recorded by the publish signal, before the message leaves.

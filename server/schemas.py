@@ -1,0 +1,55 @@
+"""Request bodies, as pydantic models: validated in one place, and described by the same
+models in the OpenAPI document.
+
+`parse()` turns pydantic's errors into jobwire's: one `JobwireError` (invalid_request)
+whose message names the field and what was expected.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jobwire.protocol import JobwireError
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class SubmitRequest(BaseModel):
+    """`POST /api/v1/jobs`: one allow-listed task with its arguments."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    task: str = Field(min_length=1, description="an allow-listed task name (GET /api/v1/tasks)")
+    args: list[Any] = Field(default_factory=list, description="positional arguments")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments")
+
+
+#: What each field is, said to a client that sent something else.
+_EXPECTED = {
+    "task": "a task name (string)",
+    "args": "a list",
+    "kwargs": "an object",
+}
+
+
+def parse(model: type[Model], body: Any) -> Model:
+    """`body` (decoded JSON) as `model`, or `JobwireError` saying what is wrong with it."""
+    if not isinstance(body, dict):
+        fields = ", ".join(f"{n}{'' if f.is_required() else '?'}" for n, f in model.model_fields.items())
+        raise JobwireError("invalid_request", f"body must be an object: {{{fields}}}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+        if unknown:
+            raise JobwireError("invalid_request", f"unknown fields: {', '.join(unknown)}") from None
+        field = str(errors[0]["loc"][0]) if errors[0]["loc"] else "body"
+        if field in body and field in _EXPECTED and errors[0]["type"].endswith("_type"):
+            got = type(body[field]).__name__
+            raise JobwireError("invalid_request", f"{field} must be {_EXPECTED[field]}, got {got}") from None
+        expected = _EXPECTED.get(field)
+        message = f"{field} must be {expected}" if expected else f"{field}: {errors[0]['msg']}"
+        raise JobwireError("invalid_request", message) from None
