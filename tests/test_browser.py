@@ -14,7 +14,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from jobwire.settings import Settings
 from jobwire.tasks.recorder import Recorder
 from tests.clients import LIFECYCLE
-from tests.support import free_port, run_server
+from tests.support import free_port, run_server, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -144,7 +144,11 @@ async def test_page_survives_server_restart_mid_job(
         await expect(row(page, job_id).locator(".state")).to_have_text("VALIDATING", timeout=10000)
     # The server is gone while the job moves on.
     await expect(page.locator("#connection")).to_have_attribute("data-status", "reconnecting")
-    await asyncio.sleep(1.0)
+    store = redis.Redis.from_url(settings.redis_url)
+    job_key = settings.keys.job(job_id)
+    await wait_until(lambda: store.hget(job_key, "state") in (b"UPLOADING", b"SUCCESS"),
+                     what="the job moves on while the server is down")
+    store.close()
     async with run_server(settings, port):
         await expect(page.locator("#connection")).to_have_attribute("data-status", "live", timeout=15000)
         await expect(page.locator("#connection")).to_have_attribute("data-transport", "websocket")

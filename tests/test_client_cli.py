@@ -8,11 +8,12 @@ import sys
 import uuid
 
 import pytest
+import redis
 
 from jobwire.client import JobNotFound, Jobwire, watch
 from jobwire.settings import Settings
 from tests.clients import LIFECYCLE, assert_gap_free, submit
-from tests.support import ROOT, RunningServer, free_port, run_server
+from tests.support import ROOT, RunningServer, free_port, run_server, wait_until
 
 
 async def test_watch_yields_whole_lifecycle(server: RunningServer) -> None:
@@ -37,9 +38,11 @@ async def test_watch_resumes_across_server_restart(settings: Settings, worker: o
                 events.append(event)
 
         consumer = asyncio.create_task(consume())
-        while not any(e["state"] == "VALIDATING" for e in events):
-            await asyncio.sleep(0.02)
-    await asyncio.sleep(0.8)  # down while the job moves on (PROCESSING is published now)
+        await wait_until(lambda: any(e["state"] == "VALIDATING" for e in events), what="VALIDATING arrives")
+    store = redis.Redis.from_url(settings.redis_url)
+    await wait_until(lambda: store.hget(settings.keys.job(job_id), "state") == b"UPLOADING",
+                     what="the job moves on while the server is down")
+    store.close()
     async with run_server(settings, port):
         await asyncio.wait_for(consumer, 20)
     assert [e["state"] for e in events] == LIFECYCLE

@@ -15,7 +15,7 @@ from jobwire.server.feed import Feed
 from jobwire.server.hub import Hub
 from jobwire.server.store import JobStore
 from jobwire.tasks.recorder import Recorder
-from tests.support import RedisServer
+from tests.support import RedisServer, wait_until
 
 
 @pytest.fixture
@@ -50,10 +50,12 @@ async def test_slow_client_overflow_resyncs_from_history(parts) -> None:  # type
     recorder.record("slow", "PENDING")
     feed = Feed(hub, store, settings.keys, queue_limit=5, max_jobs=10)
     assert await feed.watch("slow")
+    delivered: list[object] = []  # a second sink: the hub hands each event to both in turn
+    await hub.subscribe(settings.keys.job_channel("slow"), delivered.append)
     for step in range(47):  # nobody reads the feed meanwhile
         recorder.record("slow", "WORKING", progress={"step": step})
     recorder.record("slow", "SUCCESS", result=None)
-    await asyncio.sleep(0.3)  # let the hub deliver (and overflow) the inbox
+    await wait_until(lambda: len(delivered) == 48, what="the hub delivers every live event")
     assert feed._overflowed and not feed._inbox  # the final event went with the inbox
     assert await drain(feed, "slow") == list(range(1, 50))
     feed.close()

@@ -11,7 +11,7 @@ import redis
 
 from jobwire.server.events import Delivery, Resync
 from jobwire.server.hub import Hub, HubUnavailable
-from tests.support import RedisServer
+from tests.support import RedisServer, wait_until
 
 
 def event(job_id: str, seq: int) -> bytes:
@@ -128,12 +128,12 @@ async def test_redis_restart_recovers_and_new_subscribers_wait(hub: Hub, own_red
     old = Collector()
     await hub.subscribe("r", old)
     own_redis.stop()
-    await asyncio.sleep(0.3)
-    assert not hub.connected
+    await wait_until(lambda: not hub.connected, what="the hub notices Redis is gone")
     new = Collector()
     waiting = asyncio.create_task(hub.subscribe("r2", new))
-    await asyncio.sleep(0.3)
-    assert not waiting.done()
+    tries = hub.reconnects
+    await wait_until(lambda: hub.reconnects >= tries + 2, what="the hub retries twice more")
+    assert not waiting.done()  # still waiting for a Redis that is not there
     own_redis.start()
     await asyncio.wait_for(waiting, 10)
     await old.wait_for(1, timeout=10)

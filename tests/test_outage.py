@@ -9,7 +9,7 @@ import websockets
 
 from jobwire.tasks.recorder import Recorder
 from tests.clients import assert_gap_free, events_until_final, until_subscribed
-from tests.support import RedisServer, run_server, settings_for
+from tests.support import RedisServer, run_server, settings_for, wait_until
 
 
 async def test_events_published_during_pubsub_outage_reach_clients(own_redis: RedisServer) -> None:
@@ -42,18 +42,18 @@ async def test_redis_down_then_back_clients_resume(own_redis: RedisServer) -> No
         async with httpx.AsyncClient(base_url=srv.url) as http:
             assert (await http.get("/readyz")).status_code == 200
             own_redis.stop()
-            await asyncio.sleep(0.5)
+            await wait_until(lambda: not srv.services.hub.connected, what="the hub notices Redis is gone")
             down = await http.get("/readyz")
             assert down.status_code == 503 and down.json()["redis"] is False
             status = await http.get("/api/v1/jobs/anything")
             assert status.status_code == 503
             assert status.json()["error"]["code"] == "redis_unavailable"
             own_redis.start()
-            for _ in range(100):
-                if (await http.get("/readyz")).status_code == 200:
-                    break
-                await asyncio.sleep(0.1)
-            assert (await http.get("/readyz")).status_code == 200
+
+            async def ready() -> bool:
+                return (await http.get("/readyz")).status_code == 200
+
+            await wait_until(ready, what="readyz says ready again")
         recorder = Recorder(own_redis.client(), settings)
         recorder.record("after", "PENDING")
         async with websockets.connect(f"{srv.ws_url}/ws") as ws:
@@ -83,7 +83,8 @@ async def test_shutdown_with_open_streams_completes(own_redis: RedisServer) -> N
     ws = await websockets.connect(f"{srv.ws_url}/ws")
     await ws.send(json.dumps({"op": "subscribe", "job_ids": ["held"]}))
     await until_subscribed(ws, "held")
-    await asyncio.sleep(0.3)
+    channel = settings.keys.job_channel("held")
+    await wait_until(lambda: srv.services.hub.subscribers(channel) == 2, what="the SSE stream is open too")
     loop = asyncio.get_running_loop()
     started = loop.time()
     await asyncio.wait_for(server.__aexit__(None, None, None), 8)  # run_server waits up to 10 s

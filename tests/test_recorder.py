@@ -32,6 +32,20 @@ class Monitor:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self._ready.wait(5)
+        # Open the marker's connection now, so its handshake is not counted (see stop()).
+        self._marker = server.client()
+        self._marker.echo("jobwire-monitor-start")
+        self._seen("jobwire-monitor-start")
+        self._start = len(self.commands)
+
+    def _seen(self, marker: str) -> int:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for i, cmd in enumerate(self.commands):
+                if cmd == f"ECHO {marker}":
+                    return i
+            time.sleep(0.01)
+        raise AssertionError(f"MONITOR never showed {marker}")
 
     def _run(self) -> None:
         with self._client.monitor() as m:
@@ -40,14 +54,17 @@ class Monitor:
                 if self._stop:
                     return
                 if cmd.get("client_type") != "lua":
-                    self.commands.append(cmd["command"].split(" ", 1)[0].upper())
+                    name, _, rest = cmd["command"].partition(" ")
+                    self.commands.append(f"ECHO {rest}" if name.upper() == "ECHO" else name.upper())
 
     def stop(self) -> list[str]:
-        time.sleep(0.2)
+        """The commands seen since start, up to a marker sent now (MONITOR keeps order)."""
+        self._marker.echo("jobwire-monitor-end")
+        end = self._seen("jobwire-monitor-end")
         self._stop = True
-        self._client.ping()  # wakes listen() so the thread sees _stop
-        seen = [c for c in self.commands if c not in ("PING", "MONITOR")]
-        return seen
+        self._marker.ping()  # wakes listen() so the thread sees _stop
+        self._marker.close()
+        return self.commands[self._start : end]
 
 
 @shared_task(bind=True, base=ProgressTask, name="probe")
