@@ -20,11 +20,11 @@ import urllib.request
 
 import orjson
 import websockets
+from jobwire.tasks.recorder import Recorder
 from rich.console import Console
 from rich.table import Table
 
 from jobwire.settings import Settings
-from jobwire.tasks.recorder import Recorder
 from tests.support import ROOT, free_port, redis_server
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -131,8 +131,12 @@ def parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     sv = sub.add_parser("serve", help="run the web server (settings from JOBWIRE_* variables)")
-    sv.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"), help="default 127.0.0.1 (env HOST)")
-    sv.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")), help="default 8000 (env PORT)")
+    sv.add_argument(
+        "--host", default=os.environ.get("HOST", "127.0.0.1"), help="default 127.0.0.1 (env HOST)"
+    )
+    sv.add_argument(
+        "--port", type=int, default=int(os.environ.get("PORT", "8000")), help="default 8000 (env PORT)"
+    )
     w = sub.add_parser("watch", help="follow a job until it ends; exit code tells how")
     w.add_argument("job_id")
     w.add_argument("--since", type=int, default=0, help="skip events up to this seq")

@@ -128,7 +128,9 @@ class JobNotFound(JobwireError):
     """No job with that id: never submitted, or expired."""
 
     def __init__(self, job_id: str, message: str | None = None) -> None:
-        super().__init__("job_not_found", message or f"no job with id {job_id!r} (never submitted, or expired)")
+        super().__init__(
+            "job_not_found", message or f"no job with id {job_id!r} (never submitted, or expired)"
+        )
         self.job_id = job_id
 
 

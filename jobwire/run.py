@@ -93,7 +93,16 @@ def main() -> None:
     if not _answers(url):
         procs.append(_start_redis(url))
     python = sys.executable
-    worker = [python, "-m", "celery", "-A", "jobwire.tasks.demo", "worker", "--loglevel=INFO", "--concurrency=2"]
+    worker = [
+        python,
+        "-m",
+        "celery",
+        "-A",
+        "jobwire.tasks.demo",
+        "worker",
+        "--loglevel=INFO",
+        "--concurrency=2",
+    ]
     web = [python, "-m", "jobwire.cli", "serve", "--host", host, "--port", port]
     procs.append(subprocess.Popen(worker, env=env))
     procs.append(subprocess.Popen(web, env=env))

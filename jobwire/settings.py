@@ -32,7 +32,9 @@ CommaList = Annotated[tuple[str, ...], NoDecode]  # "a, b,c" in the environment
 class Settings(BaseSettings):
     """Everything jobwire can be configured with (see README, "Configuration")."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore", env_ignore_empty=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", env_ignore_empty=True
+    )
 
     redis_url: str = DEFAULT_REDIS_URL
     broker_url: str = ""  # empty: same as redis_url
@@ -45,7 +47,9 @@ class Settings(BaseSettings):
     batch_max_ids: Annotated[int, Field(ge=1)] = 1000  # ids per batch-status call
     max_jobs_per_socket: Annotated[int, Field(ge=1)] = 1000
     client_queue_limit: Annotated[int, Field(ge=1)] = 1000  # events buffered per client before a resync
-    redis_max_connections: Annotated[int, Field(ge=2)] = 64  # server's pool for reads; requests queue beyond it
+    redis_max_connections: Annotated[int, Field(ge=2)] = (
+        64  # server's pool for reads; requests queue beyond it
+    )
 
     # Timeouts
     record_retry_seconds: Annotated[float, Field(gt=0)] = 20.0  # a worker retries a write this long

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-
 from pathlib import Path
 from typing import Any
 
+from jobwire.server.celery_app import load_celery_app
+from jobwire.server.errors import EXCEPTION_HANDLERS
+from jobwire.server.hub import Hub
+from jobwire.server.routes import health, jobs, sse, ws
+from jobwire.server.services import Services
+from jobwire.server.store import JobStore
+from jobwire.tasks import registry
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from jobwire.settings import Settings
-from jobwire.server.errors import EXCEPTION_HANDLERS
-from jobwire.server.hub import Hub
-from jobwire.server.routes import health, jobs, sse, ws
-from jobwire.server.services import Services
-from jobwire.server.celery_app import load_celery_app
-from jobwire.server.store import JobStore
-from jobwire.tasks import registry
 
 # `static/` sits beside `server/` in the repository and beside `jobwire/server/` once
 # installed (package data), so one path serves both.
@@ -34,7 +33,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     # Read events where the app's workers write them (attach() may have taken the Redis
     # from the app's result backend).
     recorded = registry.settings_for(celery)
-    settings = settings.model_copy(update={"redis_url": recorded.redis_url, "key_prefix": recorded.key_prefix})
+    settings = settings.model_copy(
+        update={"redis_url": recorded.redis_url, "key_prefix": recorded.key_prefix}
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -22,10 +22,11 @@ import asyncio
 from collections import deque
 from typing import Any
 
-from jobwire.protocol import JobwireError, Keys, Msg
 from jobwire.server.events import Delivery, FromAll, Resync
 from jobwire.server.hub import Hub
 from jobwire.server.store import JobStore
+
+from jobwire.protocol import JobwireError, Keys, Msg
 
 #: What a feed yields: a watched job's event, an all-jobs-stream event, or a control
 #: message (a dict sent as JSON).

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from celery import Celery
+from jobwire.server.feed import Feed
+from jobwire.server.hub import Hub
+from jobwire.server.store import JobStore
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
 from jobwire.settings import Settings
-from jobwire.server.feed import Feed
-from jobwire.server.hub import Hub
-from jobwire.server.store import JobStore
 
 
 @dataclass

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+from jobwire.server.events import Delivery
 from redis.asyncio import Redis
 
 from jobwire import scripts
 from jobwire.protocol import UNKNOWN, Keys
-from jobwire.server.events import Delivery
 
 
 class JobStore:

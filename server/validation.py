@@ -16,7 +16,9 @@ job_id = check_job_id
 def job_ids(value: Any, *, limit: int, field: str = "job_ids") -> list[str]:
     """A non-empty list of distinct, well-formed job ids (order kept, duplicates dropped)."""
     if not isinstance(value, list):
-        raise JobwireError("invalid_request", f"{field} must be a list of job ids, got {type(value).__name__}")
+        raise JobwireError(
+            "invalid_request", f"{field} must be a list of job ids, got {type(value).__name__}"
+        )
     if len(value) > limit:
         raise JobwireError("too_many_ids", f"{field} holds {len(value)} ids; at most {limit} per request")
     return list(dict.fromkeys(job_id(v) for v in value))

@@ -6,9 +6,9 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import TaskRevokedError
+from jobwire.tasks.recorder import Recorder
 
 from jobwire.protocol import REVOKED
-from jobwire.tasks.recorder import Recorder
 
 
 def submit(app: Celery, name: str, args: list[Any], kwargs: dict[str, Any], job_id: str) -> None:

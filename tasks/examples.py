@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 from celery import Celery, Task
-
 from jobwire.tasks.progress import ProgressTask
 
 MAX_DELAY = 60.0
@@ -44,8 +43,13 @@ def report_steps(self: ProgressTask, steps: int = 5, delay: float = 1.0) -> dict
     for done in range(steps):
         # `step` names the step in progress; percent counts the steps already done, so the
         # bar never shows 100% while the last step still runs.
-        seq = self.report("WORKING", step=done + 1, total=steps, percent=100.0 * done / steps,
-                          description=f"Step {done + 1} of {steps}")
+        seq = self.report(
+            "WORKING",
+            step=done + 1,
+            total=steps,
+            percent=100.0 * done / steps,
+            description=f"Step {done + 1} of {steps}",
+        )
         if seq is None:
             return {"status": "cancelled", "steps": done}
         time.sleep(delay)

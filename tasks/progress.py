@@ -16,10 +16,10 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore
-
-from jobwire.protocol import FINAL_STATES, PENDING, RETRY, STARTED, progress_meta
 from jobwire.tasks.backend import CELERY_STATES, JobwireBackendMixin
 from jobwire.tasks.recorder import Recorder
+
+from jobwire.protocol import FINAL_STATES, PENDING, RETRY, STARTED, progress_meta
 
 #: States `report()` refuses: they belong to the lifecycle, which Celery drives.
 RESERVED_STATES = frozenset({PENDING, STARTED, RETRY}) | FINAL_STATES
@@ -66,7 +66,9 @@ class ProgressTask(Task):  # type: ignore[misc]
         if self.request.id is None:  # called directly as a function, not as a task
             return 0
         progress = progress_meta(step, total, description, percent, **extra)
-        return Recorder.for_app(self.app).record_state(self.request.id, state, progress, self.request, task=self.name)
+        return Recorder.for_app(self.app).record_state(
+            self.request.id, state, progress, self.request, task=self.name
+        )
 
     def update_state(
         self, task_id: str | None = None, state: str | None = None, meta: Any = None, **kwargs: Any
@@ -82,4 +84,6 @@ class ProgressTask(Task):  # type: ignore[misc]
             super().update_state(task_id, state, meta, **kwargs)
             return
         request = self.request if job_id == self.request.id else None
-        Recorder.for_app(self.app).record_state(job_id, state, meta, request, task=self.name if request else None)
+        Recorder.for_app(self.app).record_state(
+            job_id, state, meta, request, task=self.name if request else None
+        )

@@ -20,12 +20,12 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.backends.redis import RedisBackend
+from jobwire.tasks import registry
 
 from jobwire import scripts
 from jobwire.backoff import backoff
 from jobwire.protocol import FINAL_STATES, dumps, event_parts, progress_from_meta
 from jobwire.settings import Settings
-from jobwire.tasks import registry
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,9 @@ class Recorder:
         celery_meta = self.celery_meta(job_id, state, meta, request)
         if celery_meta is None and self._app is not None:
             self._app.backend.store_result(job_id, meta, state, request=request)
-        return self.record(job_id, state, progress=progress_from_meta(meta), task=task, celery_meta=celery_meta)
+        return self.record(
+            job_id, state, progress=progress_from_meta(meta), task=task, celery_meta=celery_meta
+        )
 
     def record(
         self,

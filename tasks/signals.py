@@ -29,10 +29,10 @@ from typing import Any
 
 from celery import Task
 from celery.signals import before_task_publish, task_failure, task_prerun, task_revoked, task_success
-
-from jobwire.protocol import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 from jobwire.tasks import registry
 from jobwire.tasks.recorder import Recorder
+
+from jobwire.protocol import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import redis
 import uvicorn
+from jobwire.server.app import create_app
 
 from jobwire.settings import Settings
-from jobwire.server.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,9 @@ class RedisServer:
 class Worker:
     """A real `celery worker` process (prefork, 2 children) against a given Redis."""
 
-    def __init__(self, redis_url: str, log_path: Path, *, concurrency: int = 2, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, redis_url: str, log_path: Path, *, concurrency: int = 2, env: dict[str, str] | None = None
+    ) -> None:
         self.redis_url = redis_url
         self.log_path = log_path
         self.concurrency = concurrency
@@ -96,7 +98,14 @@ class Worker:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "jobwire.tasks.demo", "worker", "--pool", "prefork"]
-            + ["--concurrency", str(self.concurrency), "--loglevel", "INFO", "--without-gossip", "--without-mingle"],
+            + [
+                "--concurrency",
+                str(self.concurrency),
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ],
             cwd=ROOT,
             env=env,
             stdout=self.log,
@@ -173,9 +182,7 @@ def redis_server(*, persist: bool = False) -> Iterator[RedisServer]:
         server.close()
 
 
-async def wait_until(
-    condition: Any, *, what: str, timeout: float = 15.0, interval: float = 0.05
-) -> None:
+async def wait_until(condition: Any, *, what: str, timeout: float = 15.0, interval: float = 0.05) -> None:
     """Wait until `condition()` (sync or async) is true; fail naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:

@@ -44,7 +44,9 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (wheel,) = wheels.glob("jobwire-*.whl")
     python = base / "venv" / "bin" / "python"
-    site = subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+    site = subprocess.check_output(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+    )
     (Path(site.decode().strip()) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", wheel], check=True
@@ -96,12 +98,31 @@ async def test_shop_streams_seed_style_progress_to_success(
     log = (shop / "worker.log").open("wb")
     server_log = (shop / "server.log").open("wb")
     # `celery -A celeryapp worker` (the celery script itself is not in this venv: its package is shared)
-    worker = [venv / "bin" / "python", "-m", "celery", "-A", "celeryapp", "worker", "--pool", "prefork", "-c", "1", "-l", "INFO"]
+    worker = [
+        venv / "bin" / "python",
+        "-m",
+        "celery",
+        "-A",
+        "celeryapp",
+        "worker",
+        "--pool",
+        "prefork",
+        "-c",
+        "1",
+        "-l",
+        "INFO",
+    ]
     processes.append(
-        subprocess.Popen([*worker, "--without-gossip", "--without-mingle"], cwd=shop, env=env, stdout=log, stderr=log)
+        subprocess.Popen(
+            [*worker, "--without-gossip", "--without-mingle"], cwd=shop, env=env, stdout=log, stderr=log
+        )
     )
     port = free_port()
-    server_env = {**env, "JOBWIRE_CELERY_APP": "celeryapp:app", "JOBWIRE_ALLOWED_TASKS": "tasks.long_running_task"}
+    server_env = {
+        **env,
+        "JOBWIRE_CELERY_APP": "celeryapp:app",
+        "JOBWIRE_ALLOWED_TASKS": "tasks.long_running_task",
+    }
     processes.append(
         subprocess.Popen(
             [venv / "bin" / "jobwire", "serve", "--port", str(port)],
@@ -125,14 +146,18 @@ async def test_shop_streams_seed_style_progress_to_success(
         await wait_until(ready, what="jobwire serve is ready", timeout=30)
     finally:
         log.close(), server_log.close()  # the children hold their own descriptors
-    await wait_until(lambda: b"ready." in (shop / "worker.log").read_bytes(), what="the shop worker is ready", timeout=30)
+    await wait_until(
+        lambda: b"ready." in (shop / "worker.log").read_bytes(), what="the shop worker is ready", timeout=30
+    )
 
     async with httpx.AsyncClient(base_url=url) as http:
         tasks = (await http.get("/api/v1/tasks")).json()["tasks"]
         assert [t["name"] for t in tasks] == ["tasks.long_running_task"]
         refused = await http.post("/api/v1/jobs", json={"task": "tasks.import_orders"})
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "task_not_allowed"
-        resp = await http.post("/api/v1/jobs", json={"task": "tasks.long_running_task", "kwargs": {"delay": 0.1}})
+        resp = await http.post(
+            "/api/v1/jobs", json={"task": "tasks.long_running_task", "kwargs": {"delay": 0.1}}
+        )
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["job_id"]
 
@@ -146,8 +171,20 @@ async def test_shop_streams_seed_style_progress_to_success(
             msg = await recv_json(ws, timeout=20)
             if msg["type"] == "event":
                 events.append(msg)
-    assert [e["state"] for e in events] == ["PENDING", "STARTED", "VALIDATING", "PROCESSING", "UPLOADING", "SUCCESS"]
+    assert [e["state"] for e in events] == [
+        "PENDING",
+        "STARTED",
+        "VALIDATING",
+        "PROCESSING",
+        "UPLOADING",
+        "SUCCESS",
+    ]
     assert_gap_free(events)
-    assert events[3]["progress"] == {"step": 2, "total": 3, "description": "Processing data", "percent": 66.67}
+    assert events[3]["progress"] == {
+        "step": 2,
+        "total": 3,
+        "description": "Processing data",
+        "percent": 66.67,
+    }
     assert events[-1]["result"] == {"status": "complete", "items": 0}
     assert time.time() - events[0]["ts"] < 60

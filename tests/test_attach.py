@@ -11,11 +11,11 @@ import pytest
 from celery import Celery
 from celery import _state as celery_state
 from celery.result import AsyncResult
+from jobwire.tasks import registry
+from jobwire.tasks.recorder import Recorder
 
 import jobwire
 from jobwire.settings import Settings
-from jobwire.tasks import registry
-from jobwire.tasks.recorder import Recorder
 from tests.support import RedisServer, run_server
 from tests.test_recorder import Monitor
 
@@ -26,7 +26,9 @@ def _app(url: str, name: str = "user") -> Celery:
 
 def test_import_has_no_side_effects() -> None:
     """`import jobwire` imports no Celery (clients stay light) and connects no signal."""
-    out = subprocess.check_output([sys.executable, "-c", "import sys, jobwire; print('celery' in sys.modules)"])
+    out = subprocess.check_output(
+        [sys.executable, "-c", "import sys, jobwire; print('celery' in sys.modules)"]
+    )
     assert out.decode().strip() == "False"
     code = (
         "import jobwire.client, jobwire.tasks.progress, jobwire.tasks.signals;"
@@ -103,7 +105,9 @@ def test_backend_on_another_redis_is_refused(own_redis: RedisServer) -> None:
     app.close()
 
 
-def test_jobwire_redis_defaults_to_the_backends(own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_jobwire_redis_defaults_to_the_backends(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With JOBWIRE_REDIS_URL unset, events go where Celery's results are."""
     monkeypatch.delenv("JOBWIRE_REDIS_URL", raising=False)
     app = jobwire.attach(_app(own_redis.url))
@@ -130,7 +134,9 @@ async def test_server_with_a_users_app_submits_nothing_until_allowed(
                 "code": "task_not_allowed",
                 "message": "task 'plain.seed' is not submittable; allowed: none",
             }
-    allowed = Settings(redis_url=own_redis.url, celery_app="tests.apps.plain:app", allowed_tasks=("plain.seed",))
+    allowed = Settings(
+        redis_url=own_redis.url, celery_app="tests.apps.plain:app", allowed_tasks=("plain.seed",)
+    )
     async with run_server(allowed) as srv, httpx.AsyncClient(base_url=srv.url) as http:
         resp = await http.post("/api/v1/jobs", json={"task": "plain.seed"})
         assert resp.status_code == 202
@@ -140,6 +146,7 @@ async def test_server_with_a_users_app_submits_nothing_until_allowed(
 
 def test_bad_celery_app_setting_says_what_to_change(own_redis: RedisServer) -> None:
     from jobwire.server.celery_app import load_celery_app
+
     from jobwire.settings import SettingsError
 
     with pytest.raises(SettingsError, match="cannot import 'no_such_module'"):

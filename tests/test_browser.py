@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
+from jobwire.tasks.recorder import Recorder
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from jobwire.settings import Settings
-from jobwire.tasks.recorder import Recorder
 from tests.clients import LIFECYCLE
 from tests.support import free_port, run_server, wait_until
 
@@ -20,7 +20,9 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if os.environ.get("JOBWIRE_SKIP_BROWSER"):
-    pytest.skip("JOBWIRE_SKIP_BROWSER is set: the browser tests were skipped on purpose", allow_module_level=True)
+    pytest.skip(
+        "JOBWIRE_SKIP_BROWSER is set: the browser tests were skipped on purpose", allow_module_level=True
+    )
 if not os.path.exists(CHROMIUM):
     # Never a silent pass without them: `make test` installs chromium where it can.
     raise RuntimeError(
@@ -146,8 +148,10 @@ async def test_page_survives_server_restart_mid_job(
     await expect(page.locator("#connection")).to_have_attribute("data-status", "reconnecting")
     store = redis.Redis.from_url(settings.redis_url)
     job_key = settings.keys.job(job_id)
-    await wait_until(lambda: store.hget(job_key, "state") in (b"UPLOADING", b"SUCCESS"),
-                     what="the job moves on while the server is down")
+    await wait_until(
+        lambda: store.hget(job_key, "state") in (b"UPLOADING", b"SUCCESS"),
+        what="the job moves on while the server is down",
+    )
     store.close()
     async with run_server(settings, port):
         await expect(page.locator("#connection")).to_have_attribute("data-status", "live", timeout=15000)

@@ -40,8 +40,10 @@ async def test_watch_resumes_across_server_restart(settings: Settings, worker: o
         consumer = asyncio.create_task(consume())
         await wait_until(lambda: any(e["state"] == "VALIDATING" for e in events), what="VALIDATING arrives")
     store = redis.Redis.from_url(settings.redis_url)
-    await wait_until(lambda: store.hget(settings.keys.job(job_id), "state") == b"UPLOADING",
-                     what="the job moves on while the server is down")
+    await wait_until(
+        lambda: store.hget(settings.keys.job(job_id), "state") == b"UPLOADING",
+        what="the job moves on while the server is down",
+    )
     store.close()
     async with run_server(settings, port):
         await asyncio.wait_for(consumer, 20)

@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
-from redis.asyncio import Redis
-
-from jobwire.settings import Settings
 from jobwire.server.events import Delivery
 from jobwire.server.feed import Feed
 from jobwire.server.hub import Hub
 from jobwire.server.store import JobStore
 from jobwire.tasks.recorder import Recorder
+from redis.asyncio import Redis
+
+from jobwire.settings import Settings
 from tests.support import RedisServer, wait_until
 
 

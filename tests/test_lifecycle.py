@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 
@@ -75,7 +74,9 @@ async def test_revoke_running_job_reaches_every_watcher(server: RunningServer, w
         assert "SUCCESS" not in [e["state"] for e in events]
         assert_gap_free(events)
     # The worker terminated the task (SIGTERM); Celery's stored state says REVOKED too.
-    await wait_until(lambda: f"Terminating {job_id}" in worker.log_path.read_text(), what="the worker terminates it")
+    await wait_until(
+        lambda: f"Terminating {job_id}" in worker.log_path.read_text(), what="the worker terminates it"
+    )
     assert AsyncResult(job_id, app=server.services.celery).state == "REVOKED"
 
 
@@ -189,7 +190,9 @@ async def test_job_revoked_before_any_worker_knew_never_runs(server: RunningServ
     recorder.record(job_id, "REVOKED", error={"type": "TaskRevokedError", "message": "no broadcast"})
     celery.send_task("report_steps", kwargs={"steps": 1, "delay": 0.01}, task_id=job_id)
     log = worker.log_path
-    await wait_until(lambda: f"{job_id}] ignored" in log.read_text(), what="the worker logs it ignored the task")
+    await wait_until(
+        lambda: f"{job_id}] ignored" in log.read_text(), what="the worker logs it ignored the task"
+    )
     assert AsyncResult(job_id, app=celery).state != "SUCCESS"  # the body never ran
     events = await watch_ws(server.ws_url, job_id)
     assert [e["state"] for e in events] == ["PENDING", "REVOKED"]

@@ -121,7 +121,12 @@ async def test_tasks_listing_and_health(server: RunningServer) -> None:
     """GET /api/v1/tasks lists the allow-list with descriptions; /healthz and /readyz answer."""
     async with httpx.AsyncClient(base_url=server.url) as http:
         tasks = (await http.get("/api/v1/tasks")).json()["tasks"]
-        assert [t["name"] for t in tasks] == ["long_running_task", "report_steps", "failing_task", "retrying_task"]
+        assert [t["name"] for t in tasks] == [
+            "long_running_task",
+            "report_steps",
+            "failing_task",
+            "retrying_task",
+        ]
         assert all(t["description"] for t in tasks)
         assert (await http.get("/healthz")).json() == {"status": "ok"}
         ready = await http.get("/readyz")

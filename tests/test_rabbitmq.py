@@ -17,7 +17,15 @@ import pytest
 from celery.result import AsyncResult
 
 from tests.clients import assert_gap_free, submit, watch_ws
-from tests.support import RedisServer, RunningServer, Worker, redis_server, run_server, settings_for, wait_until
+from tests.support import (
+    RedisServer,
+    RunningServer,
+    Worker,
+    redis_server,
+    run_server,
+    settings_for,
+    wait_until,
+)
 
 BROKER = os.environ.get("JOBWIRE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
@@ -60,7 +68,12 @@ def rabbit_worker(
     results_redis: RedisServer, rabbit_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Worker]:
     """One process, so a second job waits queued behind the first."""
-    w = Worker(results_redis.url, Path(tmp_path_factory.mktemp("rabbit")) / "worker.log", concurrency=1, env=rabbit_env)
+    w = Worker(
+        results_redis.url,
+        Path(tmp_path_factory.mktemp("rabbit")) / "worker.log",
+        concurrency=1,
+        env=rabbit_env,
+    )
     w.start()
     yield w
     w.stop()
@@ -76,14 +89,23 @@ async def test_lifecycle_and_retry_over_rabbitmq(rabbit_server: RunningServer) -
     """PENDING at publish (RabbitMQ), update_state progress, RETRY, SUCCESS: gap-free."""
     job_id = await submit(rabbit_server.url, delay=0.05)
     events = await watch_ws(rabbit_server.ws_url, job_id)
-    assert [e["state"] for e in events] == ["PENDING", "STARTED", "VALIDATING", "PROCESSING", "UPLOADING", "SUCCESS"]
+    assert [e["state"] for e in events] == [
+        "PENDING",
+        "STARTED",
+        "VALIDATING",
+        "PROCESSING",
+        "UPLOADING",
+        "SUCCESS",
+    ]
     assert_gap_free(events)
     retry_id = await submit(rabbit_server.url, "retrying_task", delay=0.1, failures=1)
     states = [e["state"] for e in await watch_ws(rabbit_server.ws_url, retry_id)]
     assert states == ["PENDING", "STARTED", "PROCESSING", "RETRY", "STARTED", "PROCESSING", "SUCCESS"]
 
 
-async def test_revoke_running_and_queued_over_rabbitmq(rabbit_server: RunningServer, rabbit_worker: Worker) -> None:
+async def test_revoke_running_and_queued_over_rabbitmq(
+    rabbit_server: RunningServer, rabbit_worker: Worker
+) -> None:
     """The running job is terminated (REVOKED for jobwire and Celery); the one queued behind
     it goes PENDING → REVOKED and never starts."""
     celery = rabbit_server.services.celery
@@ -106,8 +128,12 @@ async def test_revoke_running_and_queued_over_rabbitmq(rabbit_server: RunningSer
     running_events = await watch_ws(rabbit_server.ws_url, running)
     assert running_events[-1]["state"] == "REVOKED" and "SUCCESS" not in [e["state"] for e in running_events]
     log = rabbit_worker.log_path
-    await wait_until(lambda: f"Discarding revoked task: long_running_task[{queued}]" in log.read_text(),
-                     what="the worker discards the queued job")
-    await wait_until(lambda: f"Terminating {running}" in log.read_text(), what="the worker terminates the running job")
+    await wait_until(
+        lambda: f"Discarding revoked task: long_running_task[{queued}]" in log.read_text(),
+        what="the worker discards the queued job",
+    )
+    await wait_until(
+        lambda: f"Terminating {running}" in log.read_text(), what="the worker terminates the running job"
+    )
     assert AsyncResult(running, app=celery).state == "REVOKED"
     assert "STARTED" not in [e["state"] for e in await watch_ws(rabbit_server.ws_url, queued)]

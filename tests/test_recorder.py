@@ -10,14 +10,14 @@ import pytest
 import redis
 from celery import shared_task
 from celery.result import AsyncResult
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
-from jobwire.settings import Settings
 from jobwire.tasks.control import revoke_job
 from jobwire.tasks.demo import create_demo_app
 from jobwire.tasks.progress import ProgressTask
 from jobwire.tasks.recorder import Recorder
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from jobwire.settings import Settings
 from tests.support import RedisServer, redis_server
 
 
@@ -167,7 +167,9 @@ def test_report_rides_out_a_redis_restart() -> None:
         assert [orjson.loads(e)["seq"] for e in history] == [1, 2]
 
 
-def test_report_gives_up_after_the_retry_window(own_redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_report_gives_up_after_the_retry_window(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
     """Redis gone for longer than record_retry_seconds: the write retries (with backoff) for
     that window, then raises instead of hanging."""
     settings = Settings(redis_url=own_redis.url, record_retry_seconds=1.0)

@@ -142,7 +142,9 @@ async def test_multiplexed_sse_with_nothing_to_follow_ends(server: RunningServer
     holding no hub subscription."""
     hub, keys = server.services.hub, server.services.settings.keys
     async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
-        async with http.stream("GET", "/api/v1/events", params=[("job", "never-1"), ("job", "never-2")]) as resp:
+        async with http.stream(
+            "GET", "/api/v1/events", params=[("job", "never-1"), ("job", "never-2")]
+        ) as resp:
             assert resp.status_code == 200
             messages = await read_sse(resp)
     assert [(k, d.get("code") or d["type"]) for k, d in messages] == [
@@ -174,7 +176,7 @@ async def test_multiplexed_sse_redis_error_leaves_no_subscription(server: Runnin
 
 async def test_transports_can_be_turned_off(settings, worker) -> None:  # type: ignore[no-untyped-def]
     """JOBWIRE_TRANSPORTS without websocket refuses the upgrade (403); without sse, SSE is 503."""
-    
+
     from tests.support import run_server
 
     async with run_server(settings.model_copy(update=dict(transports=("polling",)))) as srv:

@@ -6,6 +6,11 @@ import uuid
 from typing import Any
 
 import orjson
+from jobwire.server import schemas, validation
+from jobwire.server.errors import JSON
+from jobwire.server.services import services
+from jobwire.tasks.control import revoke_job, submit
+from jobwire.tasks.recorder import Recorder
 from kombu.exceptions import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -13,11 +18,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jobwire.protocol import FAILURE, MAX_BODY_BYTES, JobNotFound, JobwireError
-from jobwire.server import schemas, validation
-from jobwire.server.errors import JSON
-from jobwire.server.services import services
-from jobwire.tasks.control import revoke_job, submit
-from jobwire.tasks.recorder import Recorder
 
 
 async def read_json(request: Request) -> Any:

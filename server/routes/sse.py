@@ -21,17 +21,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import orjson
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
-
-from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, JobNotFound, JobwireError, Msg
 from jobwire.server import validation
 from jobwire.server.events import Delivery, FromAll
 from jobwire.server.feed import Feed
 from jobwire.server.hub import HubUnavailable
 from jobwire.server.routes.jobs import path_job_id
 from jobwire.server.services import Services, services
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, JobNotFound, JobwireError, Msg
 
 
 def _sse_services(request: Request) -> Services:

@@ -27,16 +27,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
-from starlette.routing import WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
-
-from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobNotFound, JobwireError, Msg, Op
 from jobwire.server import validation
 from jobwire.server.events import Delivery, FromAll
 from jobwire.server.feed import Feed, Item
 from jobwire.server.hub import HubUnavailable
 from jobwire.server.services import services
+from redis.exceptions import RedisError
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobNotFound, JobwireError, Msg, Op
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,9 @@ async def _op_subscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
         except JobwireError as exc:
             reply(exc.as_message(job_id=job_id))
         except (HubUnavailable, RedisError) as exc:
-            reply(JobwireError("unavailable", f"job store unavailable, retry: {exc}").as_message(job_id=job_id))
+            reply(
+                JobwireError("unavailable", f"job store unavailable, retry: {exc}").as_message(job_id=job_id)
+            )
 
     await asyncio.gather(*(one(job_id) for job_id in ids))
 
