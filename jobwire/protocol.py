@@ -141,9 +141,14 @@ MAX_IDS_PER_MESSAGE = 1000  # job ids in one /ws subscribe or unsubscribe
 MAX_JOBS_PER_STREAM = 200  # jobs on one multiplexed SSE stream (they travel in the URL)
 SSE_RETRY_MS = 2000  # how soon EventSource reconnects after a drop
 
+MAX_SEQ = 2**63 - 1  # Redis integers are signed 64-bit
+MAX_JSON_DEPTH = 32  # nesting of task arguments: Celery's encoders fail far deeper than any real use
+
 # Job ids are usually Celery UUIDs, but other services may pick their own
-# (`apply_async(task_id=...)`). Anything printable without whitespace is fine in a key.
-_JOB_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+# (`apply_async(task_id=...)`): printable ASCII without spaces, and without `{` or `}`,
+# which would break the per-job hash tag of the key layout (see `Keys`).
+_JOB_ID = re.compile(r"^[\x21-\x7a|~]{1,200}$")
+_SEQ = re.compile(r"^[0-9]{1,19}$")  # ASCII digits only: str.isdigit() also takes '²'
 
 
 def check_job_id(value: object) -> str:
@@ -151,8 +156,18 @@ def check_job_id(value: object) -> str:
     if not isinstance(value, str) or not _JOB_ID.match(value):
         raise JobwireError(
             "invalid_job_id",
-            f"job id must be 1-200 printable ASCII characters without spaces, got {value!r:.80}",
+            "job id must be 1-200 printable ASCII characters without spaces, '{' or '}', "
+            f"got {value!r:.80}",
         )
+    return value
+
+
+def parse_seq(value: object, *, field: str) -> int:
+    """A seq from a client: a non-negative integer up to 2**63-1, or such a decimal string."""
+    if isinstance(value, str) and _SEQ.match(value.strip()):
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise JobwireError("invalid_request", f"{field} must be a non-negative integer, got {value!r:.40}")
     return value
 
 
@@ -160,38 +175,54 @@ def check_job_id(value: object) -> str:
 class Keys:
     """Every Redis key and channel jobwire uses, under one prefix.
 
-    The prefix is the same one handed to Celery as `global_keyprefix`, so a deployment's
-    jobwire data and Celery results sit side by side and can be told apart from other
-    apps sharing the Redis.
+    A job's keys are `<prefix>{<id>}:job` and `<prefix>{<id>}:events`: the braces make the
+    id a hash tag, so one job's keys share a cluster slot (the record script touches one
+    slot), and since ids cannot contain braces, no id can produce another job's key (an id
+    `x:events` once answered for job `x`'s history). The prefix is the one handed to Celery
+    as `global_keyprefix`, so jobwire data and Celery results sit side by side.
     """
 
     prefix: str = "jobwire:"
 
     def job(self, job_id: str) -> str:
-        """Hash with the job's latest state, seq, progress, result/error and metadata."""
-        return f"{self.prefix}job:{job_id}"
+        """Hash with the job's latest state, seq, progress, result/error, owner and metadata."""
+        return f"{self.prefix}{{{job_id}}}:job"
 
     def history(self, job_id: str) -> str:
         """Sorted set of the job's events scored by seq (bounded, newest kept)."""
-        return f"{self.prefix}job:{job_id}:events"
+        return f"{self.prefix}{{{job_id}}}:events"
 
     @property
     def recent(self) -> str:
         """Sorted set of job ids scored by creation time, for listings."""
         return f"{self.prefix}jobs:recent"
 
+    def tenant_recent(self, tenant: str) -> str:
+        """The recent-jobs index of one tenant."""
+        return f"{self.prefix}tenant:{tenant}:recent"
+
     def job_channel(self, job_id: str) -> str:
         """Pub/sub channel carrying one job's events."""
-        return f"{self.prefix}events:{job_id}"
+        return f"{self.prefix}{{{job_id}}}:live"
 
     @property
     def all_channel(self) -> str:
-        """Pub/sub channel carrying every job's events (dashboards)."""
+        """Pub/sub channel carrying every job's events (admin dashboards)."""
         return f"{self.prefix}events"
 
+    @property
+    def tenant_channel_prefix(self) -> str:
+        return f"{self.prefix}tenant-events:"
+
+    def tenant_channel(self, tenant: str) -> str:
+        """Pub/sub channel carrying the events of one tenant's jobs."""
+        return self.tenant_channel_prefix + tenant
+
     def job_id_from_channel(self, channel: str) -> str | None:
-        head = f"{self.prefix}events:"
-        return channel[len(head) :] if channel.startswith(head) else None
+        head, tail = f"{self.prefix}{{", "}:live"
+        if channel.startswith(head) and channel.endswith(tail):
+            return channel[len(head) : -len(tail)]
+        return None
 
 
 def dumps(value: Any) -> bytes:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobwire.protocol import JobwireError
+from jobwire.protocol import MAX_JSON_DEPTH, JobwireError
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -39,6 +39,9 @@ def parse(model: type[Model], body: Any) -> Model:
     if not isinstance(body, dict):
         fields = ", ".join(f"{n}{'' if f.is_required() else '?'}" for n, f in model.model_fields.items())
         raise JobwireError("invalid_request", f"body must be an object: {{{fields}}}")
+    deep = _deeper_than(body, MAX_JSON_DEPTH)
+    if deep:
+        raise JobwireError("invalid_request", f"{deep} is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -53,3 +56,19 @@ def parse(model: type[Model], body: Any) -> Model:
         expected = _EXPECTED.get(field)
         message = f"{field} must be {expected}" if expected else f"{field}: {errors[0]['msg']}"
         raise JobwireError("invalid_request", message) from None
+
+
+def _deeper_than(body: dict[str, Any], limit: int) -> str | None:
+    """The top-level field whose value nests deeper than `limit`, if any (iteratively:
+    the point is to refuse what would blow a recursive encoder's stack)."""
+    for field, value in body.items():
+        stack = [(value, 1)]
+        while stack:
+            node, depth = stack.pop()
+            if depth > limit:
+                return str(field)
+            if isinstance(node, dict):
+                stack.extend((v, depth + 1) for v in node.values())
+            elif isinstance(node, list):
+                stack.extend((v, depth + 1) for v in node)
+    return None

@@ -6,9 +6,11 @@ expected; the transport turns it into a 4xx JSON error or a websocket error mess
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
-from jobwire.protocol import JobwireError, check_job_id
+from jobwire.protocol import JobwireError, check_job_id, parse_seq
 
 job_id = check_job_id
 
@@ -24,13 +26,7 @@ def job_ids(value: Any, *, limit: int, field: str = "job_ids") -> list[str]:
     return list(dict.fromkeys(job_id(v) for v in value))
 
 
-def seq(value: Any, *, field: str) -> int:
-    """A non-negative integer seq (also accepted as a decimal string, as headers send it)."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise JobwireError("invalid_request", f"{field} must be a non-negative integer, got {value!r:.40}")
-    return value
+seq = parse_seq
 
 
 def since_map(value: Any) -> dict[str, int]:
@@ -40,3 +36,26 @@ def since_map(value: Any) -> dict[str, int]:
     if not isinstance(value, dict):
         raise JobwireError("invalid_request", f"since must be an object of job id to seq, got {value!r:.60}")
     return {job_id(k): seq(v, field=f"since[{k!r}]") for k, v in value.items()}
+
+
+_INT = re.compile(r"^[0-9]{1,9}$")
+
+
+def bounded_int(value: str, *, field: str, low: int, high: int) -> int:
+    """A decimal query parameter from `low` to `high`."""
+    if not _INT.match(value) or not low <= int(value) <= high:
+        raise JobwireError(
+            "invalid_request", f"{field} must be an integer from {low} to {high}, got {value!r:.40}"
+        )
+    return int(value)
+
+
+def timestamp(value: str, *, field: str) -> float:
+    """A finite, non-negative number (Unix seconds): `float()` alone takes 'NaN' and 'inf'."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0 or len(value) > 40:
+        raise JobwireError("invalid_request", f"{field} must be a number of seconds, got {value!r:.40}")
+    return number

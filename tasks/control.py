@@ -15,10 +15,17 @@ def submit(app: Celery, name: str, args: list[Any], kwargs: dict[str, Any], job_
     """Send task `name` as job `job_id` (blocking: call it from a thread).
 
     The app is made current in the calling thread first, so the publish signal records
-    PENDING for this app whatever else the process holds.
+    PENDING for this app whatever else the process holds. If the send fails, nothing of
+    the job is left behind.
     """
     app.set_current()
-    app.send_task(name, args=args, kwargs=kwargs, task_id=job_id)
+    try:
+        app.send_task(name, args=args, kwargs=kwargs, task_id=job_id)
+    except BaseException:
+        # The message never left (broker down, arguments it cannot encode): the PENDING
+        # recorded at publish must not outlive it as an orphan job.
+        Recorder.for_app(app).forget(job_id)
+        raise
 
 
 def revoke_job(app: Celery, job_id: str, *, reason: str = "revoked by request") -> int | None:

@@ -24,7 +24,7 @@ from jobwire.tasks import registry
 
 from jobwire import scripts
 from jobwire.backoff import backoff
-from jobwire.protocol import FINAL_STATES, dumps, event_parts, progress_from_meta
+from jobwire.protocol import FINAL_STATES, check_job_id, dumps, event_parts, progress_from_meta
 from jobwire.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class Recorder:
         late progress report cannot resurrect a revoked job), and `only_if_new` registers
         a job at publish time without clobbering one that already exists (retries).
         """
+        check_job_id(job_id)  # an id with braces would break the key layout's hash tag
         ts = time.time()
         final = state in FINAL_STATES
         body: dict[str, Any] = {"state": state, "progress": progress, "ts": ts, "final": final}
@@ -147,6 +148,13 @@ class Recorder:
             return None
         seq = self._with_retry(keys, args)
         return int(seq) if seq else None
+
+    def forget(self, job_id: str) -> None:
+        """Remove every trace of a job (one that never left the publisher)."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.job(job_id), self.keys.history(job_id))
+            pipe.zrem(self.keys.recent, job_id)
+            pipe.execute()
 
     def celery_meta(self, job_id: str, state: str, result: Any, request: Any) -> CeleryMeta | None:
         """Celery's own encoding of its result write for this event, to be written in the

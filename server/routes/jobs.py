@@ -10,14 +10,13 @@ from jobwire.server import schemas, validation
 from jobwire.server.errors import JSON
 from jobwire.server.services import services
 from jobwire.tasks.control import revoke_job, submit
-from jobwire.tasks.recorder import Recorder
-from kombu.exceptions import OperationalError
+from kombu.exceptions import EncodeError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from jobwire.protocol import FAILURE, MAX_BODY_BYTES, JobNotFound, JobwireError
+from jobwire.protocol import MAX_BODY_BYTES, JobNotFound, JobwireError
 
 
 async def read_json(request: Request) -> Any:
@@ -69,11 +68,13 @@ async def submit_job(request: Request) -> Response:
         raise JobwireError("task_not_allowed", f"task {name!r} is not submittable; allowed: {allowed}")
     job_id = str(uuid.uuid4())
     try:
-        # The PENDING event is recorded by the publish signal, before the message leaves.
+        # The PENDING event is recorded by the publish signal, before the message leaves;
+        # submit() removes it again if the message does not leave.
         await run_in_threadpool(submit, svc.celery, name, args, kwargs, job_id)
     except OperationalError as exc:
-        await _record_publish_failure(svc.celery, job_id, exc)
         raise JobwireError("broker_unavailable", f"could not queue the job: {exc}") from None
+    except (EncodeError, TypeError, ValueError) as exc:
+        raise JobwireError("invalid_request", f"the task's arguments cannot be sent: {exc}") from None
     links = job_links(request, job_id)
     return JSON(
         {"job_id": job_id, "status": "PENDING", "task": name, "links": links},
@@ -82,23 +83,11 @@ async def submit_job(request: Request) -> Response:
     )
 
 
-async def _record_publish_failure(celery: Any, job_id: str, exc: Exception) -> None:
-    """A job registered PENDING whose message never left must not stay PENDING forever."""
-    error = {"type": "PublishError", "message": f"could not queue the job: {exc}"}
-    recorder = Recorder.for_app(celery)
-    await run_in_threadpool(recorder.record, job_id, FAILURE, error=error)
-
-
 async def list_jobs(request: Request) -> Response:
     svc = services(request)
     params = request.query_params
-    try:
-        limit = int(params.get("limit", "50"))
-        before = float(params["before"]) if "before" in params else None
-    except ValueError:
-        raise JobwireError("invalid_request", "limit must be an integer, before a number") from None
-    if not 1 <= limit <= 200:
-        raise JobwireError("invalid_request", f"limit must be between 1 and 200, got {limit}")
+    limit = validation.bounded_int(params.get("limit", "50"), field="limit", low=1, high=200)
+    before = validation.timestamp(params["before"], field="before") if "before" in params else None
     jobs = await svc.store.recent(limit=limit, before=before)
     cursor = jobs[-1]["cursor"] if len(jobs) == limit else None
     for job in jobs:
