@@ -47,12 +47,13 @@ class Op:
     SUBSCRIBE_ALL = "subscribe_all"
     UNSUBSCRIBE_ALL = "unsubscribe_all"
     PING = "ping"
+    AUTH = "auth"  # {"token": ...}: the first message, when the token is not in a header
 
 
 class Msg:
     """The `type` of what the server sends, on `/ws` frames and SSE `event: control` data."""
 
-    WELCOME = "welcome"  # first frame: {"heartbeat": seconds}
+    WELCOME = "welcome"  # after authentication: {"heartbeat": seconds}
     EVENT = "event"  # a job event; `"stream": "all"` marks the all-jobs stream
     SUBSCRIBED = "subscribed"  # {"job_id", "seq"}: history replayed, live from here
     UNSUBSCRIBED = "unsubscribed"  # {"job_ids"}
@@ -72,14 +73,27 @@ class Close:
     NORMAL = 1000  # the job's final event was sent
     GOING_AWAY = 1001  # the server is shutting down: reconnect (to another process) and resume
     POLICY = 1008  # refused by policy (e.g. the transport is turned off)
-    TRY_AGAIN_LATER = 1013  # Redis is unreachable: reconnect with backoff and resume
+    TOO_BIG = 1009  # a frame over the size limit
+    TRY_AGAIN_LATER = 1013  # Redis unreachable, or too many connections: back off and resume
     BAD_REQUEST = 4400  # malformed job id or since
-    NOT_FOUND = 4404  # no such job
+    UNAUTHENTICATED = 4401  # no token, a bad one, or it expired: get a new token first
+    FORBIDDEN = 4403  # the token does not allow this (or the Origin is not allowed)
+    NOT_FOUND = 4404  # no such job (or not yours: the two are told apart by no one)
 
 
 #: Close codes after which reconnecting cannot help; every other code means "reconnect and
 #: resume from the last seq".
-TERMINAL_CLOSE_CODES = frozenset({Close.NORMAL, Close.POLICY, Close.BAD_REQUEST, Close.NOT_FOUND})
+TERMINAL_CLOSE_CODES = frozenset(
+    {
+        Close.NORMAL,
+        Close.POLICY,
+        Close.TOO_BIG,
+        Close.BAD_REQUEST,
+        Close.UNAUTHENTICATED,
+        Close.FORBIDDEN,
+        Close.NOT_FOUND,
+    }
+)
 
 #: Every error code jobwire answers with, and the HTTP status it carries on REST and SSE.
 #: On `/ws` the same codes arrive in `{"type": "error"}` messages.
@@ -88,6 +102,8 @@ ERROR_STATUS: dict[str, int] = {
     "invalid_json": 400,
     "invalid_message": 400,
     "unknown_op": 400,
+    "unauthenticated": 401,
+    "forbidden": 403,
     "job_not_found": 404,
     "not_found": 404,
     "method_not_allowed": 405,
@@ -98,6 +114,9 @@ ERROR_STATUS: dict[str, int] = {
     "invalid_request": 422,
     "invalid_job_id": 422,
     "task_not_allowed": 422,
+    "unsupported_media_type": 415,
+    "rate_limited": 429,
+    "too_many_connections": 429,
     "internal_error": 500,
     "unavailable": 503,
     "redis_unavailable": 503,
@@ -217,6 +236,10 @@ class Keys:
     def tenant_channel(self, tenant: str) -> str:
         """Pub/sub channel carrying the events of one tenant's jobs."""
         return self.tenant_channel_prefix + tenant
+
+    def bucket(self, name: str) -> str:
+        """A token bucket (see `jobwire.ratelimit`)."""
+        return f"{self.prefix}bucket:{name}"
 
     def job_id_from_channel(self, channel: str) -> str | None:
         head, tail = f"{self.prefix}{{", "}:live"

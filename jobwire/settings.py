@@ -7,9 +7,9 @@ arguments (which win over the environment) instead of patching `os.environ`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from jobwire.protocol import Keys
@@ -65,7 +65,35 @@ class Settings(BaseSettings):
     # off behaves like a proxy that refuses the upgrade: clients fall back.
     transports: CommaList = TRANSPORTS
 
-    @field_validator("allowed_tasks", "transports", mode="before")
+    # Authentication (see README, "Authentication"). "none" is for development only.
+    auth: Literal["none", "jwt"] = "none"
+    jwt_secret: str = ""  # HS256
+    jwt_public_key_file: str = ""  # a PEM public key: RS256 or ES256
+    jwks_file: str = ""  # a JWKS document: keys chosen by the token's `kid`
+    jwt_audience: str = ""  # when set, tokens must carry it in `aud`
+    link_secret: str = ""  # signs single-job link tokens (default: jwt_secret)
+    link_token_ttl: Annotated[int, Field(ge=10)] = 600  # seconds a link token lives
+    auth_timeout: Annotated[float, Field(gt=0)] = 5.0  # seconds a /ws client has to authenticate
+    allowed_origins: CommaList = ()  # browser origins besides the server's own
+
+    # Abuse limits
+    max_connections_per_user: Annotated[int, Field(ge=1)] = 200
+    max_connections_per_address: Annotated[int, Field(ge=1)] = 500
+    submits_per_minute: Annotated[int, Field(ge=1)] = 60  # per user
+    ws_messages_per_second: Annotated[float, Field(gt=0)] = 20.0  # per socket, bursts of twice that
+    max_frame_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024  # a websocket message
+    max_header_bytes: Annotated[int, Field(ge=4096)] = 16 * 1024  # an HTTP request head
+
+    @model_validator(mode="after")
+    def _auth_has_a_key(self) -> Settings:
+        if self.auth == "jwt" and not (self.jwt_secret or self.jwt_public_key_file or self.jwks_file):
+            raise ValueError(
+                "JOBWIRE_AUTH=jwt needs a key: JOBWIRE_JWT_SECRET (HS256), "
+                "JOBWIRE_JWT_PUBLIC_KEY_FILE (RS256/ES256) or JOBWIRE_JWKS_FILE"
+            )
+        return self
+
+    @field_validator("allowed_tasks", "transports", "allowed_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -105,7 +133,9 @@ class Settings(BaseSettings):
 
 def _explain(error: Any) -> str:
     """One pydantic error as the line a user sees: the variable, the value, the rule."""
-    name = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else "settings"
+    if not error["loc"]:  # a rule across variables: its message names them
+        return str((error.get("ctx") or {}).get("error", error["msg"]))
+    name = ENV_PREFIX + str(error["loc"][0]).upper()
     value, ctx, kind = error.get("input"), error.get("ctx") or {}, error["type"]
     if kind == "int_parsing":
         return f"{name} must be an integer, got {value!r}"

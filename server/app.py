@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from jobwire.server.celery_app import load_celery_app
-from jobwire.server.errors import EXCEPTION_HANDLERS
-from jobwire.server.hub import Hub
-from jobwire.server.routes import health, jobs, sse, ws
-from jobwire.server.services import Services
-from jobwire.server.store import JobStore
-from jobwire.tasks import registry
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
+from jobwire.ratelimit import AsyncBuckets
+from jobwire.server.auth import Auth, RedactTokens
+from jobwire.server.celery_app import load_celery_app
+from jobwire.server.errors import EXCEPTION_HANDLERS
+from jobwire.server.hub import Hub
+from jobwire.server.limits import Connections
+from jobwire.server.routes import health, jobs, sse, ws
+from jobwire.server.services import Services
+from jobwire.server.store import JobStore
 from jobwire.settings import Settings
+from jobwire.tasks import registry
 
 # `static/` sits beside `server/` in the repository and beside `jobwire/server/` once
 # installed (package data), so one path serves both.
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+_REDACT = RedactTokens()  # one instance: addFilter() ignores a filter it already has
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -36,6 +43,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings.model_copy(
         update={"redis_url": recorded.redis_url, "key_prefix": recorded.key_prefix}
     )
+    auth = Auth(settings)  # here: a key file that cannot be read fails at start
+    logging.getLogger("uvicorn.access").addFilter(_REDACT)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -51,7 +60,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
         redis = Redis(connection_pool=pool)
         hub = Hub(settings.redis_url, subscribe_timeout=settings.subscribe_timeout)
         await hub.start()
-        app.state.jobwire = Services(settings, redis, hub, JobStore(redis, settings.keys), celery)
+        app.state.jobwire = Services(
+            settings,
+            redis,
+            hub,
+            JobStore(redis, settings.keys),
+            celery,
+            auth,
+            Connections(settings.max_connections_per_user, settings.max_connections_per_address),
+            AsyncBuckets(redis, settings.keys),
+        )
         try:
             yield
         finally:
@@ -66,4 +84,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="static"))
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
+    middleware = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["authorization", "content-type", "last-event-id"],
+            max_age=600,
+        )
+    ]
+    return Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware
+    )

@@ -7,10 +7,10 @@ import os
 import sys
 
 from celery import Celery
-from jobwire.tasks import registry
-from jobwire.tasks.attach import attach
 
 from jobwire.settings import DEMO_APP, Settings, SettingsError
+from jobwire.tasks import registry
+from jobwire.tasks.attach import attach
 
 
 def load_celery_app(settings: Settings) -> Celery:

@@ -43,7 +43,13 @@ _HTTP_CODES = {
 
 async def _jobwire_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, JobwireError)
-    return error_response(exc.status, exc.code, exc.message)
+    response = error_response(exc.status, exc.code, exc.message)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

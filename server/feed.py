@@ -22,11 +22,11 @@ import asyncio
 from collections import deque
 from typing import Any
 
+from jobwire.protocol import JobNotFound, JobwireError, Keys, Msg
+from jobwire.server.auth import Principal
 from jobwire.server.events import Delivery, FromAll, Resync
 from jobwire.server.hub import Hub
 from jobwire.server.store import JobStore
-
-from jobwire.protocol import JobwireError, Keys, Msg
 
 #: What a feed yields: a watched job's event, an all-jobs-stream event, or a control
 #: message (a dict sent as JSON).
@@ -36,8 +36,10 @@ Item = Delivery | FromAll | dict[str, Any]
 class Feed:
     """The events of the jobs one client watches (see module docstring)."""
 
-    def __init__(self, hub: Hub, store: JobStore, keys: Keys, *, queue_limit: int, max_jobs: int) -> None:
-        self._hub, self._store, self._keys = hub, store, keys
+    def __init__(
+        self, hub: Hub, store: JobStore, keys: Keys, principal: Principal, *, queue_limit: int, max_jobs: int
+    ) -> None:
+        self._hub, self._store, self._keys, self._principal = hub, store, keys, principal
         self._queue_limit, self._max_jobs = queue_limit, max_jobs
         self._inbox: deque[tuple[bool, Delivery | Resync]] = deque()
         self._out: deque[Item] = deque()
@@ -46,6 +48,7 @@ class Feed:
         self._live: set[str] = set()  # watched jobs with a hub subscription (not final yet)
         self._all_last: dict[str, int] = {}  # all-jobs stream: unfinished job -> last seq
         self._all = False
+        self._all_channel = _all_channel(keys, principal)
         self._overflowed = False
 
     # -- what the client asks for --------------------------------------------------------
@@ -53,7 +56,8 @@ class Feed:
     async def watch(self, job_id: str, since: int = 0) -> bool:
         """Deliver `job_id`'s events after `since`, then its live ones.
 
-        Returns False (and watches nothing) if the job was never seen. Watching a job
+        Returns False (and watches nothing) if the job was never seen, or the principal
+        may not see it: the two are one answer. Watching a job
         already watched is a no-op: its stream simply continues. Raises `JobwireError`
         (too_many_jobs), or `HubUnavailable` when Redis cannot be reached.
         """
@@ -65,7 +69,7 @@ class Feed:
         self._live.add(job_id)
         try:
             await self._hub.subscribe(self._keys.job_channel(job_id), self._job_sink)
-            exists, events = await self._store.events_since(job_id, since)
+            exists, events = await self._store.events_since(job_id, since, self._principal)
         except BaseException:
             self.unwatch(job_id)
             raise
@@ -77,6 +81,21 @@ class Feed:
         self._wake.set()
         return True
 
+    async def watch_many(self, since: dict[str, int], *, job_ids: list[str]) -> dict[str, JobwireError]:
+        """Watch each of `job_ids` (from its `since`); return why each one that could not
+        be watched was not (job_not_found, too_many_jobs). One read first tells which
+        exist for this principal, so unknown ids cost no subscription: a flood of them
+        costs one pipelined read per message."""
+        visible = await self._store.visible(job_ids, self._principal) if job_ids else set()
+        refused: dict[str, JobwireError] = {}
+        for job_id in job_ids:
+            try:
+                if job_id not in visible or not await self.watch(job_id, since.get(job_id, 0)):
+                    refused[job_id] = JobNotFound(job_id, f"no job with id {job_id!r}")
+            except JobwireError as exc:
+                refused[job_id] = exc
+        return refused
+
     def unwatch(self, job_id: str) -> None:
         self._last.pop(job_id, None)
         if job_id in self._live:
@@ -84,11 +103,14 @@ class Feed:
             self._hub.unsubscribe(self._keys.job_channel(job_id), self._job_sink)
 
     async def watch_all(self) -> None:
-        """Also deliver every job's live events (dashboards)."""
+        """Also deliver the live events of every job the principal may see (dashboards):
+        all jobs for an admin, the tenant's for anyone else."""
+        if self._all_channel is None:
+            raise JobwireError("forbidden", "this token may watch its own job only")
         if not self._all:
             self._all = True
             try:
-                await self._hub.subscribe(self._keys.all_channel, self._all_sink)
+                await self._hub.subscribe(self._all_channel, self._all_sink)
             except BaseException:
                 self._all = False
                 raise
@@ -97,7 +119,8 @@ class Feed:
         if self._all:
             self._all = False
             self._all_last.clear()
-            self._hub.unsubscribe(self._keys.all_channel, self._all_sink)
+            assert self._all_channel is not None
+            self._hub.unsubscribe(self._all_channel, self._all_sink)
 
     def post(self, message: dict[str, Any]) -> None:
         """Queue a control message (a reply to the client) in order with the events."""
@@ -226,7 +249,7 @@ class Feed:
         last = self._last.get(job_id)
         if last is None:
             return
-        _, events = await self._store.events_since(job_id, last)
+        _, events = await self._store.events_since(job_id, last, self._principal)
         self._advance(job_id, events)
 
     def _advance(self, job_id: str, history: list[Delivery]) -> None:
@@ -257,3 +280,12 @@ class Feed:
         if self._all:
             self._all_last.clear()
             self._out.append({"type": Msg.RESYNC, "scope": "all"})
+
+
+def _all_channel(keys: Keys, principal: Principal) -> str | None:
+    """Where a principal's all-jobs stream comes from; None for single-job tokens."""
+    if principal.jobs is not None:
+        return None
+    if principal.admin:
+        return keys.all_channel
+    return keys.tenant_channel(principal.tenant) if principal.tenant else None

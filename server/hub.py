@@ -39,7 +39,6 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from jobwire.server.events import Delivery, Resync
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
@@ -47,6 +46,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from jobwire.backoff import backoff
+from jobwire.server.events import Delivery, Resync
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from celery import Celery
-from jobwire.server.feed import Feed
-from jobwire.server.hub import Hub
-from jobwire.server.store import JobStore
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
+from jobwire.ratelimit import AsyncBuckets
+from jobwire.server.auth import DEVELOPER, Auth, Principal
+from jobwire.server.feed import Feed
+from jobwire.server.hub import Hub
+from jobwire.server.limits import Connections
+from jobwire.server.store import JobStore
 from jobwire.settings import Settings
 
 
@@ -23,12 +26,16 @@ class Services:
     hub: Hub
     store: JobStore
     celery: Celery
+    auth: Auth
+    connections: Connections
+    buckets: AsyncBuckets
 
-    def feed(self) -> Feed:
+    def feed(self, principal: Principal) -> Feed:
         return Feed(
             self.hub,
             self.store,
             self.settings.keys,
+            principal,
             queue_limit=self.settings.client_queue_limit,
             max_jobs=self.settings.max_jobs_per_socket,
         )
@@ -37,3 +44,10 @@ class Services:
 def services(conn: HTTPConnection) -> Services:
     """The app's services, from a request or a websocket."""
     return conn.app.state.jobwire  # type: ignore[no-any-return]
+
+
+def user_key(principal: Principal) -> str | None:
+    """Whom per-user limits count: tenant and subject (None without authentication)."""
+    if principal is DEVELOPER:
+        return None
+    return f"{principal.tenant or ''}/{principal.subject}"

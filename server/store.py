@@ -1,6 +1,8 @@
-"""Reads of job state for the server (writes belong to `tasks.recorder`).
+"""Reads of job state for the server (writes belong to `jobwire.tasks.recorder`).
 
 No endpoint spells out a Redis command: they all come here, each read in one round trip.
+Every read takes the caller's `Principal`: a job it may not see reads as one that does not
+exist, here, in one place.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from jobwire.server.events import Delivery
 from redis.asyncio import Redis
 
 from jobwire import scripts
-from jobwire.protocol import UNKNOWN, Keys
+from jobwire.protocol import UNKNOWN, JobwireError, Keys
+from jobwire.server.auth import Principal
+from jobwire.server.events import Delivery
 
 
 class JobStore:
@@ -24,39 +27,69 @@ class JobStore:
         self.keys = keys
         self._batch = redis.register_script(scripts.BATCH_STATUS)
 
-    async def snapshot(self, job_id: str) -> dict[str, Any] | None:
-        """The job's current state for polling clients, or None if it was never seen."""
+    async def snapshot(self, job_id: str, principal: Principal) -> dict[str, Any] | None:
+        """The job's current state for polling clients, or None if it was never seen (or
+        `principal` may not see it)."""
         fields = await self.redis.hgetall(self.keys.job(job_id))
-        return _snapshot(job_id, fields) if fields else None
+        if not fields or not principal.may_see(job_id, _tenant(fields.get(b"tenant"))):
+            return None
+        return _snapshot(job_id, fields)
 
-    async def events_since(self, job_id: str, since: int) -> tuple[bool, list[Delivery]]:
-        """Whether the job exists, and its retained events with seq > `since`, in order."""
+    async def events_since(
+        self, job_id: str, since: int, principal: Principal
+    ) -> tuple[bool, list[Delivery]]:
+        """Whether the job exists (for `principal`), and its retained events with seq >
+        `since`, in order."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.exists(self.keys.job(job_id))
+            pipe.hmget(self.keys.job(job_id), "created", "tenant")
             pipe.zrangebyscore(self.keys.history(job_id), f"({since}", "+inf")
-            exists, raws = await pipe.execute()
-        return bool(exists), [Delivery.parse(raw) for raw in raws]
+            (created, tenant), raws = await pipe.execute()
+        if created is None or not principal.may_see(job_id, _tenant(tenant)):
+            return False, []
+        return True, [Delivery.parse(raw) for raw in raws]
 
-    async def batch_status(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    async def visible(self, job_ids: Sequence[str], principal: Principal) -> set[str]:
+        """Which of `job_ids` exist for `principal`, in one round trip: lets a subscribe
+        of many ids skip, cheaply, the ones it will never watch."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(self.keys.job(job_id), "created", "tenant")
+            rows = await pipe.execute()
+        return {
+            j
+            for j, (created, tenant) in zip(job_ids, rows, strict=True)
+            if created is not None and principal.may_see(j, _tenant(tenant))
+        }
+
+    async def batch_status(self, job_ids: Sequence[str], principal: Principal) -> dict[str, dict[str, Any]]:
         """Status of many jobs in one Redis command (a Lua script), whatever the count."""
         if not job_ids:
             return {}
         flat = await self._batch(keys=[self.keys.job(j) for j in job_ids])
         out: dict[str, dict[str, Any]] = {}
         for i, job_id in enumerate(job_ids):
-            state, seq, final = flat[3 * i : 3 * i + 3]
-            if state is None:
+            state, seq, final, tenant = flat[4 * i : 4 * i + 4]
+            if state is None or not principal.may_see(job_id, _tenant(tenant)):
                 out[job_id] = {"status": UNKNOWN, "ready": False, "seq": 0}
             else:
                 out[job_id] = {"status": state.decode(), "ready": final == b"1", "seq": int(seq)}
         return out
 
-    async def recent(self, *, limit: int, before: float | None = None) -> list[dict[str, Any]]:
-        """Most recently created jobs, newest first, created strictly before `before`."""
+    async def recent(
+        self, principal: Principal, *, limit: int, before: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Most recently created jobs the principal may see, newest first, created strictly
+        before `before`: every job for an admin, the tenant's own for anyone else."""
+        if principal.jobs is not None:
+            raise JobwireError("forbidden", "this token may watch its own job only; it cannot list jobs")
+        if principal.admin:
+            index = self.keys.recent
+        elif principal.tenant is not None:
+            index = self.keys.tenant_recent(principal.tenant)
+        else:
+            return []
         top = f"({before}" if before is not None else "+inf"
-        ids = await self.redis.zrevrangebyscore(
-            self.keys.recent, top, "-inf", start=0, num=limit, withscores=True
-        )
+        ids = await self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=limit, withscores=True)
         if not ids:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -70,6 +103,10 @@ class JobStore:
                 snap["cursor"] = score
                 jobs.append(snap)
         return jobs
+
+
+def _tenant(raw: bytes | None) -> str | None:
+    return raw.decode() if raw is not None else None
 
 
 def _snapshot(job_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:

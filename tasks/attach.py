@@ -13,11 +13,11 @@ from typing import Any
 from celery import Celery
 from celery.app.backends import by_url
 from celery.backends.redis import RedisBackend
-from jobwire.tasks import registry, signals
-from jobwire.tasks.backend import BACKEND_ALIASES, JobwireBackendMixin
 from redis.connection import parse_url
 
 from jobwire.settings import Settings
+from jobwire.tasks import registry, signals
+from jobwire.tasks.backend import BACKEND_ALIASES, JobwireBackendMixin
 
 
 class AttachError(RuntimeError):

@@ -6,12 +6,14 @@ from typing import Any
 
 from celery import Celery
 from celery.exceptions import TaskRevokedError
-from jobwire.tasks.recorder import Recorder
 
 from jobwire.protocol import REVOKED
+from jobwire.tasks.recorder import Owner, Recorder
 
 
-def submit(app: Celery, name: str, args: list[Any], kwargs: dict[str, Any], job_id: str) -> None:
+def submit(
+    app: Celery, name: str, args: list[Any], kwargs: dict[str, Any], job_id: str, owner: Owner | None = None
+) -> None:
     """Send task `name` as job `job_id` (blocking: call it from a thread).
 
     The app is made current in the calling thread first, so the publish signal records
@@ -20,7 +22,9 @@ def submit(app: Celery, name: str, args: list[Any], kwargs: dict[str, Any], job_
     """
     app.set_current()
     try:
-        app.send_task(name, args=args, kwargs=kwargs, task_id=job_id)
+        app.send_task(
+            name, args=args, kwargs=kwargs, task_id=job_id, headers=owner.headers() if owner else None
+        )
     except BaseException:
         # The message never left (broker down, arguments it cannot encode): the PENDING
         # recorded at publish must not outlive it as an orphan job.

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from jobwire.tasks.attach import attach
 
 from jobwire.settings import Settings
+from jobwire.tasks.attach import attach
 
 
 def create_demo_app(settings: Settings | None = None) -> Celery:

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from celery import Celery, Task
+
 from jobwire.tasks.progress import ProgressTask
 
 MAX_DELAY = 60.0

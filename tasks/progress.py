@@ -16,10 +16,10 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore
-from jobwire.tasks.backend import CELERY_STATES, JobwireBackendMixin
-from jobwire.tasks.recorder import Recorder
 
 from jobwire.protocol import FINAL_STATES, PENDING, RETRY, STARTED, progress_meta
+from jobwire.tasks.backend import CELERY_STATES, JobwireBackendMixin
+from jobwire.tasks.recorder import Recorder
 
 #: States `report()` refuses: they belong to the lifecycle, which Celery drives.
 RESERVED_STATES = frozenset({PENDING, STARTED, RETRY}) | FINAL_STATES

@@ -20,16 +20,31 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.backends.redis import RedisBackend
-from jobwire.tasks import registry
 
 from jobwire import scripts
 from jobwire.backoff import backoff
 from jobwire.protocol import FINAL_STATES, check_job_id, dumps, event_parts, progress_from_meta
 from jobwire.settings import Settings
+from jobwire.tasks import registry
 
 log = logging.getLogger(__name__)
 
 _MISSING: Any = object()
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who a job belongs to: recorded when it is created, checked on every read."""
+
+    tenant: str
+    subject: str
+
+    def headers(self) -> dict[str, str]:
+        """The Celery message headers that carry it from the publisher."""
+        return {TENANT_HEADER: self.tenant, SUBJECT_HEADER: self.subject}
+
+
+TENANT_HEADER, SUBJECT_HEADER = "jobwire_tenant", "jobwire_sub"
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,7 @@ class Recorder:
         celery_meta: CeleryMeta | None = None,
         pipe: redis.client.Pipeline | None = None,
         event_id: str | None = None,
+        owner: Owner | None = None,
     ) -> int | None:
         """Record one event; return its seq, or None if Redis refused it.
 
@@ -106,6 +122,7 @@ class Recorder:
         Refusals are deliberate: a job that is already final never changes again (so a
         late progress report cannot resurrect a revoked job), and `only_if_new` registers
         a job at publish time without clobbering one that already exists (retries).
+        `owner` is recorded only by the event that creates the job.
         """
         check_job_id(job_id)  # an id with braces would break the key layout's hash tag
         ts = time.time()
@@ -120,7 +137,9 @@ class Recorder:
         if retry is not None:
             body["retry"] = retry
         head, tail = event_parts(job_id, body)
-        keys = [self.keys.job(job_id), self.keys.history(job_id), self.keys.recent]
+        recent = self.keys.recent
+        keys = [self.keys.job(job_id), self.keys.history(job_id), recent]
+        keys.append(self.keys.tenant_recent(owner.tenant) if owner else recent)
         args: list[Any] = [
             job_id,
             state,
@@ -139,6 +158,9 @@ class Recorder:
             self.keys.all_channel,
             self.settings.recent_limit,
             event_id or uuid.uuid4().hex,
+            owner.tenant if owner else "",
+            owner.subject if owner else "",
+            self.keys.tenant_channel_prefix,
         ]
         if celery_meta is not None:
             keys.append(celery_meta.key)  # type: ignore[arg-type]
@@ -151,9 +173,12 @@ class Recorder:
 
     def forget(self, job_id: str) -> None:
         """Remove every trace of a job (one that never left the publisher)."""
+        tenant = self.client.hget(self.keys.job(job_id), "tenant")
         with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(self.keys.job(job_id), self.keys.history(job_id))
             pipe.zrem(self.keys.recent, job_id)
+            if tenant:
+                pipe.zrem(self.keys.tenant_recent(tenant.decode()), job_id)
             pipe.execute()
 
     def celery_meta(self, job_id: str, state: str, result: Any, request: Any) -> CeleryMeta | None:

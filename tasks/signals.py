@@ -27,12 +27,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from celery import Task
+from celery import Task, current_task
 from celery.signals import before_task_publish, task_failure, task_prerun, task_revoked, task_success
-from jobwire.tasks import registry
-from jobwire.tasks.recorder import Recorder
 
 from jobwire.protocol import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
+from jobwire.tasks import registry
+from jobwire.tasks.recorder import SUBJECT_HEADER, TENANT_HEADER, Owner, Recorder
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _on_publish(sender: str | None = None, headers: dict[str, Any] | None = None
     recorder = Recorder.for_app(app)
     retries = int(headers.get("retries") or 0)
     if retries == 0:
-        recorder.record(job_id, PENDING, task=name, only_if_new=True)
+        recorder.record(job_id, PENDING, task=name, only_if_new=True, owner=_owner(headers))
         return
     eta = headers.get("eta")
     countdown = None
@@ -111,6 +111,18 @@ def _on_publish(sender: str | None = None, headers: dict[str, Any] | None = None
         retry={"attempt": retries, "countdown": countdown, "eta": eta},
         error=_error(exc) if exc is not None else None,
     )
+
+
+def _owner(headers: dict[str, Any]) -> Owner | None:
+    """The job's owner: the publisher's headers (the server's submit sets them), else the
+    task publishing it from a worker, whose ownership its children inherit."""
+    tenant, subject = headers.get(TENANT_HEADER), headers.get(SUBJECT_HEADER)
+    if not tenant:
+        parent = getattr(current_task, "request", None)
+        tenant, subject = getattr(parent, TENANT_HEADER, None), getattr(parent, SUBJECT_HEADER, None)
+        if tenant:  # carried on the message, so grandchildren inherit it too
+            headers.update(Owner(str(tenant), str(subject or "")).headers())
+    return Owner(str(tenant), str(subject or "")) if tenant else None
 
 
 @_safely

@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-# anyio's pytest plugin makes pytest rewrite all of anyio as it is imported, and anyio
-# imports these lazily, deep in a request's stack, where compiling them trips a CPython
-# 3.11.7 bug ("AST constructor recursion depth mismatch"). Imported here, at the top.
+# anyio's and hypothesis's pytest plugins make pytest rewrite all of their packages as they
+# are imported, and both import modules lazily, deep in a stack (a request; the session's
+# end), where compiling them trips a CPython 3.11.7 bug ("AST constructor recursion depth
+# mismatch"). Imported here, at the top of the stack.
 import anyio._backends._asyncio  # noqa: F401
 import anyio._core._fileio  # noqa: F401
+import hypothesis  # noqa: F401
+import hypothesis.internal.observability  # noqa: F401
 import pytest
 import redis
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import redis
 import uvicorn
-from jobwire.server.app import create_app
 
+from jobwire.server.app import create_app
 from jobwire.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,11 +11,11 @@ import pytest
 from celery import Celery
 from celery import _state as celery_state
 from celery.result import AsyncResult
-from jobwire.tasks import registry
-from jobwire.tasks.recorder import Recorder
 
 import jobwire
 from jobwire.settings import Settings
+from jobwire.tasks import registry
+from jobwire.tasks.recorder import Recorder
 from tests.support import RedisServer, run_server
 from tests.test_recorder import Monitor
 
@@ -146,7 +146,6 @@ async def test_server_with_a_users_app_submits_nothing_until_allowed(
 
 def test_bad_celery_app_setting_says_what_to_change(own_redis: RedisServer) -> None:
     from jobwire.server.celery_app import load_celery_app
-
     from jobwire.settings import SettingsError
 
     with pytest.raises(SettingsError, match="cannot import 'no_such_module'"):

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
-from jobwire.tasks.recorder import Recorder
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from jobwire.settings import Settings
+from jobwire.tasks.recorder import Recorder
 from tests.clients import LIFECYCLE
 from tests.support import free_port, run_server, wait_until
 

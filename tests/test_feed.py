@@ -7,14 +7,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
+from redis.asyncio import Redis
+
+from jobwire.server.auth import DEVELOPER
 from jobwire.server.events import Delivery
 from jobwire.server.feed import Feed
 from jobwire.server.hub import Hub
 from jobwire.server.store import JobStore
-from jobwire.tasks.recorder import Recorder
-from redis.asyncio import Redis
-
 from jobwire.settings import Settings
+from jobwire.tasks.recorder import Recorder
 from tests.support import RedisServer, wait_until
 
 
@@ -48,7 +49,7 @@ async def test_slow_client_overflow_resyncs_from_history(parts) -> None:  # type
     """
     hub, store, recorder, settings = parts
     recorder.record("slow", "PENDING")
-    feed = Feed(hub, store, settings.keys, queue_limit=5, max_jobs=10)
+    feed = Feed(hub, store, settings.keys, DEVELOPER, queue_limit=5, max_jobs=10)
     assert await feed.watch("slow")
     delivered: list[object] = []  # a second sink: the hub hands each event to both in turn
     await hub.subscribe(settings.keys.job_channel("slow"), delivered.append)
@@ -65,7 +66,7 @@ async def test_live_gap_is_backfilled(parts) -> None:  # type: ignore[no-untyped
     """A live event whose seq jumps ahead makes the feed read the missing ones from history."""
     hub, store, recorder, settings = parts
     recorder.record("gappy", "PENDING")
-    feed = Feed(hub, store, settings.keys, queue_limit=100, max_jobs=10)
+    feed = Feed(hub, store, settings.keys, DEVELOPER, queue_limit=100, max_jobs=10)
     assert await feed.watch("gappy")
     # Record two events this feed cannot hear: unsubscribe (and let Redis drop the
     # subscription), write, resubscribe.
@@ -91,7 +92,7 @@ async def test_trimmed_history_is_announced_as_a_gap(parts) -> None:  # type: ig
     for step in range(4):
         recorder.record("trimmed", "WORKING", progress={"step": step})
     recorder.record("trimmed", "SUCCESS", result=None)  # seq 6; history keeps 4, 5, 6
-    feed = Feed(hub, store, settings.keys, queue_limit=100, max_jobs=10)
+    feed = Feed(hub, store, settings.keys, DEVELOPER, queue_limit=100, max_jobs=10)
     assert await feed.watch("trimmed", since=1)
     items = [feed.next_nowait() for _ in range(5)]
     assert items[0] == {"type": "gap", "job_id": "trimmed", "from": 2, "to": 3}

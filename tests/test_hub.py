@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
+
 from jobwire.server.events import Delivery, Resync
 from jobwire.server.hub import Hub, HubUnavailable
-
 from tests.support import RedisServer, wait_until
 
 

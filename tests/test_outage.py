@@ -6,8 +6,8 @@ import asyncio
 import json
 
 import websockets
-from jobwire.tasks.recorder import Recorder
 
+from jobwire.tasks.recorder import Recorder
 from tests.clients import assert_gap_free, events_until_final, until_subscribed
 from tests.support import RedisServer, run_server, settings_for, wait_until
 

@@ -53,7 +53,8 @@ async def test_batch_status_accepts_bare_array_and_caps_ids(server: RunningServe
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_job_id"
         notalist = await http.post("/api/v1/jobs/batch-status", json={"job_ids": "abc"})
         assert notalist.status_code == 422
-        broken = await http.post("/api/v1/jobs/batch-status", content=b"{nope")
+        json_type = {"content-type": "application/json"}
+        broken = await http.post("/api/v1/jobs/batch-status", content=b"{nope", headers=json_type)
         assert broken.status_code == 400 and broken.json()["error"]["code"] == "invalid_json"
 
 

@@ -10,14 +10,14 @@ import pytest
 import redis
 from celery import shared_task
 from celery.result import AsyncResult
-from jobwire.tasks.control import revoke_job
-from jobwire.tasks.demo import create_demo_app
-from jobwire.tasks.progress import ProgressTask
-from jobwire.tasks.recorder import Recorder
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from jobwire.settings import Settings
+from jobwire.tasks.control import revoke_job
+from jobwire.tasks.demo import create_demo_app
+from jobwire.tasks.progress import ProgressTask
+from jobwire.tasks.recorder import Recorder
 from tests.support import RedisServer, redis_server
 
 

@@ -161,7 +161,7 @@ async def test_multiplexed_sse_redis_error_leaves_no_subscription(server: Runnin
     keys = server.services.settings.keys
     live = await submit(server.url, "report_steps", steps=3, delay=0.5)
     broken = f"broken-{uuid.uuid4()}"
-    rclient.hset(keys.job(broken), mapping={"state": "PENDING", "seq": 1})
+    rclient.hset(keys.job(broken), mapping={"state": "PENDING", "seq": 1, "created": 1.0})
     rclient.set(keys.history(broken), "not a sorted set")
     hub = server.services.hub
     try:

@@ -5,3 +5,4 @@ from importlib.resources import files
 
 RECORD = (files(__package__) / "record.lua").read_text()
 BATCH_STATUS = (files(__package__) / "batch_status.lua").read_text()
+TOKEN_BUCKET = (files(__package__) / "token_bucket.lua").read_text()

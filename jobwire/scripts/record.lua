@@ -4,16 +4,18 @@
 -- (the job is already final, or only_if_new was asked and the job exists).
 --
 -- KEYS[1] job hash   KEYS[2] history zset   KEYS[3] recent-jobs zset
--- KEYS[4] (optional) Celery result key, written exactly as Celery's Redis backend does
+-- KEYS[4] the owner tenant's recent-jobs zset (KEYS[3] again when no owner is given)
+-- KEYS[5] (optional) Celery result key, written exactly as Celery's Redis backend does
 -- ARGV: job_id, state, final('1'/'0'), head, tail, progress_json, result_json, error_json,
 --       task, ts, history_limit, ttl, only_if_new('1'/'0'), job_channel, all_channel,
---       recent_limit, event_id, celery_value, celery_ttl
-local job, hist, recent = KEYS[1], KEYS[2], KEYS[3]
+--       recent_limit, event_id, tenant, sub, tenant_channel_prefix, celery_value, celery_ttl
+local job, hist, recent, tenant_recent = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local job_id, state, final, head, tail = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local progress, result, err, task, ts = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local limit, ttl, only_new = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13]
 local chan_job, chan_all, recent_limit = ARGV[14], ARGV[15], tonumber(ARGV[16])
 local event_id = ARGV[17]
+local owner_tenant, owner_sub, tenant_chan = ARGV[18], ARGV[19], ARGV[20]
 
 -- A retry of the last event recorded (its reply was lost to a dropped connection) gets the
 -- same seq back instead of a duplicate event.
@@ -36,9 +38,15 @@ if progress ~= '' then redis.call('HSET', job, 'progress', progress) end
 if result ~= '' then redis.call('HSET', job, 'result', result) else redis.call('HDEL', job, 'result') end
 if err ~= '' then redis.call('HSET', job, 'error', err) else redis.call('HDEL', job, 'error') end
 if task ~= '' then redis.call('HSETNX', job, 'task', task) end
+-- The owner is set once, by whoever creates the job; nobody can take it over later.
 if redis.call('HSETNX', job, 'created', ts) == 1 then
   redis.call('ZADD', recent, ts, job_id)
   redis.call('ZREMRANGEBYRANK', recent, 0, -(recent_limit + 1))
+  if owner_tenant ~= '' then
+    redis.call('HSET', job, 'tenant', owner_tenant, 'sub', owner_sub)
+    redis.call('ZADD', tenant_recent, ts, job_id)
+    redis.call('ZREMRANGEBYRANK', tenant_recent, 0, -(recent_limit + 1))
+  end
 end
 
 redis.call('ZADD', hist, seq, event)
@@ -46,17 +54,19 @@ redis.call('ZREMRANGEBYRANK', hist, 0, -(limit + 1))
 redis.call('EXPIRE', job, ttl)
 redis.call('EXPIRE', hist, ttl)
 
-if #KEYS >= 4 then
-  local celery_value, celery_ttl = ARGV[18], tonumber(ARGV[19])
+if #KEYS >= 5 then
+  local celery_value, celery_ttl = ARGV[21], tonumber(ARGV[22])
   if celery_ttl and celery_ttl > 0 then
-    redis.call('SET', KEYS[4], celery_value, 'EX', celery_ttl)
+    redis.call('SET', KEYS[5], celery_value, 'EX', celery_ttl)
   else
-    redis.call('SET', KEYS[4], celery_value)
+    redis.call('SET', KEYS[5], celery_value)
   end
   -- Celery's result consumer listens on the key's own channel.
-  redis.call('PUBLISH', KEYS[4], celery_value)
+  redis.call('PUBLISH', KEYS[5], celery_value)
 end
 
 redis.call('PUBLISH', chan_job, event)
 redis.call('PUBLISH', chan_all, event)
+local tenant = redis.call('HGET', job, 'tenant')
+if tenant then redis.call('PUBLISH', tenant_chan .. tenant, event) end
 return seq

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from jobwire.server.errors import JSON
-from jobwire.server.services import services
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from jobwire.server.errors import JSON
+from jobwire.server.services import services
 
 
 async def healthz(request: Request) -> Response:

@@ -1,4 +1,6 @@
-"""REST endpoints: submit, list, poll, batch-poll and revoke jobs; list submittable tasks."""
+"""REST endpoints: submit, list, poll, batch-poll and revoke jobs; list submittable tasks;
+mint single-job link tokens. Each asks `auth` who is calling, and the store answers only
+with what that caller may see."""
 
 from __future__ import annotations
 
@@ -6,10 +8,6 @@ import uuid
 from typing import Any
 
 import orjson
-from jobwire.server import schemas, validation
-from jobwire.server.errors import JSON
-from jobwire.server.services import services
-from jobwire.tasks.control import revoke_job, submit
 from kombu.exceptions import EncodeError, OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -17,10 +15,23 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jobwire.protocol import MAX_BODY_BYTES, JobNotFound, JobwireError
+from jobwire.server import schemas, validation
+from jobwire.server.auth import Principal
+from jobwire.server.errors import JSON
+from jobwire.server.services import Services, services, user_key
+from jobwire.tasks.control import revoke_job, submit
+from jobwire.tasks.recorder import Owner
 
 
 async def read_json(request: Request) -> Any:
-    """The request body as JSON, with a size cap and clear errors."""
+    """The request body as JSON: `application/json` only (a cross-site form or `text/plain`
+    POST cannot be one, which closes that CSRF path), with a size cap and clear errors."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise JobwireError(
+            "unsupported_media_type",
+            f"send JSON with Content-Type: application/json, not {media_type or 'nothing'!r:.60}",
+        )
     too_large = JobwireError("payload_too_large", f"request body over {MAX_BODY_BYTES} bytes")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -41,6 +52,17 @@ def path_job_id(request: Request) -> str:
     return validation.job_id(request.path_params["job_id"])
 
 
+def caller(request: Request) -> tuple[Services, Principal]:
+    svc = services(request)
+    return svc, svc.auth.require(request)
+
+
+def full_access(principal: Principal, action: str) -> None:
+    """Single-job link tokens watch their job; they cannot act."""
+    if principal.jobs is not None:
+        raise JobwireError("forbidden", f"this token may watch its own job only; it cannot {action}")
+
+
 def job_links(request: Request, job_id: str) -> dict[str, str]:
     return {
         "self": str(request.url_for("job_status", job_id=job_id)),
@@ -50,7 +72,7 @@ def job_links(request: Request, job_id: str) -> dict[str, str]:
 
 
 async def list_tasks(request: Request) -> Response:
-    svc = services(request)
+    svc, _ = caller(request)
     tasks = []
     for name in svc.settings.submittable:
         task = svc.celery.tasks.get(name)
@@ -60,17 +82,25 @@ async def list_tasks(request: Request) -> Response:
 
 
 async def submit_job(request: Request) -> Response:
-    svc = services(request)
+    svc, principal = caller(request)
+    full_access(principal, "submit jobs")
     req = schemas.parse(schemas.SubmitRequest, await read_json(request))
     name, args, kwargs = req.task, req.args, req.kwargs
     if name not in svc.settings.submittable:
         allowed = ", ".join(svc.settings.submittable) or "none"
         raise JobwireError("task_not_allowed", f"task {name!r} is not submittable; allowed: {allowed}")
+    per_minute = svc.settings.submits_per_minute
+    user = user_key(principal) or "developer"
+    taken = await svc.buckets.take(f"submit:{user}", rate=per_minute / 60, capacity=per_minute)
+    if not taken.allowed:
+        retry = max(1, round(taken.retry_after))
+        raise RateLimited(f"at most {per_minute} submits a minute; retry in {retry}s", retry)
     job_id = str(uuid.uuid4())
+    owner = Owner(principal.tenant, principal.subject) if principal.tenant else None
     try:
-        # The PENDING event is recorded by the publish signal, before the message leaves;
-        # submit() removes it again if the message does not leave.
-        await run_in_threadpool(submit, svc.celery, name, args, kwargs, job_id)
+        # The PENDING event (with its owner) is recorded by the publish signal, before the
+        # message leaves; submit() removes it again if the message does not leave.
+        await run_in_threadpool(submit, svc.celery, name, args, kwargs, job_id, owner)
     except OperationalError as exc:
         raise JobwireError("broker_unavailable", f"could not queue the job: {exc}") from None
     except (EncodeError, TypeError, ValueError) as exc:
@@ -83,12 +113,20 @@ async def submit_job(request: Request) -> Response:
     )
 
 
+class RateLimited(JobwireError):
+    """429 with a Retry-After."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__("rate_limited", message)
+        self.retry_after = retry_after
+
+
 async def list_jobs(request: Request) -> Response:
-    svc = services(request)
+    svc, principal = caller(request)
     params = request.query_params
     limit = validation.bounded_int(params.get("limit", "50"), field="limit", low=1, high=200)
     before = validation.timestamp(params["before"], field="before") if "before" in params else None
-    jobs = await svc.store.recent(limit=limit, before=before)
+    jobs = await svc.store.recent(principal, limit=limit, before=before)
     cursor = jobs[-1]["cursor"] if len(jobs) == limit else None
     for job in jobs:
         del job["cursor"]
@@ -96,8 +134,9 @@ async def list_jobs(request: Request) -> Response:
 
 
 async def job_status(request: Request) -> Response:
+    svc, principal = caller(request)
     job_id = path_job_id(request)
-    snapshot = await services(request).store.snapshot(job_id)
+    snapshot = await svc.store.snapshot(job_id, principal)
     if snapshot is None:
         raise JobNotFound(job_id)
     return JSON(snapshot)
@@ -105,10 +144,10 @@ async def job_status(request: Request) -> Response:
 
 async def job_history(request: Request) -> Response:
     """Events after `?since=N` as JSON: a polling client that must see every transition."""
-    svc = services(request)
+    svc, principal = caller(request)
     job_id = path_job_id(request)
     since = validation.seq(request.query_params.get("since", "0"), field="since")
-    exists, events = await svc.store.events_since(job_id, since)
+    exists, events = await svc.store.events_since(job_id, since, principal)
     if not exists:
         raise JobNotFound(job_id)
     return Response(
@@ -118,25 +157,38 @@ async def job_history(request: Request) -> Response:
 
 
 async def batch_status(request: Request) -> Response:
-    svc = services(request)
+    svc, principal = caller(request)
     body = await read_json(request)
     ids = body.get("job_ids") if isinstance(body, dict) else body
     job_ids = validation.job_ids(ids, limit=svc.settings.batch_max_ids)
-    return JSON({"jobs": await svc.store.batch_status(job_ids)})
+    return JSON({"jobs": await svc.store.batch_status(job_ids, principal)})
 
 
 async def revoke(request: Request) -> Response:
-    svc = services(request)
+    svc, principal = caller(request)
     job_id = path_job_id(request)
-    snapshot = await svc.store.snapshot(job_id)
+    snapshot = await svc.store.snapshot(job_id, principal)
     if snapshot is None:
         raise JobNotFound(job_id)
+    full_access(principal, "revoke jobs")
     if not snapshot["final"]:
         seq = await run_in_threadpool(revoke_job, svc.celery, job_id)
         if seq is not None:
             return JSON({"job_id": job_id, "status": "REVOKED", "seq": seq}, status_code=202)
-        snapshot = await svc.store.snapshot(job_id) or snapshot  # it finished meanwhile
+        snapshot = await svc.store.snapshot(job_id, principal) or snapshot  # it finished meanwhile
     raise JobwireError("job_finished", f"job {job_id!r} already finished with {snapshot['status']}")
+
+
+async def link_token(request: Request) -> Response:
+    """A short-lived token that may watch this one job: hand it to a browser."""
+    svc, principal = caller(request)
+    job_id = path_job_id(request)
+    if await svc.store.snapshot(job_id, principal) is None:
+        raise JobNotFound(job_id)
+    full_access(principal, "mint tokens")
+    token, expires = svc.auth.mint_link(principal, job_id)
+    links = {name: f"{url}?token={token}" for name, url in job_links(request, job_id).items()}
+    return JSON({"job_id": job_id, "token": token, "expires_at": expires, "links": links}, status_code=201)
 
 
 routes = [
@@ -147,4 +199,5 @@ routes = [
     Route("/api/v1/jobs/{job_id}", job_status, methods=["GET"], name="job_status"),
     Route("/api/v1/jobs/{job_id}", revoke, methods=["DELETE"]),
     Route("/api/v1/jobs/{job_id}/history", job_history, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id}/token", link_token, methods=["POST"]),
 ]

@@ -17,21 +17,22 @@ part of any job's ordered stream); control messages (`subscribed`, `error`, `res
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import orjson
-from jobwire.server import validation
-from jobwire.server.events import Delivery, FromAll
-from jobwire.server.feed import Feed
-from jobwire.server.hub import HubUnavailable
-from jobwire.server.routes.jobs import path_job_id
-from jobwire.server.services import Services, services
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, JobNotFound, JobwireError, Msg
+from jobwire.server import validation
+from jobwire.server.auth import Principal
+from jobwire.server.events import Delivery, FromAll
+from jobwire.server.feed import Feed
+from jobwire.server.hub import HubUnavailable
+from jobwire.server.routes.jobs import path_job_id
+from jobwire.server.services import Services, services, user_key
 
 
 def _sse_services(request: Request) -> Services:
@@ -42,17 +43,28 @@ def _sse_services(request: Request) -> Services:
 
 
 @asynccontextmanager
-async def _opening(feed: Feed) -> AsyncIterator[None]:
+async def _opening(feed: Feed, release: Callable[[], None]) -> AsyncIterator[None]:
     """Until the stream is handed over, any failure closes the feed (else its hub
-    subscriptions would outlive the request); Redis being down answers 503."""
+    subscriptions would outlive the request) and frees the connection slot; Redis being
+    down answers 503."""
     try:
         yield
-    except HubUnavailable as exc:
+    except BaseException as exc:
         feed.close()
-        raise JobwireError("unavailable", str(exc)) from None
-    except BaseException:
-        feed.close()
+        release()
+        if isinstance(exc, HubUnavailable):
+            raise JobwireError("unavailable", str(exc)) from None
         raise
+
+
+def _connect(svc: Services, request: Request) -> tuple[Principal, Callable[[], None]]:
+    """Who is asking, and a slot for their stream (429 when they hold too many)."""
+    principal = svc.auth.require(request)
+    user, address = user_key(principal), request.client.host if request.client else "?"
+    refused = svc.connections.acquire(user, address)
+    if refused:
+        raise JobwireError("too_many_connections", refused)
+    return principal, lambda: svc.connections.release(user, address)
 
 
 async def job_events(request: Request) -> Response:
@@ -60,17 +72,18 @@ async def job_events(request: Request) -> Response:
     job_id = path_job_id(request)
     raw_since = request.headers.get("last-event-id") or request.query_params.get("since") or "0"
     since = validation.seq(raw_since, field="Last-Event-ID/since")
-
-    snapshot = await svc.store.snapshot(job_id)
-    if snapshot is None:
-        raise JobNotFound(job_id)
-    if snapshot["final"] and since >= snapshot["seq"]:
-        return Response(status_code=204)
-
-    feed = svc.feed()
-    async with _opening(feed):
+    principal, release = _connect(svc, request)
+    feed = svc.feed(principal)
+    async with _opening(feed, release):
+        snapshot = await svc.store.snapshot(job_id, principal)
+        if snapshot is None:
+            raise JobNotFound(job_id)
+        if snapshot["final"] and since >= snapshot["seq"]:
+            feed.close()
+            release()
+            return Response(status_code=204)
         await feed.watch(job_id, since)
-    return _stream(feed, svc.settings.heartbeat_interval, with_ids=True)
+    return _stream(feed, svc.settings.heartbeat_interval, release, with_ids=True)
 
 
 async def events(request: Request) -> Response:
@@ -82,17 +95,14 @@ async def events(request: Request) -> Response:
         job_id, _, seq = item.rpartition(":")
         since[validation.job_id(job_id)] = validation.seq(seq, field=f"since for {job_id!r}")
     want_all = params.get("all") in ("1", "true")
-
-    feed = svc.feed()
-    missing: list[str] = []
-    async with _opening(feed):
+    principal, release = _connect(svc, request)
+    feed = svc.feed(principal)
+    async with _opening(feed, release):
         if want_all:
             await feed.watch_all()
-        for job_id in job_ids:
-            if not await feed.watch(job_id, since.get(job_id, 0)):
-                missing.append(job_id)
-    notices = [JobNotFound(j, f"no job with id {j!r}").as_message(job_id=j) for j in missing]
-    return _stream(feed, svc.settings.heartbeat_interval, notices=notices)
+        refused = await feed.watch_many(since, job_ids=job_ids)
+    notices = [error.as_message(job_id=job_id) for job_id, error in refused.items()]
+    return _stream(feed, svc.settings.heartbeat_interval, release, notices=notices)
 
 
 def _control(message: dict[str, object]) -> str:
@@ -102,6 +112,7 @@ def _control(message: dict[str, object]) -> str:
 def _stream(
     feed: Feed,
     heartbeat: float,
+    release: Callable[[], None],
     *,
     with_ids: bool = False,
     notices: list[dict[str, object]] | None = None,
@@ -131,6 +142,7 @@ def _stream(
                 yield _control({"type": Msg.END})
         finally:
             feed.close()
+            release()
 
     return StreamingResponse(
         body(),

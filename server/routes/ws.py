@@ -15,7 +15,10 @@ and `{"type": "error", "code", "message", "job_id"?}`. A malformed message gets 
 message; the socket stays open.
 
 `/ws/jobs/{job_id}?since=N`: one job; closes with 1000 after its final event, with 4404 if
-the job does not exist, 4400 for a malformed id or since, 1013 when Redis is unreachable.
+the job does not exist (or is not the caller's), 4400 for a malformed id or since, 1013
+when Redis is unreachable.
+
+Both authenticate first (see `_open`), and close with 4401 when the token expires.
 """
 
 from __future__ import annotations
@@ -25,18 +28,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
-from jobwire.server import validation
-from jobwire.server.events import Delivery, FromAll
-from jobwire.server.feed import Feed, Item
-from jobwire.server.hub import HubUnavailable
-from jobwire.server.services import services
 from redis.exceptions import RedisError
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobNotFound, JobwireError, Msg, Op
+from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobwireError, Msg, Op
+from jobwire.server import validation
+from jobwire.server.auth import Principal
+from jobwire.server.events import Delivery, FromAll
+from jobwire.server.feed import Feed, Item
+from jobwire.server.hub import HubUnavailable
+from jobwire.server.limits import Pace
+from jobwire.server.services import Services, services, user_key
 
 log = logging.getLogger(__name__)
 
@@ -95,38 +101,97 @@ async def _close(ws: WebSocket, code: int, reason: str = "") -> None:
             pass  # the client is already gone
 
 
+# -- connecting ---------------------------------------------------------------------------
+
+
+def _origin_allowed(ws: WebSocket, allowed: tuple[str, ...]) -> bool:
+    """Browsers always send Origin on a websocket; a page on another site must not be
+    able to open one with the user's cookies or network position (cross-site websocket
+    hijacking). Clients that are not browsers send none."""
+    origin = ws.headers.get("origin")
+    if origin is None or origin in allowed:
+        return True
+    return urlsplit(origin).netloc.lower() == ws.headers.get("host", "").lower()  # the server's own
+
+
+async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]] | None:
+    """Accept the socket and learn who is on it, or refuse it (and return None).
+
+    Refused before the upgrade (HTTP 403): a disallowed Origin, websockets turned off.
+    After it, with a close code and reason: no valid token within `auth_timeout`
+    (4401), too many connections for the user or the address (1013). The token comes
+    in a header, in `?token=`, or (browsers cannot set headers) in a first message
+    `{"op": "auth", "token": ...}`.
+    """
+    svc = services(ws)
+    settings = svc.settings
+    if "websocket" not in settings.transports:
+        await ws.close(code=Close.POLICY)
+        return None
+    if not _origin_allowed(ws, settings.allowed_origins):
+        await ws.close(code=Close.FORBIDDEN)
+        return None
+    await ws.accept()
+    try:
+        principal = svc.auth.principal(ws)
+        if principal is None:
+            async with asyncio.timeout(settings.auth_timeout):
+                msg = await _receive_json(ws)
+            if not isinstance(msg, dict) or msg.get("op") != Op.AUTH:
+                raise JobwireError("unauthenticated", 'authenticate first: {"op": "auth", "token": ...}')
+            principal = svc.auth.verify(msg.get("token"))  # type: ignore[arg-type]
+    except TimeoutError:
+        await _close(ws, Close.UNAUTHENTICATED, f"no token within {settings.auth_timeout:g}s")
+        return None
+    except JobwireError as exc:
+        await _close(ws, Close.UNAUTHENTICATED, exc.message[:120])
+        return None
+    user, address = user_key(principal), ws.client.host if ws.client else "?"
+    refused = svc.connections.acquire(user, address)
+    if refused:
+        await _close(ws, Close.TRY_AGAIN_LATER, refused)
+        return None
+    return svc, principal, lambda: svc.connections.release(user, address)
+
+
+async def _expire(ws: WebSocket, principal: Principal) -> None:
+    """Close the socket when its token expires: a client must come back with a new one."""
+    if principal.expires is None:
+        await asyncio.Event().wait()
+        return
+    await asyncio.sleep(max(0.0, principal.expires - time.time()))
+    await _close(ws, Close.UNAUTHENTICATED, "token expired")
+
+
 # -- /ws ---------------------------------------------------------------------------------
 
 
-async def _accept(ws: WebSocket) -> bool:
-    """Accept the socket, or refuse the upgrade (HTTP 403) when websockets are turned off."""
-    if "websocket" not in services(ws).settings.transports:
-        await ws.close(code=Close.POLICY)
-        return False
-    await ws.accept()
-    return True
-
-
 async def ws_multi(ws: WebSocket) -> None:
-    svc = services(ws)
-    if not await _accept(ws):
+    opened = await _open(ws)
+    if opened is None:
         return
-    feed = svc.feed()
+    svc, principal, release = opened
+    feed = svc.feed(principal)
     # Tells the client how often to expect a sign of life, so it can detect a dead link.
     feed.post({"type": Msg.WELCOME, "heartbeat": svc.settings.heartbeat_interval})
+    pace = Pace(svc.settings.ws_messages_per_second)
 
     async def read() -> None:
         while True:
             try:
                 msg = await _receive_json(ws)
+                if not pace.take():
+                    raise JobwireError("rate_limited", "too many messages; slow down")
                 await _handle(msg, feed)
             except JobwireError as exc:
                 feed.post(exc.as_message())
 
     try:
-        await _run_until_first_done(ws, read(), _pump(ws, feed, svc.settings.heartbeat_interval))
+        pump = _pump(ws, feed, svc.settings.heartbeat_interval)
+        await _run_until_first_done(ws, read(), pump, _expire(ws, principal))
     finally:
         feed.close()
+        release()
 
 
 async def _pump(ws: WebSocket, feed: Feed, heartbeat: float, *, close_after_final: bool = False) -> None:
@@ -160,19 +225,13 @@ Reply = Callable[[dict[str, Any]], None]
 async def _op_subscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
     ids = validation.job_ids(msg.get("job_ids"), limit=MAX_IDS_PER_MESSAGE)
     since = validation.since_map(msg.get("since"))
-
-    async def one(job_id: str) -> None:
-        try:
-            if not await feed.watch(job_id, since.get(job_id, 0)):
-                reply(JobNotFound(job_id, f"no job with id {job_id!r}").as_message(job_id=job_id))
-        except JobwireError as exc:
-            reply(exc.as_message(job_id=job_id))
-        except (HubUnavailable, RedisError) as exc:
-            reply(
-                JobwireError("unavailable", f"job store unavailable, retry: {exc}").as_message(job_id=job_id)
-            )
-
-    await asyncio.gather(*(one(job_id) for job_id in ids))
+    try:
+        refused = await feed.watch_many(since, job_ids=ids)
+    except (HubUnavailable, RedisError) as exc:
+        reply(JobwireError("unavailable", f"job store unavailable, retry: {exc}").as_message())
+        return
+    for job_id, error in refused.items():
+        reply(error.as_message(job_id=job_id))
 
 
 async def _op_unsubscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
@@ -188,6 +247,9 @@ async def _op_subscribe_all(msg: dict[str, Any], feed: Feed, reply: Reply) -> No
     except HubUnavailable as exc:
         reply(JobwireError("unavailable", str(exc)).as_message())
         return
+    except JobwireError as exc:
+        reply(exc.as_message())
+        return
     reply({"type": Msg.SUBSCRIBED_ALL})
 
 
@@ -200,12 +262,17 @@ async def _op_ping(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
     reply({"type": Msg.PONG, "ts": time.time()})
 
 
+async def _op_auth(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
+    reply(JobwireError("invalid_message", "already authenticated; reconnect to change tokens").as_message())
+
+
 _OPS = {
     Op.SUBSCRIBE: _op_subscribe,
     Op.UNSUBSCRIBE: _op_unsubscribe,
     Op.SUBSCRIBE_ALL: _op_subscribe_all,
     Op.UNSUBSCRIBE_ALL: _op_unsubscribe_all,
     Op.PING: _op_ping,
+    Op.AUTH: _op_auth,
 }
 
 
@@ -213,16 +280,18 @@ _OPS = {
 
 
 async def ws_job(ws: WebSocket) -> None:
-    svc = services(ws)
-    if not await _accept(ws):
+    opened = await _open(ws)
+    if opened is None:
         return
+    svc, principal, release = opened
     try:
         job_id = validation.job_id(ws.path_params["job_id"])
         since = validation.seq(ws.query_params.get("since", "0"), field="since")
     except JobwireError as exc:
+        release()
         await ws.close(Close.BAD_REQUEST, exc.message[:120])
         return
-    feed = svc.feed()
+    feed = svc.feed(principal)
     try:
         try:
             found = await feed.watch(job_id, since)
@@ -241,11 +310,11 @@ async def ws_job(ws: WebSocket) -> None:
                 except JobwireError:
                     pass
 
-        await _run_until_first_done(
-            ws, read(), _pump(ws, feed, svc.settings.heartbeat_interval, close_after_final=True)
-        )
+        pump = _pump(ws, feed, svc.settings.heartbeat_interval, close_after_final=True)
+        await _run_until_first_done(ws, read(), pump, _expire(ws, principal))
     finally:
         feed.close()
+        release()
         await _close(ws, Close.NORMAL)
 
 
