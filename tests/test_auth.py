@@ -1,0 +1,338 @@
+"""Authentication and tenant isolation, tried as a hostile client would.
+
+A tenant must never see, watch, cancel or even learn of another tenant's job: every answer
+about another tenant's job is compared, body for body, with the answer for an id that
+never existed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from jobwire.server.auth import RedactTokens
+from jobwire.settings import Settings
+from tests.clients import next_of, recv_json
+from tests.support import RunningServer, run_server
+
+SECRET = "test-secret-for-jobwire-auth-0123456789"
+AUDIENCE = "jobwire-tests"
+
+
+def token(tenant: str | None = "acme", sub: str = "alice", *, secret: str = SECRET, **claims: Any) -> str:
+    body: dict[str, Any] = {"sub": sub, "exp": int(time.time()) + 300, "aud": AUDIENCE, **claims}
+    if tenant is not None:
+        body["tenant"] = tenant
+    return jwt.encode(body, secret, algorithm="HS256")
+
+
+def bearer(tok: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tok}"}
+
+
+A, B, ADMIN = token("acme"), token("globex", "bob"), token(None, "root", scope="admin")
+
+
+@pytest.fixture
+def auth_settings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update=dict(
+            auth="jwt",
+            jwt_secret=SECRET,
+            jwt_audience=AUDIENCE,
+            allowed_origins=("http://allowed.example",),
+            auth_timeout=1.0,
+        )
+    )
+
+
+@pytest.fixture
+async def srv(auth_settings: Settings, worker: object) -> AsyncIterator[RunningServer]:
+    async with run_server(auth_settings) as running:
+        yield running
+
+
+async def submit_as(srv: RunningServer, tok: str, task: str = "long_running_task", **kwargs: Any) -> str:
+    async with httpx.AsyncClient(base_url=srv.url, headers=bearer(tok)) as http:
+        resp = await http.post("/api/v1/jobs", json={"task": task, "kwargs": kwargs})
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["job_id"])
+
+
+async def watch_until_final(srv: RunningServer, tok: str, job_id: str) -> list[dict[str, Any]]:
+    async with websockets.connect(f"{srv.ws_url}/ws/jobs/{job_id}", additional_headers=bearer(tok)) as ws:
+        events = []
+        async for frame in ws:
+            msg = json.loads(frame)
+            if msg["type"] == "event":
+                events.append(msg)
+    return events
+
+
+def same_answer(foreign: Any, unknown: Any, foreign_id: str, unknown_id: str) -> bool:
+    """The two answers are equal once each id is replaced by a placeholder."""
+    return json.dumps(foreign).replace(foreign_id, "<id>") == json.dumps(unknown).replace(unknown_id, "<id>")
+
+
+async def sse_messages(http: httpx.AsyncClient, params: Any) -> list[dict[str, Any]]:
+    out = []
+    async with http.stream("GET", "/api/v1/events", params=params) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if line.startswith("data: "):
+                out.append(json.loads(line[6:]))
+    return out
+
+
+async def test_another_tenants_job_reads_exactly_as_an_unknown_id(srv: RunningServer) -> None:
+    """Tenant B: status, history, SSE, multiplexed SSE, batch, revoke and both websockets
+    answer for A's job exactly as for an id that never existed. A's job is untouched."""
+    job = await submit_as(srv, A, delay=0.3)
+    ghost = str(uuid.uuid4())
+    async with httpx.AsyncClient(base_url=srv.url, headers=bearer(B), timeout=10) as http:
+        for method, path in [
+            ("GET", ""),
+            ("GET", "/history"),
+            ("GET", "/events"),
+            ("DELETE", ""),
+            ("POST", "/token"),
+        ]:
+            foreign = await http.request(method, f"/api/v1/jobs/{job}{path}")
+            unknown = await http.request(method, f"/api/v1/jobs/{ghost}{path}")
+            assert foreign.status_code == unknown.status_code == 404, (method, path)
+            assert same_answer(foreign.json(), unknown.json(), job, ghost), (method, path)
+        batch = (await http.post("/api/v1/jobs/batch-status", json=[job, ghost])).json()["jobs"]
+        assert batch[job] == batch[ghost] == {"status": "UNKNOWN", "ready": False, "seq": 0}
+        foreign_sse = await sse_messages(http, [("job", job)])
+        unknown_sse = await sse_messages(http, [("job", ghost)])
+        assert same_answer(foreign_sse, unknown_sse, job, ghost)
+        listed = (await http.get("/api/v1/jobs")).json()["jobs"]
+        assert job not in [j["job_id"] for j in listed]
+    async with websockets.connect(f"{srv.ws_url}/ws", additional_headers=bearer(B)) as ws:
+        answers = []
+        for job_id in (job, ghost):
+            await ws.send(json.dumps({"op": "subscribe", "job_ids": [job_id]}))
+            answers.append(await next_of(ws, "error", "event"))
+        assert same_answer(answers[0], answers[1], job, ghost)
+    for job_id in (job, ghost):
+        async with websockets.connect(f"{srv.ws_url}/ws/jobs/{job_id}", additional_headers=bearer(B)) as ws:
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+        assert (ws.close_code, ws.close_reason) == (4404, "job not found")
+    # A's job ran to the end, unrevoked; A and an admin see it.
+    events = await watch_until_final(srv, A, job)
+    assert events[-1]["state"] == "SUCCESS"
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        for tok in (A, ADMIN):
+            listed = (await http.get("/api/v1/jobs", headers=bearer(tok))).json()["jobs"]
+            assert job in [j["job_id"] for j in listed]
+
+
+async def test_subscribe_all_is_scoped_to_the_tenant(srv: RunningServer) -> None:
+    """B's all-jobs stream never carries A's events; A's and the admin's do."""
+    streams = {}
+    for name, tok in (("A", A), ("B", B), ("admin", ADMIN)):
+        ws = await websockets.connect(f"{srv.ws_url}/ws", additional_headers=bearer(tok))
+        await ws.send(json.dumps({"op": "subscribe_all"}))
+        await next_of(ws, "subscribed_all")
+        streams[name] = ws
+    try:
+        a_job = await submit_as(srv, A, delay=0.01)
+        await watch_until_final(srv, A, a_job)
+        b_job = await submit_as(srv, B, delay=0.01)  # published after every event of A's job
+
+        async def seen_until(ws: Any, job_id: str) -> set[str]:
+            seen: set[str] = set()
+            while True:
+                msg = await next_of(ws, "event")
+                seen.add(msg["job_id"])
+                if msg["job_id"] == job_id and msg["final"]:
+                    return seen
+
+        assert a_job not in await seen_until(streams["B"], b_job)
+        assert a_job in await seen_until(streams["A"], a_job)
+        assert {a_job, b_job} <= await seen_until(streams["admin"], b_job)
+    finally:
+        for ws in streams.values():
+            await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "tok"),
+    [
+        ("expired", token(exp=int(time.time()) - 60)),
+        ("forged", token(secret="not-the-secret-at-all-0123456789")),
+        ("wrong audience", token(aud="someone-else")),
+        (
+            "alg none",
+            jwt.encode(
+                {"sub": "x", "tenant": "acme", "exp": int(time.time()) + 60, "aud": AUDIENCE},
+                None,
+                algorithm="none",
+            ),
+        ),
+        ("no tenant", token(None)),
+        ("garbage", "not.a.jwt"),
+    ],
+)
+async def test_bad_tokens_are_refused(srv: RunningServer, name: str, tok: str) -> None:
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        resp = await http.get("/api/v1/jobs", headers=bearer(tok))
+        assert resp.status_code == 401, name
+        assert resp.json()["error"]["code"] == "unauthenticated"
+        assert resp.headers["www-authenticate"] == "Bearer"
+        sse = await http.get("/api/v1/events", params={"job": "x", "token": tok})
+        assert sse.status_code == 401
+    async with websockets.connect(f"{srv.ws_url}/ws", additional_headers=bearer(tok)) as ws:
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+    assert ws.close_code == 4401, name
+
+
+async def test_no_token_is_401_and_websockets_get_a_deadline(srv: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        assert (await http.get("/api/v1/jobs")).status_code == 401
+        assert (await http.get("/api/v1/tasks")).status_code == 401
+        assert (await http.get("/healthz")).status_code == 200  # probes need no token
+    started = time.monotonic()
+    async with websockets.connect(f"{srv.ws_url}/ws") as ws:
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+    assert ws.close_code == 4401 and "no token within" in ws.close_reason
+    assert time.monotonic() - started < 5
+    # Browsers cannot set headers on a websocket: the token may come in the first message.
+    async with websockets.connect(f"{srv.ws_url}/ws") as ws:
+        await ws.send(json.dumps({"op": "auth", "token": A}))
+        assert (await recv_json(ws))["type"] == "welcome"
+
+
+async def test_single_job_token_watches_that_job_only(srv: RunningServer) -> None:
+    job = await submit_as(srv, A, delay=0.2)
+    sibling = await submit_as(srv, A, delay=0.01)  # same tenant, still not allowed
+    async with httpx.AsyncClient(base_url=srv.url, headers=bearer(A)) as http:
+        minted = await http.post(f"/api/v1/jobs/{job}/token")
+    assert minted.status_code == 201
+    link = minted.json()["token"]
+    assert minted.json()["links"]["ws"].endswith(f"/ws/jobs/{job}?token={link}")
+    async with httpx.AsyncClient(base_url=srv.url, headers=bearer(link)) as http:
+        assert (await http.get(f"/api/v1/jobs/{job}")).status_code == 200
+        assert (await http.get(f"/api/v1/jobs/{sibling}")).status_code == 404
+        for method, path, body in [
+            ("GET", "/api/v1/jobs", None),
+            ("POST", "/api/v1/jobs", {"task": "long_running_task"}),
+            ("DELETE", f"/api/v1/jobs/{job}", None),
+            ("POST", f"/api/v1/jobs/{job}/token", None),
+        ]:
+            resp = await http.request(method, path, json=body)
+            assert resp.status_code == 403 and resp.json()["error"]["code"] == "forbidden", (method, path)
+    async with websockets.connect(f"{srv.ws_url}/ws?token={link}") as ws:
+        await ws.send(json.dumps({"op": "subscribe", "job_ids": [sibling]}))
+        assert (await next_of(ws, "error"))["code"] == "job_not_found"
+        await ws.send(json.dumps({"op": "subscribe_all"}))
+        assert (await next_of(ws, "error"))["code"] == "forbidden"
+    events = await watch_until_final(srv, link, job)
+    assert events[-1]["state"] == "SUCCESS"
+
+
+async def test_websocket_origin_is_checked(srv: RunningServer) -> None:
+    """Cross-site websocket hijacking: a page on another site cannot open a socket."""
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(f"{srv.ws_url}/ws?token={A}", origin="http://evil.example")
+    assert refused.value.response.status_code == 403
+    for origin in ("http://allowed.example", srv.url):  # an allowed origin, and the server's own
+        async with websockets.connect(f"{srv.ws_url}/ws?token={A}", origin=origin) as ws:
+            assert (await recv_json(ws))["type"] == "welcome"
+
+
+async def test_cors_and_csrf(srv: RunningServer) -> None:
+    """REST CORS follows the allowed origins; a text/plain POST (what a cross-site form or
+    no-preflight fetch can send) is 415 and submits nothing."""
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        ok = await http.options(
+            "/api/v1/jobs",
+            headers={"Origin": "http://allowed.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert ok.headers.get("access-control-allow-origin") == "http://allowed.example"
+        evil = await http.options(
+            "/api/v1/jobs", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+        )
+        assert "access-control-allow-origin" not in evil.headers
+        before = len((await http.get("/api/v1/jobs", headers=bearer(A))).json()["jobs"])
+        plain = await http.post(
+            "/api/v1/jobs",
+            content=b'{"task": "long_running_task"}',
+            headers={**bearer(A), "content-type": "text/plain"},
+        )
+        assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+        assert len((await http.get("/api/v1/jobs", headers=bearer(A))).json()["jobs"]) == before
+
+
+async def test_submits_per_user_are_rate_limited(auth_settings: Settings, worker: object) -> None:
+    settings = auth_settings.model_copy(update=dict(submits_per_minute=3))
+    user = token("acme", f"burst-{uuid.uuid4()}")
+    async with run_server(settings) as srv, httpx.AsyncClient(base_url=srv.url, headers=bearer(user)) as http:
+        codes = []
+        for _ in range(5):
+            resp = await http.post("/api/v1/jobs", json={"task": "long_running_task", "kwargs": {"delay": 0}})
+            codes.append(resp.status_code)
+        assert codes == [202, 202, 202, 429, 429]
+        assert int(resp.headers["retry-after"]) >= 1
+        assert resp.json()["error"]["code"] == "rate_limited"
+        other = await http.post(
+            "/api/v1/jobs", json={"task": "long_running_task", "kwargs": {"delay": 0}}, headers=bearer(B)
+        )
+        assert other.status_code == 202  # another user's bucket is their own
+
+
+async def test_connections_per_address_are_limited(auth_settings: Settings, worker: object) -> None:
+    settings = auth_settings.model_copy(update=dict(max_connections_per_address=3))
+    async with run_server(settings) as srv:
+        held = [await websockets.connect(f"{srv.ws_url}/ws", additional_headers=bearer(A)) for _ in range(3)]
+        async with websockets.connect(f"{srv.ws_url}/ws", additional_headers=bearer(A)) as ws:
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await ws.recv()
+        assert ws.close_code == 1013 and "too many connections from this address" in ws.close_reason
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            sse = await http.get("/api/v1/events", params={"job": "x"}, headers=bearer(A))
+            assert sse.status_code == 429
+        await held.pop().close()
+        async with websockets.connect(f"{srv.ws_url}/ws", additional_headers=bearer(A)) as ws:
+            assert (await recv_json(ws))["type"] == "welcome"  # a slot freed up
+        for ws in held:
+            await ws.close()
+
+
+def test_tokens_never_reach_the_access_log() -> None:
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", f"/api/v1/events?job=x&token={A}&all=1", "1.1", 200),
+        None,
+    )
+    RedactTokens().filter(record)
+    assert A not in record.getMessage() and "token=[redacted]&all=1" in record.getMessage()
+
+
+async def test_development_mode_says_so(
+    settings: Settings, worker: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="jobwire.server.auth"):
+        async with run_server(settings):
+            pass
+    assert any(
+        "JOBWIRE_AUTH=none" in r.getMessage() and "never expose it" in r.getMessage() for r in caplog.records
+    )
