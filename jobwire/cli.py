@@ -43,7 +43,9 @@ def _kv(pairs: list[str]) -> dict[str, Any]:
     return kwargs
 
 
-async def cmd_watch(url: str, job_id: str, since: int = 0, give_up_after: float | None = 30.0) -> int:
+async def cmd_watch(
+    url: str, job_id: str, since: int = 0, give_up_after: float | None = 30.0, token: str | None = None
+) -> int:
     final = None
     with Progress(
         TextColumn("[bold]{task.fields[state]:<12}"),
@@ -55,7 +57,7 @@ async def cmd_watch(url: str, job_id: str, since: int = 0, give_up_after: float 
         transient=False,
     ) as progress:
         bar = progress.add_task("", total=100, state="…")
-        async for event in watch(job_id, url, since=since, give_up_after=give_up_after):
+        async for event in watch(job_id, url, since=since, give_up_after=give_up_after, token=token):
             state, p = event["state"], event.get("progress") or {}
             percent = 100.0 if state == "SUCCESS" else p.get("percent", progress.tasks[0].completed)
             progress.update(bar, completed=percent, state=state, description=p.get("description", ""))
@@ -77,15 +79,15 @@ def _detail(event: dict[str, Any]) -> str:
     return ""
 
 
-async def cmd_submit(url: str, task: str, kwargs: dict[str, Any], then_watch: bool) -> int:
-    async with Jobwire(url) as api:
+async def cmd_submit(url: str, task: str, kwargs: dict[str, Any], then_watch: bool, token: str | None) -> int:
+    async with Jobwire(url, token=token) as api:
         job_id = await api.submit(task, **kwargs)
     out.print(job_id)
-    return await cmd_watch(url, job_id) if then_watch else 0
+    return await cmd_watch(url, job_id, token=token) if then_watch else 0
 
 
-async def cmd_status(url: str, job_ids: list[str], as_json: bool) -> int:
-    async with Jobwire(url) as api:
+async def cmd_status(url: str, job_ids: list[str], as_json: bool, token: str | None) -> int:
+    async with Jobwire(url, token=token) as api:
         jobs = await api.batch_status(job_ids)
     if as_json:
         out.print_json(data=jobs)
@@ -129,6 +131,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--url", default=os.environ.get("JOBWIRE_URL", DEFAULT_URL), help="server (env JOBWIRE_URL)"
     )
+    p.add_argument(
+        "--token", default=os.environ.get("JOBWIRE_TOKEN"), help="bearer token (env JOBWIRE_TOKEN)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sv = sub.add_parser("serve", help="run the web server (settings from JOBWIRE_* variables)")
     sv.add_argument(
@@ -156,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args.host, args.port)
     try:
         if args.command == "watch":
-            coro = cmd_watch(args.url, args.job_id, args.since)
+            coro = cmd_watch(args.url, args.job_id, args.since, token=args.token)
         elif args.command == "submit":
-            coro = cmd_submit(args.url, args.task, _kv(args.kwargs), args.watch)
+            coro = cmd_submit(args.url, args.task, _kv(args.kwargs), args.watch, args.token)
         else:
-            coro = cmd_status(args.url, args.job_ids, args.json)
+            coro = cmd_status(args.url, args.job_ids, args.json, args.token)
         return asyncio.run(coro)
     except JobNotFound as exc:
         console.print(f"[red]jobwire: {exc.message}[/]")

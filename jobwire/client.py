@@ -41,6 +41,7 @@ async def watch(
     url: str = DEFAULT_URL,
     *,
     since: int = 0,
+    token: str | None = None,
     # Timeouts
     open_timeout: float = 5.0,
     backoff_min: float = 0.2,
@@ -49,9 +50,12 @@ async def watch(
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield `job_id`'s events after `since`, in order, once each, until the final one.
 
-    Raises `JobNotFound` if the server does not know the job, and `ConnectionError` if it
-    cannot be reached for `give_up_after` seconds (default: keep trying).
+    `token` is a bearer token (a link token for this job will do). Raises `JobNotFound`
+    if the server does not know the job (or it is not the token's), `JobwireError` for a
+    token it refuses, and `ConnectionError` if it cannot be reached for `give_up_after`
+    seconds (default: keep trying).
     """
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     last = since
     delays = backoff(backoff_min, backoff_max)
     loop = asyncio.get_running_loop()
@@ -60,7 +64,9 @@ async def watch(
         close_code, close_reason = None, ""
         try:
             async with websockets.connect(
-                f"{_ws_url(url)}/ws/jobs/{job_id}?since={last}", open_timeout=open_timeout
+                f"{_ws_url(url)}/ws/jobs/{job_id}?since={last}",
+                open_timeout=open_timeout,
+                additional_headers=headers,
             ) as ws:
                 failing_since, delays = None, backoff(backoff_min, backoff_max)
                 try:
@@ -87,6 +93,9 @@ async def watch(
             raise JobNotFound(job_id, close_reason or None)
         if close_code == Close.BAD_REQUEST:
             raise JobwireError("invalid_request", close_reason)
+        if close_code in (Close.UNAUTHENTICATED, Close.FORBIDDEN):
+            code = "unauthenticated" if close_code == Close.UNAUTHENTICATED else "forbidden"
+            raise JobwireError(code, close_reason)
         now = loop.time()
         failing_since = failing_since if failing_since is not None else now
         if give_up_after is not None and now - failing_since > give_up_after:
@@ -97,9 +106,10 @@ async def watch(
 class Jobwire:
     """HTTP calls to a jobwire server: submit, status, batch status, revoke."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 10.0) -> None:
+    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 10.0) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
 
     async def __aenter__(self) -> Jobwire:
         return self
@@ -140,6 +150,10 @@ class Jobwire:
 
     async def revoke(self, job_id: str) -> dict[str, Any]:
         return await self._call("DELETE", f"/api/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    async def link_token(self, job_id: str) -> dict[str, Any]:
+        """A short-lived token (and links) that may watch `job_id` and nothing else."""
+        return await self._call("POST", f"/api/v1/jobs/{job_id}/token")  # type: ignore[no-any-return]
 
     async def tasks(self) -> list[dict[str, str]]:
         return (await self._call("GET", "/api/v1/tasks"))["tasks"]  # type: ignore[no-any-return]

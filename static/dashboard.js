@@ -217,7 +217,17 @@ function showConnection({ status, transport }) {
 }
 
 const params = new URLSearchParams(window.location.search);
+// A token from the page's address (`/?token=…`, e.g. a link the app minted) is kept for
+// this tab, then taken out of the address bar so it is not bookmarked or shared.
+if (params.get("token")) {
+  sessionStorage.setItem("jobwire.token", params.get("token"));
+  params.delete("token");
+  const rest = params.toString();
+  history.replaceState(null, "", window.location.pathname + (rest ? `?${rest}` : ""));
+}
+const token = sessionStorage.getItem("jobwire.token") || undefined;
 const client = new JobwireClient({
+  token,
   transports: params.get("transports") ? params.get("transports").split(",") : undefined,
   upgradeInterval: params.get("upgrade") ? Number(params.get("upgrade")) : undefined,
   onEvent: apply,
@@ -231,8 +241,10 @@ const client = new JobwireClient({
 
 // -- actions --------------------------------------------------------------------------
 
-async function api(path, init) {
-  const resp = await fetch(path, init);
+async function api(path, init = {}) {
+  const headers = { ...(init.headers || {}) };
+  if (token) headers.authorization = `Bearer ${token}`;
+  const resp = await fetch(path, { ...init, headers });
   const body = resp.status === 204 ? null : await resp.json();
   if (!resp.ok) {
     const err = new Error(body && body.error ? body.error.message : `HTTP ${resp.status}`);

@@ -17,8 +17,9 @@ const TRANSPORTS = ["websocket", "sse", "polling"];
 
 // The protocol's names, mirrored from jobwire/protocol.py (the one contract module; change
 // them there first). Only what this client reads is here.
-const Op = { SUBSCRIBE: "subscribe", UNSUBSCRIBE: "unsubscribe", SUBSCRIBE_ALL: "subscribe_all" };
+const Op = { SUBSCRIBE: "subscribe", UNSUBSCRIBE: "unsubscribe", SUBSCRIBE_ALL: "subscribe_all", AUTH: "auth" };
 const Msg = { EVENT: "event", ERROR: "error", END: "end" };
+const Close = { UNAUTHENTICATED: 4401, FORBIDDEN: 4403 };
 
 /** Exponential backoff with jitter (as jobwire/backoff.py): the delay in ms for `attempt`. */
 export function backoff(attempt, min, max) {
@@ -30,6 +31,9 @@ export class JobwireClient {
   /**
    * @param {object} [options]
    * @param {string} [options.baseUrl]  the jobwire server (default: this page's origin)
+   * @param {string|(() => string|Promise<string>)} [options.token]  a bearer token, or a
+   *        function that fetches one: it is called again on every reconnect, so a token
+   *        that expired is replaced (the server closes 4401 at expiry)
    * @param {string[]} [options.transports]  allowed transports, in order of preference
    * @param {(event: object) => void} [options.onEvent]  a job event, ordered and deduplicated
    * @param {(s: {status: string, transport: string}) => void} [options.onStatus]
@@ -51,6 +55,8 @@ export class JobwireClient {
     this.pollInterval = options.pollInterval || 1000;
     this.failuresBeforeFallback = options.failuresBeforeFallback || 3;
     this.upgradeInterval = options.upgradeInterval ?? 30000;
+    this.token = options.token;
+    this._token = typeof this.token === "string" ? this.token : null;
     this.backoffMin = 250;
     this.backoffMax = 10000;
 
@@ -149,9 +155,27 @@ export class JobwireClient {
     if (this._closed) return;
     this.transport = this.transports[this._level];
     if (!quietly) this._setStatus(this._everOpened ? "reconnecting" : "connecting");
-    if (this.transport === "websocket") this._openWebSocket();
-    else if (this.transport === "sse") this._openEventSource();
-    else this._schedulePoll(0);
+    this._refreshToken().then(() => {
+      if (this._closed) return;
+      if (this.transport === "websocket") this._openWebSocket();
+      else if (this.transport === "sse") this._openEventSource();
+      else this._schedulePoll(0);
+    });
+  }
+
+  /** A token function is asked again before each connection (tokens expire). */
+  async _refreshToken() {
+    if (typeof this.token !== "function") return;
+    try {
+      this._token = await this.token();
+    } catch (e) {
+      this.onError({ code: "unauthenticated", message: `token function failed: ${e}` });
+    }
+  }
+
+  _withToken(url) {
+    if (!this._token) return url;
+    return url + (url.includes("?") ? "&" : "?") + `token=${encodeURIComponent(this._token)}`;
   }
 
   _opened() {
@@ -198,7 +222,7 @@ export class JobwireClient {
         if (transport === "websocket") {
           conn = new WebSocket(this.baseUrl.replace(/^http/, "ws") + "/ws");
         } else if (transport === "sse") {
-          conn = new EventSource(`${this.baseUrl}/api/v1/events`);
+          conn = new EventSource(this._withToken(`${this.baseUrl}/api/v1/events`));
         } else {
           resolve(true);
           return;
@@ -278,6 +302,8 @@ export class JobwireClient {
     ws.onopen = () => {
       opened = true;
       this._opened();
+      // Browsers cannot set headers on a websocket: the token goes in the first message.
+      if (this._token) ws.send(JSON.stringify({ op: Op.AUTH, token: this._token }));
       const { ids } = this._pending();
       if (ids.length) this._wsSubscribe(ids);
       if (this._all) this._wsSend({ op: Op.SUBSCRIBE_ALL });
@@ -294,7 +320,17 @@ export class JobwireClient {
       else if (data.type === Msg.EVENT) this._deliver(data);
       else if (data.type === Msg.ERROR) this.onError(data);
     };
-    ws.onclose = () => this._lost(!opened);
+    ws.onclose = (e) => {
+      if (e.code === Close.UNAUTHENTICATED || e.code === Close.FORBIDDEN) {
+        this.onError({ code: e.code === Close.FORBIDDEN ? "forbidden" : "unauthenticated", message: e.reason });
+        // A fixed token will not become valid: stop. A token function gets another try.
+        if (typeof this.token !== "function") {
+          this.close();
+          return;
+        }
+      }
+      this._lost(!opened);
+    };
   }
 
   _wsSubscribe(ids) {
@@ -334,6 +370,7 @@ export class JobwireClient {
     }
     if (this._all) params.set("all", "1");
     let opened = false;
+    if (this._token) params.set("token", this._token);
     const es = new EventSource(`${this.baseUrl}/api/v1/events?${params}`);
     this._conn = es;
     es.onopen = () => {
@@ -392,8 +429,10 @@ export class JobwireClient {
     }
   }
 
-  async _fetchJson(path, init) {
-    const resp = await fetch(this.baseUrl + path, init);
+  async _fetchJson(path, init = {}) {
+    const headers = { ...(init.headers || {}) };
+    if (this._token) headers.authorization = `Bearer ${this._token}`;
+    const resp = await fetch(this.baseUrl + path, { ...init, headers });
     if (!resp.ok) throw new Error(`${path}: HTTP ${resp.status}`);
     return resp.json();
   }

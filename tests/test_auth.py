@@ -20,10 +20,12 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from jobwire.client import Jobwire, JobwireError, watch
 from jobwire.server.auth import RedactTokens
 from jobwire.settings import Settings
 from tests.clients import next_of, recv_json
 from tests.support import RunningServer, run_server
+from tests.test_client_cli import _cli
 
 SECRET = "test-secret-for-jobwire-auth-0123456789"
 AUDIENCE = "jobwire-tests"
@@ -336,3 +338,19 @@ async def test_development_mode_says_so(
     assert any(
         "JOBWIRE_AUTH=none" in r.getMessage() and "never expose it" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_python_client_and_cli_carry_the_token(srv: RunningServer) -> None:
+    async with Jobwire(srv.url, token=A) as api:
+        job = await api.submit("long_running_task", delay=0.01)
+        link = (await api.link_token(job))["token"]
+    states = [e["state"] async for e in watch(job, srv.url, token=link)]
+    assert states[-1] == "SUCCESS"
+    with pytest.raises(JobwireError) as refused:
+        async for _ in watch(job, srv.url, token=token(secret="wrong-secret-wrong-secret-0123456789")):
+            pass
+    assert refused.value.code == "unauthenticated"
+    code, out = await _cli(srv.url, "--token", A, "submit", "long_running_task", "delay=0.01", "--watch")
+    assert code == 0, out
+    code, out = await _cli(srv.url, "status", job)  # no token
+    assert code == 4 and "unauthenticated" in out

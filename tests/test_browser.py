@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,6 +16,7 @@ from jobwire.settings import Settings
 from jobwire.tasks.recorder import Recorder
 from tests.clients import LIFECYCLE
 from tests.support import free_port, run_server, wait_until
+from tests.test_auth import AUDIENCE, SECRET, submit_as, token
 
 pytestmark = pytest.mark.browser
 
@@ -218,3 +220,22 @@ async def test_climbs_back_to_websocket_when_it_returns(
         await expect(page.locator("#connection")).to_have_attribute("data-status", "live")
         await expect(row(page, job_id).locator(".state")).to_have_text("SUCCESS", timeout=15000)
         assert await timeline(page, job_id) == full_story()
+
+
+async def test_dashboard_with_a_token_sees_its_tenant_only(
+    browser: Browser, settings: Settings, worker: object
+) -> None:
+    """With JOBWIRE_AUTH=jwt the dashboard takes a token from its address (then removes it
+    from the address bar), submits and watches over an authenticated websocket, and lists
+    only its tenant's jobs."""
+    secured = settings.model_copy(update=dict(auth="jwt", jwt_secret=SECRET, jwt_audience=AUDIENCE))
+    async with run_server(secured) as srv:
+        theirs = await submit_as(srv, token("globex", "bob"), delay=0.01)
+        user = token("acme", f"dashboard-{uuid.uuid4()}")  # a submit budget of its own
+        page = await open_dashboard(browser, f"{srv.url}/?token={user}")
+        assert "token" not in page.url
+        await expect(page.locator("#connection")).to_have_attribute("data-status", "live")
+        job_id = await run_job(page, delay=0.1)
+        await expect(row(page, job_id).locator(".state")).to_have_text("SUCCESS", timeout=15000)
+        assert await page.locator(f'.job[data-job-id="{theirs}"]').count() == 0
+        assert not page.errors  # type: ignore[attr-defined]
