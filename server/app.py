@@ -16,6 +16,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from jobwire.ratelimit import AsyncBuckets
+from jobwire.server import openapi
 from jobwire.server.auth import Auth, RedactTokens
 from jobwire.server.celery_app import load_celery_app
 from jobwire.server.errors import EXCEPTION_HANDLERS
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *jobs.routes,
         *sse.routes,
         *ws.routes,
+        *openapi.routes,
     ]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="static"))

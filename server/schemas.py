@@ -26,6 +26,12 @@ class SubmitRequest(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments")
 
 
+class BatchStatusRequest(BaseModel):
+    """`POST /api/v1/jobs/batch-status` (a bare JSON array of ids is accepted too)."""
+
+    job_ids: list[str] = Field(description="job ids; at most JOBWIRE_BATCH_MAX_IDS")
+
+
 #: What each field is, said to a client that sent something else.
 _EXPECTED = {
     "task": "a task name (string)",

@@ -1,0 +1,203 @@
+"""`GET /openapi.json`: the REST API described for clients and fuzzers.
+
+Written out here, next to the models it reuses (`schemas`), and checked against the app's
+routes by a test, so a route cannot be added without its description.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from jobwire import __version__
+from jobwire.protocol import ERROR_STATUS
+from jobwire.server.errors import JSON
+from jobwire.server.schemas import BatchStatusRequest, SubmitRequest
+
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}
+_SINCE = {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _op(
+    summary: str, ok: int, ok_desc: str, *errors: int, params: list[Any] | None = None, body: Any = None
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        str(ok): _json({"type": "object"}, ok_desc) if ok != 204 else {"description": ok_desc}
+    }
+    for status in sorted({401, 422, *errors}):
+        responses[str(status)] = {"$ref": "#/components/responses/Error"}
+    op: dict[str, Any] = {"summary": summary, "responses": responses, "security": [{"bearer": []}]}
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body.__name__}"}}},
+        }
+    return op
+
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/api/v1/tasks": {"get": _op("Tasks that may be submitted", 200, "{tasks: [{name, description}]}")},
+    "/api/v1/jobs": {
+        "post": _op(
+            "Submit an allow-listed task",
+            202,
+            "{job_id, status, task, links}",
+            413,
+            415,
+            429,
+            503,
+            body=SubmitRequest,
+        ),
+        "get": _op(
+            "Recent jobs the caller may see, newest first",
+            200,
+            "{jobs, next_before}",
+            403,
+            params=[
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+                {"name": "before", "in": "query", "schema": {"type": "number", "minimum": 0}},
+            ],
+        ),
+    },
+    "/api/v1/jobs/batch-status": {
+        "post": _op(
+            "Status of many jobs in one Redis command",
+            200,
+            "{jobs: {id: {status, ready, seq}}}",
+            413,
+            415,
+            body=BatchStatusRequest,
+        )
+    },
+    "/api/v1/jobs/{job_id}": {
+        "get": _op("One job's current state", 200, "the job's snapshot", 404, params=[_JOB_ID]),
+        "delete": _op("Revoke a job", 202, "{job_id, status: REVOKED, seq}", 403, 404, 409, params=[_JOB_ID]),
+    },
+    "/api/v1/jobs/{job_id}/history": {
+        "get": _op("Events after `since`", 200, "{job_id, events}", 404, params=[_JOB_ID, _SINCE])
+    },
+    "/api/v1/jobs/{job_id}/token": {
+        "post": _op(
+            "A short-lived token that may watch this job only",
+            201,
+            "{job_id, token, expires_at, links}",
+            403,
+            404,
+            params=[_JOB_ID],
+        )
+    },
+    "/api/v1/jobs/{job_id}/events": {
+        "get": _op(
+            "Server-Sent Events of one job (resumes from Last-Event-ID)",
+            200,
+            "text/event-stream",
+            404,
+            429,
+            503,
+            params=[_JOB_ID, _SINCE, {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}}],
+        )
+    },
+    "/api/v1/events": {
+        "get": _op(
+            "Server-Sent Events of many jobs",
+            200,
+            "text/event-stream",
+            403,
+            413,
+            429,
+            503,
+            params=[
+                {
+                    "name": "job",
+                    "in": "query",
+                    "schema": {"type": "array", "items": {"type": "string"}},
+                    "explode": True,
+                },
+                {
+                    "name": "since",
+                    "in": "query",
+                    "schema": {"type": "array", "items": {"type": "string", "pattern": "^.+:[0-9]+$"}},
+                    "explode": True,
+                },
+                {"name": "all", "in": "query", "schema": {"type": "string", "enum": ["1", "true"]}},
+            ],
+        )
+    },
+    "/healthz": {
+        "get": {"summary": "The process answers", "responses": {"200": {"description": "ok"}}, "security": []}
+    },
+    "/readyz": {
+        "get": {
+            "summary": "Redis answers and the hub is subscribed",
+            "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
+            "security": [],
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "responses": {"200": {"description": "OpenAPI 3.1"}},
+            "security": [],
+        }
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    error = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string", "enum": sorted(ERROR_STATUS)},
+                    "message": {"type": "string"},
+                },
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "jobwire",
+            "version": __version__,
+            "description": (
+                "Live progress of Celery jobs. The websockets (/ws, /ws/jobs/{job_id}) are described in the README."
+            ),
+        },
+        "paths": PATHS,
+        "components": {
+            "schemas": {
+                "Error": error,
+                "SubmitRequest": SubmitRequest.model_json_schema(),
+                "BatchStatusRequest": BatchStatusRequest.model_json_schema(),
+            },
+            "responses": {
+                "Error": _json(
+                    {"$ref": "#/components/schemas/Error"}, 'an error: {"error": {"code", "message"}}'
+                )
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        },
+    }
+
+
+_DOCUMENT = document()
+
+
+async def openapi(request: Request) -> Response:
+    return JSON(_DOCUMENT)
+
+
+routes = [Route("/openapi.json", openapi, methods=["GET"])]
