@@ -93,10 +93,17 @@ async def _receive_json(ws: WebSocket) -> Any:
         raise JobwireError("invalid_json", "message is not valid JSON") from None
 
 
+def _reason(text: str) -> str:
+    """A close reason fits in 123 bytes of UTF-8 (RFC 6455): cut by bytes, not characters,
+    or a reason quoting a non-ASCII id cannot be sent and the socket just drops."""
+    raw = text.encode()
+    return raw[:123].decode(errors="ignore") if len(raw) > 123 else text
+
+
 async def _close(ws: WebSocket, code: int, reason: str = "") -> None:
     if ws.application_state == WebSocketState.CONNECTED:
         try:
-            await ws.close(code, reason)
+            await ws.close(code, _reason(reason))
         except (RuntimeError, OSError):
             pass  # the client is already gone
 
@@ -144,7 +151,7 @@ async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]]
         await _close(ws, Close.UNAUTHENTICATED, f"no token within {settings.auth_timeout:g}s")
         return None
     except JobwireError as exc:
-        await _close(ws, Close.UNAUTHENTICATED, exc.message[:120])
+        await _close(ws, Close.UNAUTHENTICATED, exc.message)
         return None
     user, address = user_key(principal), ws.client.host if ws.client else "?"
     refused = svc.connections.acquire(user, address)
@@ -289,7 +296,7 @@ async def ws_job(ws: WebSocket) -> None:
         since = validation.seq(ws.query_params.get("since", "0"), field="since")
     except JobwireError as exc:
         release()
-        await ws.close(Close.BAD_REQUEST, exc.message[:120])
+        await _close(ws, Close.BAD_REQUEST, exc.message)
         return
     feed = svc.feed(principal)
     try:
