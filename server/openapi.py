@@ -173,7 +173,8 @@ def document() -> dict[str, Any]:
             "title": "jobwire",
             "version": __version__,
             "description": (
-                "Live progress of Celery jobs. The websockets (/ws, /ws/jobs/{job_id}) are described in the README."
+                "Live progress of Celery jobs. "
+                "The websockets (/ws, /ws/jobs/{job_id}) are described in the README."
             ),
         },
         "paths": PATHS,
