@@ -104,11 +104,12 @@ def cmd_serve(host: str, port: int) -> int:
     import uvicorn
 
     from jobwire.server.app import create_app
-    from jobwire.settings import SettingsError
+    from jobwire.settings import Settings, SettingsError
     from jobwire.tasks.attach import AttachError
 
     try:
-        app = create_app()  # here, not in uvicorn: a bad setting is one clear line, not a traceback
+        settings = Settings.from_env()
+        app = create_app(settings)  # here, not in uvicorn: a bad setting is one clear line, not a traceback
     except (SettingsError, AttachError) as exc:
         console.print(f"[red]jobwire: {exc}[/]")
         return 2
@@ -121,6 +122,8 @@ def cmd_serve(host: str, port: int) -> int:
         # Events are small JSON frames: compressing each one per socket costs more CPU
         # than it saves bandwidth (Centrifugo makes the same choice by default).
         ws_per_message_deflate=False,
+        # A bigger websocket frame is closed with 1009 (request heads: see server.limits).
+        ws_max_size=settings.max_frame_bytes,
         log_level=os.environ.get("JOBWIRE_LOG_LEVEL", "info").lower(),
     )
     return 0

@@ -109,6 +109,7 @@ ERROR_STATUS: dict[str, int] = {
     "method_not_allowed": 405,
     "job_finished": 409,
     "payload_too_large": 413,
+    "headers_too_large": 431,
     "too_many_ids": 413,
     "too_many_jobs": 413,
     "invalid_request": 422,

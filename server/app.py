@@ -21,7 +21,7 @@ from jobwire.server.auth import Auth, RedactTokens
 from jobwire.server.celery_app import load_celery_app
 from jobwire.server.errors import EXCEPTION_HANDLERS
 from jobwire.server.hub import Hub
-from jobwire.server.limits import Connections
+from jobwire.server.limits import Connections, HeaderLimit
 from jobwire.server.routes import health, jobs, sse, ws
 from jobwire.server.services import Services
 from jobwire.server.store import JobStore
@@ -87,13 +87,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if STATIC_DIR.is_dir():
         routes.append(Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="static"))
     middleware = [
+        Middleware(HeaderLimit, limit=settings.max_header_bytes),
         Middleware(
             CORSMiddleware,
             allow_origins=list(settings.allowed_origins),
             allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["authorization", "content-type", "last-event-id"],
             max_age=600,
-        )
+        ),
     ]
     return Starlette(
         routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware

@@ -10,6 +10,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 
 @dataclass
@@ -56,3 +59,36 @@ class Pace:
             return False
         self.tokens -= 1
         return True
+
+
+class HeaderLimit:
+    """ASGI middleware: refuse a request (431) or websocket (closed before the upgrade)
+    whose headers exceed `limit` bytes. uvicorn bounds heads only with its h11 parser;
+    this holds with httptools too."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            size = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+            if size > self.limit:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1009})
+                    return
+                body = orjson.dumps(
+                    {
+                        "error": {
+                            "code": "headers_too_large",
+                            "message": f"request headers over {self.limit} bytes",
+                        }
+                    }
+                )
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ]
+                await send({"type": "http.response.start", "status": 431, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)

@@ -152,7 +152,8 @@ async def run_server(settings: Settings, port: int | None = None) -> AsyncIterat
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=1,
-        ws_per_message_deflate=False,  # as in the Procfile
+        ws_per_message_deflate=False,  # as `jobwire serve` does
+        ws_max_size=settings.max_frame_bytes,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -161,3 +161,20 @@ async def test_submit_errors_say_what_is_wrong(server: RunningServer, body: obje
         resp = await http.post("/api/v1/jobs", json=body)
     assert resp.status_code == 422
     assert resp.json() == {"error": {"code": "invalid_request", "message": message}}
+
+
+async def test_oversized_frame_and_header_are_refused(server: RunningServer) -> None:
+    """A websocket frame past JOBWIRE_MAX_FRAME_BYTES closes with 1009; a request head past
+    JOBWIRE_MAX_HEADER_BYTES is refused without reaching the app."""
+    limit = server.services.settings.max_frame_bytes
+    async with websockets.connect(f"{server.ws_url}/ws", max_size=None) as ws:
+        await ws.send(json.dumps({"op": "ping", "pad": "x" * (limit + 10)}))
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await ws.recv()
+    assert ws.close_code == 1009
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        resp = await http.get(
+            "/api/v1/jobs", headers={"x-pad": "y" * (2 * server.services.settings.max_header_bytes)}
+        )
+    assert resp.status_code == 431 and resp.json()["error"]["code"] == "headers_too_large"
