@@ -21,8 +21,12 @@ install: $(STAMP)
 run: install
 	$(PY) -m jobwire.run
 
+# PYTEST_DISABLE_PLUGIN_AUTOLOAD: pytest would otherwise rewrite every installed plugin's
+# whole package (anyio, hypothesis) on import, and a lazy import deep in a stack then trips a
+# CPython 3.11.7 compile bug ("AST constructor recursion depth mismatch"). pyproject loads
+# the two plugins the suite uses by name.
 test: install browser
-	$(PY) -m pytest
+	PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 $(PY) -m pytest
 
 # The browser tests need Debian's chromium: installed here where we can (root and apt),
 # otherwise `make test` stops and says how. JOBWIRE_SKIP_BROWSER=1 opts out, and says so.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from jobwire.protocol import JobNotFound, JobwireError, Keys, Msg
@@ -289,3 +290,18 @@ def _all_channel(keys: Keys, principal: Principal) -> str | None:
     if principal.admin:
         return keys.all_channel
     return keys.tenant_channel(principal.tenant) if principal.tenant else None
+
+
+def reply_refused(refused: dict[str, JobwireError], reply: Callable[[dict[str, Any]], None]) -> None:
+    """One error per refused id, except for many unknown ids: those share one reply
+    (`job_ids`), so a message of 1,000 unknown ids costs one frame, not 1,000."""
+    missing = [j for j, e in refused.items() if e.code == "job_not_found"]
+    for job_id, error in refused.items():
+        if error.code != "job_not_found" or len(missing) == 1:
+            reply(error.as_message(job_id=job_id))
+    if len(missing) > 1:
+        reply(
+            JobwireError("job_not_found", f"no jobs with {len(missing)} of these ids").as_message(
+                job_ids=missing
+            )
+        )

@@ -27,13 +27,22 @@ class Connections:
     def acquire(self, user: str | None, address: str) -> str | None:
         """Count one more connection; None if allowed, else why not (nothing counted).
         `user` None counts the address only (no authentication: everyone is one user)."""
-        if user is not None and self._users[user] >= self.per_user:
+        if user is not None and self._users[user] >= self.per_user:  # the user first: their limit
             return f"too many connections for this user (at most {self.per_user})"
         if self._addresses[address] >= self.per_address:
             return f"too many connections from this address (at most {self.per_address})"
         if user is not None:
             self._users[user] += 1
         self._addresses[address] += 1
+        return None
+
+    def acquire_user(self, user: str | None) -> str | None:
+        """Count a user on a connection whose address is already counted."""
+        if user is None:
+            return None
+        if self._users[user] >= self.per_user:
+            return f"too many connections for this user (at most {self.per_user})"
+        self._users[user] += 1
         return None
 
     def release(self, user: str | None, address: str) -> None:
@@ -50,14 +59,17 @@ class Pace:
     def __init__(self, rate: float) -> None:
         self.rate, self.capacity = rate, 2 * rate
         self.tokens, self.stamp = self.capacity, time.monotonic()
+        self.refused = 0  # messages refused since the last one taken
 
     def take(self) -> bool:
         now = time.monotonic()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens < 1:
+            self.refused += 1
             return False
         self.tokens -= 1
+        self.refused = 0
         return True
 
 

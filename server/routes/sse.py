@@ -29,7 +29,7 @@ from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, JobNotFound, Job
 from jobwire.server import validation
 from jobwire.server.auth import Principal
 from jobwire.server.events import Delivery, FromAll
-from jobwire.server.feed import Feed
+from jobwire.server.feed import Feed, reply_refused
 from jobwire.server.hub import HubUnavailable
 from jobwire.server.routes.jobs import path_job_id
 from jobwire.server.services import Services, services, user_key
@@ -101,7 +101,8 @@ async def events(request: Request) -> Response:
         if want_all:
             await feed.watch_all()
         refused = await feed.watch_many(since, job_ids=job_ids)
-    notices = [error.as_message(job_id=job_id) for job_id, error in refused.items()]
+    notices: list[dict[str, object]] = []
+    reply_refused(refused, notices.append)
     return _stream(feed, svc.settings.heartbeat_interval, release, notices=notices)
 
 

@@ -39,7 +39,7 @@ from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobwireError, Msg, Op
 from jobwire.server import validation
 from jobwire.server.auth import Principal
 from jobwire.server.events import Delivery, FromAll
-from jobwire.server.feed import Feed, Item
+from jobwire.server.feed import Feed, Item, reply_refused
 from jobwire.server.hub import HubUnavailable
 from jobwire.server.limits import Pace
 from jobwire.server.services import Services, services, user_key
@@ -138,6 +138,25 @@ async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]]
     if not _origin_allowed(ws, settings.allowed_origins):
         await ws.close(code=Close.FORBIDDEN)
         return None
+    # An address over its limit is refused before the upgrade: the cheapest answer to a flood.
+    address = ws.client.host if ws.client else "?"
+    if svc.connections.acquire(None, address) is not None:
+        await ws.close(code=Close.TRY_AGAIN_LATER)
+        return None
+    opened = None
+    try:
+        opened = await _authenticate(ws, svc)
+    finally:
+        if not opened:
+            svc.connections.release(None, address)
+    return opened
+
+
+async def _authenticate(
+    ws: WebSocket, svc: Services
+) -> tuple[Services, Principal, Callable[[], None]] | None:
+    settings = svc.settings
+    address = ws.client.host if ws.client else "?"
     await ws.accept()
     try:
         principal = svc.auth.principal(ws)
@@ -153,12 +172,16 @@ async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]]
     except JobwireError as exc:
         await _close(ws, Close.UNAUTHENTICATED, exc.message)
         return None
-    user, address = user_key(principal), ws.client.host if ws.client else "?"
-    refused = svc.connections.acquire(user, address)
+    user = user_key(principal)
+    refused = svc.connections.acquire_user(user)
     if refused:
         await _close(ws, Close.TRY_AGAIN_LATER, refused)
         return None
-    return svc, principal, lambda: svc.connections.release(user, address)
+
+    def release() -> None:
+        svc.connections.release(user, address)
+
+    return svc, principal, release
 
 
 async def _expire(ws: WebSocket, principal: Principal) -> None:
@@ -188,7 +211,13 @@ async def ws_multi(ws: WebSocket) -> None:
             try:
                 msg = await _receive_json(ws)
                 if not pace.take():
-                    raise JobwireError("rate_limited", "too many messages; slow down")
+                    # Told once per burst; a client that keeps on regardless is closed.
+                    if pace.refused == 1:
+                        raise JobwireError("rate_limited", "too many messages; slow down")
+                    if pace.refused > pace.capacity:
+                        await _close(ws, Close.POLICY, "too many messages")
+                        return
+                    continue
                 await _handle(msg, feed)
             except JobwireError as exc:
                 feed.post(exc.as_message())
@@ -237,8 +266,7 @@ async def _op_subscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
     except (HubUnavailable, RedisError) as exc:
         reply(JobwireError("unavailable", f"job store unavailable, retry: {exc}").as_message())
         return
-    for job_id, error in refused.items():
-        reply(error.as_message(job_id=job_id))
+    reply_refused(refused, reply)
 
 
 async def _op_unsubscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:

@@ -1,0 +1,183 @@
+"""Abuse: does one hostile client hurt everyone else?
+
+    python -m benchmarks.abuse [--clients 50] [--seconds 8]
+
+A jobwire server process (`jobwire serve`, defaults but for the demo's settings) serves
+`--clients` healthy websockets watching one job that gets 100 events a second, written
+with the real record script. Their publish → receive latency is measured in three phases
+of `--seconds` each, in one run:
+
+1. quiet;
+2. one socket flooding `subscribe` messages of 1,000 unknown ids each, as fast as it can;
+3. one address opening 2,000 sockets as fast as it can.
+
+It reports each phase's p50/p99 for the healthy clients, and what the abusers got (errors,
+refusals). The claim to check: healthy p99 under abuse stays within 2x of quiet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import orjson
+import redis
+import websockets
+from rich.console import Console
+from rich.table import Table
+
+from jobwire.settings import Settings
+from jobwire.tasks.recorder import Recorder
+from tests.support import free_port, redis_server
+
+JOB = "abuse-bench-job"
+
+
+async def healthy(url: str, latencies: list[float], stop: asyncio.Event) -> None:
+    async with websockets.connect(f"{url}/ws", max_queue=None) as ws:
+        await ws.send(orjson.dumps({"op": "subscribe", "job_ids": [JOB]}).decode())
+        while not stop.is_set():
+            try:
+                frame = await asyncio.wait_for(ws.recv(), 1.0)
+            except TimeoutError:
+                continue
+            now = time.time()
+            msg = orjson.loads(frame)
+            if msg.get("type") == "event" and msg.get("state") == "WORKING":
+                latencies.append(now - msg["ts"])
+
+
+async def subscribe_flood(url: str, stop: asyncio.Event, stats: dict[str, int]) -> None:
+    ids = [f"nope-{i}" for i in range(1000)]
+    message = orjson.dumps({"op": "subscribe", "job_ids": ids}).decode()
+    async with websockets.connect(f"{url}/ws", max_queue=None) as ws:
+
+        async def drain() -> None:
+            async for frame in ws:
+                kind = orjson.loads(frame).get("code", "other")
+                stats[kind] = stats.get(kind, 0) + 1
+
+        reader = asyncio.create_task(drain())
+        while not stop.is_set():
+            await ws.send(message)
+            stats["sent"] = stats.get("sent", 0) + 1
+            await asyncio.sleep(0)
+        reader.cancel()
+
+
+async def connection_flood(url: str, stop: asyncio.Event, stats: dict[str, int]) -> None:
+    held = []
+
+    async def one() -> None:
+        try:
+            ws = await websockets.connect(f"{url}/ws", open_timeout=5)
+            held.append(ws)
+            await asyncio.wait_for(ws.recv(), 5)  # welcome, or the close
+            stats["accepted"] = stats.get("accepted", 0) + 1
+        except websockets.ConnectionClosed as exc:
+            key = f"closed {exc.rcvd.code if exc.rcvd else 'no code'}"
+            stats[key] = stats.get(key, 0) + 1
+        except (OSError, TimeoutError, websockets.InvalidStatus):
+            stats["refused"] = stats.get("refused", 0) + 1
+
+    await asyncio.gather(*(one() for _ in range(2000)))
+    await stop.wait()
+    for ws in held:
+        with contextlib.suppress(Exception):
+            await ws.close()
+
+
+def publisher(settings: Settings, stop: threading.Event) -> None:
+    recorder = Recorder(redis.Redis.from_url(settings.redis_url), settings)
+    recorder.record(JOB, "PENDING")
+    step = 0
+    while not stop.is_set():
+        step += 1
+        recorder.record(JOB, "WORKING", progress={"step": step})
+        time.sleep(0.01)
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000)[int(q * 10) - 1] * 1000 if len(values) > 10 else float("nan")
+
+
+async def run(clients: int, seconds: float) -> None:
+    with redis_server() as store:
+        settings = Settings(redis_url=store.url, history_limit=100)
+        port = free_port()
+        env = {
+            **os.environ,
+            "JOBWIRE_REDIS_URL": store.url,
+            "JOBWIRE_LOG_LEVEL": "warning",
+            "JOBWIRE_HISTORY_LIMIT": "100",
+        }
+        server = subprocess.Popen(
+            [sys.executable, "-m", "jobwire.cli", "serve", "--port", str(port)], env=env
+        )
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200:
+                    break
+            time.sleep(0.1)
+        stop_pub = threading.Event()
+        pub = threading.Thread(target=publisher, args=(settings, stop_pub), daemon=True)
+        pub.start()
+        time.sleep(0.3)
+        ws_url = url.replace("http", "ws")
+        rows = []
+        try:
+            for phase in ("quiet", "subscribe flood", "connection flood"):
+                latencies: list[float] = []
+                stop = asyncio.Event()
+                stats: dict[str, int] = {}
+                tasks = [asyncio.create_task(healthy(ws_url, latencies, stop)) for _ in range(clients)]
+                await asyncio.sleep(1.0)  # settle: subscribed and replayed
+                latencies.clear()
+                if phase == "subscribe flood":
+                    tasks.append(asyncio.create_task(subscribe_flood(ws_url, stop, stats)))
+                elif phase == "connection flood":
+                    tasks.append(asyncio.create_task(connection_flood(ws_url, stop, stats)))
+                await asyncio.sleep(seconds)
+                measured = list(latencies)
+                stop.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                rows.append((phase, len(measured), pct(measured, 50), pct(measured, 99), stats))
+        finally:
+            stop_pub.set()
+            server.terminate()
+            server.wait(10)
+    table = Table(title=f"{clients} healthy clients, one job at 100 events/s, {seconds:g}s per phase")
+    for col in ("phase", "deliveries", "p50 ms", "p99 ms", "p99 vs quiet", "abuser got"):
+        table.add_column(col)
+    quiet_p99 = rows[0][3]
+    for phase, n, p50, p99, stats in rows:
+        table.add_row(
+            phase,
+            str(n),
+            f"{p50:.2f}",
+            f"{p99:.2f}",
+            f"{p99 / quiet_p99:.2f}x",
+            ", ".join(f"{k}: {v}" for k, v in sorted(stats.items())),
+        )
+    Console(width=160).print(table)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--seconds", type=float, default=8.0)
+    args = p.parse_args()
+    asyncio.run(run(args.clients, args.seconds))
+
+
+if __name__ == "__main__":
+    main()
