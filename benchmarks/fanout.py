@@ -60,7 +60,12 @@ async def run(clients: int, events: int, rate: float) -> None:
         settings = Settings(redis_url=redis.url, history_limit=events + 10)
         port = free_port()
         # One address opens every client: lift the per-address limit for the benchmark.
-        env = {**os.environ, "JOBWIRE_REDIS_URL": redis.url, "JOBWIRE_MAX_CONNECTIONS_PER_ADDRESS": "100000"}
+        env = {
+            **os.environ,
+            "JOBWIRE_REDIS_URL": redis.url,
+            "JOBWIRE_MAX_CONNECTIONS_PER_ADDRESS": "100000",
+            "JOBWIRE_NEW_CONNECTIONS_PER_SECOND": "100000",
+        }
         server = subprocess.Popen(
             [
                 sys.executable,

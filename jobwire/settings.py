@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     # Abuse limits
     max_connections_per_user: Annotated[int, Field(ge=1)] = 200
     max_connections_per_address: Annotated[int, Field(ge=1)] = 500
+    new_connections_per_second: Annotated[float, Field(gt=0)] = 20.0  # per address, bursts of twice that
     submits_per_minute: Annotated[int, Field(ge=1)] = 60  # per user
     ws_messages_per_second: Annotated[float, Field(gt=0)] = 20.0  # per socket, bursts of twice that
     max_frame_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024  # a websocket message

@@ -68,7 +68,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             JobStore(redis, settings.keys),
             celery,
             auth,
-            Connections(settings.max_connections_per_user, settings.max_connections_per_address),
+            Connections(
+                settings.max_connections_per_user,
+                settings.max_connections_per_address,
+                settings.new_connections_per_second,
+            ),
             AsyncBuckets(redis, settings.keys),
         )
         try:

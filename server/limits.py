@@ -17,12 +17,25 @@ import orjson
 
 @dataclass
 class Connections:
-    """Open websockets and SSE streams, counted per user and per client address."""
+    """Open websockets and SSE streams, counted per user and per client address, and the
+    pace at which one address may open new ones (a burst of `2 × new_per_second`)."""
 
     per_user: int
     per_address: int
+    new_per_second: float = 20.0
     _users: Counter[str] = field(default_factory=Counter)
     _addresses: Counter[str] = field(default_factory=Counter)
+    _paces: dict[str, Pace] = field(default_factory=dict)
+
+    def opening(self, address: str) -> bool:
+        """May `address` open one more connection now (by pace)? Paces of addresses that
+        are idle again are dropped, so the map stays as small as the set of active ones."""
+        pace = self._paces.get(address)
+        if pace is None:
+            if len(self._paces) > 10_000:
+                self._paces = {a: p for a, p in self._paces.items() if not p.full()}
+            pace = self._paces[address] = Pace(self.new_per_second)
+        return pace.take()
 
     def acquire(self, user: str | None, address: str) -> str | None:
         """Count one more connection; None if allowed, else why not (nothing counted).
@@ -54,23 +67,27 @@ class Connections:
 
 
 class Pace:
-    """A token bucket for one socket's messages: `rate` per second, bursts of 2×`rate`."""
+    """A local token bucket: `rate` per second, bursts of 2×`rate`."""
 
     def __init__(self, rate: float) -> None:
         self.rate, self.capacity = rate, 2 * rate
         self.tokens, self.stamp = self.capacity, time.monotonic()
         self.refused = 0  # messages refused since the last one taken
 
-    def take(self) -> bool:
+    def take(self, cost: float = 1.0) -> bool:
+        """Take `cost` tokens (a message that asks for more work costs more)."""
         now = time.monotonic()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens < 1:
+        if self.tokens < cost:
             self.refused += 1
             return False
-        self.tokens -= 1
+        self.tokens -= cost
         self.refused = 0
         return True
+
+    def full(self) -> bool:
+        return self.tokens + (time.monotonic() - self.stamp) * self.rate >= self.capacity
 
 
 class HeaderLimit:

@@ -170,7 +170,9 @@ async def run_server(settings: Settings, port: int | None = None) -> AsyncIterat
 
 
 def settings_for(redis_url: str, **overrides: Any) -> Settings:
-    return Settings(redis_url=redis_url, **overrides)
+    """Test settings. Every test client comes from 127.0.0.1, so the per-address pace of
+    new connections is lifted unless a test is about it."""
+    return Settings(redis_url=redis_url, **{"new_connections_per_second": 10_000.0, **overrides})
 
 
 @contextlib.contextmanager

@@ -353,3 +353,14 @@ async def test_python_client_and_cli_carry_the_token(srv: RunningServer) -> None
     assert code == 0, out
     code, out = await _cli(srv.url, "status", job)  # no token
     assert code == 4 and "unauthenticated" in out
+
+
+async def test_new_connections_per_address_are_paced(settings: Settings, worker: object) -> None:
+    """One address opening sockets in a burst: past the pace's burst, refused before the upgrade."""
+    async with run_server(settings.model_copy(update=dict(new_connections_per_second=1.0))) as srv:
+        held = [await websockets.connect(f"{srv.ws_url}/ws") for _ in range(2)]  # the burst: 2 x 1/s
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.connect(f"{srv.ws_url}/ws")
+        assert refused.value.response.status_code == 403
+        for ws in held:
+            await ws.close()

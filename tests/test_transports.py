@@ -147,7 +147,10 @@ async def test_multiplexed_sse_with_nothing_to_follow_ends(server: RunningServer
         ) as resp:
             assert resp.status_code == 200
             messages = await read_sse(resp)
-    assert [(k, d.get("code") or d["type"]) for k, d in messages] == [("control", "job_not_found"), ("control", "end")]
+    assert [(k, d.get("code") or d["type"]) for k, d in messages] == [
+        ("control", "job_not_found"),
+        ("control", "end"),
+    ]
     assert messages[0][1]["job_ids"] == ["never-1", "never-2"]  # one notice for many unknown ids
     assert hub.subscribers(keys.job_channel("never-1")) == 0
 

@@ -140,7 +140,7 @@ async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]]
         return None
     # An address over its limit is refused before the upgrade: the cheapest answer to a flood.
     address = ws.client.host if ws.client else "?"
-    if svc.connections.acquire(None, address) is not None:
+    if not svc.connections.opening(address) or svc.connections.acquire(None, address) is not None:
         await ws.close(code=Close.TRY_AGAIN_LATER)
         return None
     opened = None
@@ -184,6 +184,13 @@ async def _authenticate(
     return svc, principal, release
 
 
+def _cost(msg: Any) -> float:
+    """What a message costs the socket's pace: 1, plus 1 per 100 job ids it names (a
+    subscribe of 1,000 unknown ids is the work of eleven small messages)."""
+    ids = msg.get("job_ids") if isinstance(msg, dict) else None
+    return 1 + len(ids) / 100 if isinstance(ids, list) else 1
+
+
 async def _expire(ws: WebSocket, principal: Principal) -> None:
     """Close the socket when its token expires: a client must come back with a new one."""
     if principal.expires is None:
@@ -210,7 +217,7 @@ async def ws_multi(ws: WebSocket) -> None:
         while True:
             try:
                 msg = await _receive_json(ws)
-                if not pace.take():
+                if not pace.take(_cost(msg)):
                     # Told once per burst; a client that keeps on regardless is closed.
                     if pace.refused == 1:
                         raise JobwireError("rate_limited", "too many messages; slow down")
