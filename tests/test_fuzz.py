@@ -56,6 +56,7 @@ def fuzz_server(session_redis: RedisServer, worker: Worker) -> Iterator[Server]:
         "JOBWIRE_JWT_AUDIENCE": AUDIENCE,
         "JOBWIRE_SUBMITS_PER_MINUTE": "100000",
         "JOBWIRE_WS_MESSAGES_PER_SECOND": "100000",
+        "JOBWIRE_NEW_CONNECTIONS_PER_SECOND": "100000",  # one address opens a socket per example
         "JOBWIRE_LOG_LEVEL": "warning",
         "JOBWIRE_AUTH_TIMEOUT": "0.5",  # token-less sockets wait this long before 4401
     }
