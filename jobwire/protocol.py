@@ -74,6 +74,7 @@ class Close:
     GOING_AWAY = 1001  # the server is shutting down: reconnect (to another process) and resume
     POLICY = 1008  # refused by policy (e.g. the transport is turned off)
     TOO_BIG = 1009  # a frame over the size limit
+    INTERNAL_ERROR = 1011  # a fault on the server's side (logged there)
     TRY_AGAIN_LATER = 1013  # Redis unreachable, or too many connections: back off and resume
     BAD_REQUEST = 4400  # malformed job id or since
     UNAUTHENTICATED = 4401  # no token, a bad one, or it expired: get a new token first

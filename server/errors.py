@@ -12,7 +12,9 @@ import logging
 from typing import Any
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -62,9 +64,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+def redis_unreachable(exc: BaseException) -> bool:
+    """Only a lost or slow connection means "unavailable, retry"; any other Redis error
+    (a wrong-type key, a script error) is a fault on our side, and is not called an outage."""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError))
+
+
 async def _redis_error(request: Request, exc: Exception) -> Response:
-    log.warning("Redis unavailable for %s %s: %s", request.method, request.url.path, exc)
-    return error_response(503, "redis_unavailable", "the job store (Redis) is unreachable; retry")
+    if redis_unreachable(exc):
+        log.warning("Redis unavailable for %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "redis_unavailable", "the job store (Redis) is unreachable; retry")
+    log.error("Redis error for %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        500, "internal_error", "the job store answered with an error; this is a server fault"
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

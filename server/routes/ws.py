@@ -38,6 +38,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobwireError, Msg, Op
 from jobwire.server import validation
 from jobwire.server.auth import Principal
+from jobwire.server.errors import redis_unreachable
 from jobwire.server.events import Delivery, FromAll
 from jobwire.server.feed import Feed, Item, reply_refused
 from jobwire.server.hub import HubUnavailable
@@ -68,9 +69,12 @@ async def _run_until_first_done(ws: WebSocket, *coros: Awaitable[None]) -> None:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             exc = task.exception()
-            if isinstance(exc, RedisError):
-                log.warning("closing websocket, Redis failed: %s", exc)
+            if isinstance(exc, RedisError) and redis_unreachable(exc):
+                log.warning("closing websocket, Redis unreachable: %s", exc)
                 await _close(ws, Close.TRY_AGAIN_LATER, "job store unavailable, reconnect")
+            elif isinstance(exc, RedisError):
+                log.error("closing websocket, Redis error: %s", exc)
+                await _close(ws, Close.INTERNAL_ERROR, "job store error")
             # Starlette raises RuntimeError for a send on a socket the client already closed.
             elif exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):
                 raise exc
