@@ -243,6 +243,23 @@ class Keys:
         """A token bucket (see `jobwire.ratelimit`)."""
         return f"{self.prefix}bucket:{name}"
 
+    def limit(self, name: str) -> str:
+        """A task limit's settings {rate, capacity, spec}; its buckets share its slot."""
+        return f"{self.prefix}{{limit:{name}}}"
+
+    def limit_bucket(self, name: str, bucket: str) -> str:
+        """One bucket of a limit: "" for the shared one, or a tenant's or user's."""
+        return f"{self.prefix}{{limit:{name}}}:bucket:{bucket}"
+
+    def limit_waiting(self, name: str) -> str:
+        """Sorted set of jobs waiting on a limit, scored by when they run again."""
+        return f"{self.prefix}{{limit:{name}}}:waiting"
+
+    @property
+    def limits(self) -> str:
+        """Set of defined limit names (for listing)."""
+        return f"{self.prefix}limits"
+
     def job_id_from_channel(self, channel: str) -> str | None:
         head, tail = f"{self.prefix}{{", "}:live"
         if channel.startswith(head) and channel.endswith(tail):

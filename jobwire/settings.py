@@ -16,7 +16,14 @@ from jobwire.protocol import Keys
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEMO_APP = "jobwire.tasks.demo:app"
-DEFAULT_TASKS = ("long_running_task", "report_steps", "failing_task", "retrying_task")
+DEFAULT_TASKS = (
+    "long_running_task",
+    "report_steps",
+    "failing_task",
+    "retrying_task",
+    "charge_customer",
+    "send_push_notification",
+)
 TRANSPORTS = ("websocket", "sse", "polling")
 
 ENV_PREFIX = "JOBWIRE_"

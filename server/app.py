@@ -22,7 +22,7 @@ from jobwire.server.celery_app import load_celery_app
 from jobwire.server.errors import EXCEPTION_HANDLERS
 from jobwire.server.hub import Hub
 from jobwire.server.limits import Connections, HeaderLimit
-from jobwire.server.routes import health, jobs, sse, ws
+from jobwire.server.routes import admin, health, jobs, sse, ws
 from jobwire.server.services import Services
 from jobwire.server.store import JobStore
 from jobwire.settings import Settings
@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *jobs.routes,
         *sse.routes,
         *ws.routes,
+        *admin.routes,
         *openapi.routes,
     ]
     if STATIC_DIR.is_dir():

@@ -15,7 +15,7 @@ from starlette.routing import Route
 from jobwire import __version__
 from jobwire.protocol import ERROR_STATUS
 from jobwire.server.errors import JSON
-from jobwire.server.schemas import BatchStatusRequest, SubmitRequest
+from jobwire.server.schemas import BatchStatusRequest, LimitRequest, SubmitRequest
 
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}
 _SINCE = {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}}
@@ -132,6 +132,20 @@ PATHS: dict[str, dict[str, Any]] = {
             ],
         )
     },
+    "/api/v1/admin/rate-limits": {
+        "get": _op("Task rate limits, with the jobs waiting on each (admin)", 200, "{limits}", 403)
+    },
+    "/api/v1/admin/rate-limits/{name}": {
+        "put": _op(
+            "Set a task rate limit for every worker (admin)",
+            200,
+            "{name, rate, burst}",
+            403,
+            415,
+            params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            body=LimitRequest,
+        )
+    },
     "/healthz": {
         "get": {"summary": "The process answers", "responses": {"200": {"description": "ok"}}, "security": []}
     },
@@ -183,6 +197,7 @@ def document() -> dict[str, Any]:
                 "Error": error,
                 "SubmitRequest": SubmitRequest.model_json_schema(),
                 "BatchStatusRequest": BatchStatusRequest.model_json_schema(),
+                "LimitRequest": LimitRequest.model_json_schema(),
             },
             "responses": {
                 "Error": _json(

@@ -32,11 +32,24 @@ class BatchStatusRequest(BaseModel):
     job_ids: list[str] = Field(description="job ids; at most JOBWIRE_BATCH_MAX_IDS")
 
 
+class LimitRequest(BaseModel):
+    """`PUT /api/v1/admin/rate-limits/{name}`: a rate like "100/m", and an optional burst."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate: str = Field(
+        description='a count per s, m or h, e.g. "100/m" (zero is refused: Celery reads it as no limit)'
+    )
+    burst: int | None = Field(default=None, ge=1, description="tokens a burst may take at once")
+
+
 #: What each field is, said to a client that sent something else.
 _EXPECTED = {
     "task": "a task name (string)",
     "args": "a list",
     "kwargs": "an object",
+    "rate": 'a rate like "100/m"',
+    "burst": "a whole number >= 1",
 }
 
 

@@ -5,6 +5,7 @@ not shared tasks, so an app of yours in the same process never sees them."""
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 from celery import Celery, Task
@@ -78,6 +79,40 @@ def retrying_task(self: ProgressTask, delay: float = 1.0, failures: int = 1) -> 
     return {"status": "done", "attempts": self.request.retries + 1}
 
 
+def charge_customer(
+    self: ProgressTask, customer_id: str = "cus_demo", amount_cents: int = 1000, delay: float = 0.2
+) -> dict[str, Any]:
+    """Charges a customer through the (simulated) payments API: 5 calls a second, shared by every worker."""
+    delay = _check_delay(delay)
+    self.throttle("stripe_api", rate="5/s")
+    self.report("CHARGING", step=0, total=1, description=f"Charging {customer_id}")
+    time.sleep(delay)  # the API call, simulated locally
+    return {"charge": f"ch_{uuid.uuid4().hex[:12]}", "customer": customer_id, "amount_cents": amount_cents}
+
+
+def send_push_notification(
+    self: ProgressTask, user_id: str = "user_1", message: str = "Hello", delay: float = 0.1
+) -> dict[str, Any]:
+    """Sends a push notification (simulated): 2 a second per tenant, so no tenant starves another."""
+    delay = _check_delay(delay)
+    self.throttle("push", per="tenant", rate="2/s")
+    self.report("SENDING", step=0, total=1, description=f"Notifying {user_id}")
+    time.sleep(delay)  # the push provider, simulated locally
+    return {"delivered": True, "user_id": user_id}
+
+
+def limited_call(
+    self: ProgressTask, limit: str = "demo_api", per: str | None = None, delay: float = 0.0
+) -> float:
+    """Calls a (simulated) quota-limited API through the distributed limit `limit`; returns when it ran."""
+    delay = _check_delay(delay)
+    self.throttle(limit, per=per)
+    ran = time.time()
+    self.report("CALLING", step=0, total=1, description=f"Calling through {limit}")
+    time.sleep(delay)
+    return ran
+
+
 def plain_sum(numbers: list[float], delay: float = 0.0) -> float:
     """An ordinary Celery task (no jobwire base class): it still gets lifecycle events."""
     time.sleep(_check_delay(delay))
@@ -90,4 +125,7 @@ def register(app: Celery) -> None:
     app.task(bind=True, base=ProgressTask, name="report_steps")(report_steps)
     app.task(bind=True, base=ProgressTask, name="failing_task")(failing_task)
     app.task(bind=True, base=ProgressTask, name="retrying_task", max_retries=3)(retrying_task)
+    app.task(bind=True, base=ProgressTask, name="charge_customer")(charge_customer)
+    app.task(bind=True, base=ProgressTask, name="send_push_notification")(send_push_notification)
+    app.task(bind=True, base=ProgressTask, name="limited_call")(limited_call)
     app.task(name="plain_sum")(plain_sum)

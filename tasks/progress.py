@@ -70,6 +70,13 @@ class ProgressTask(Task):  # type: ignore[misc]
             self.request.id, state, progress, self.request, task=self.name
         )
 
+    def throttle(self, limit: str, *, per: str | None = None, rate: str = "1/s") -> None:
+        """Take a token of the distributed rate limit `limit`, or re-schedule this job for
+        when one exists (see `jobwire.tasks.throttle`)."""
+        from jobwire.tasks.throttle import throttle
+
+        throttle(self, limit, per=per, rate=rate)
+
     def update_state(
         self, task_id: str | None = None, state: str | None = None, meta: Any = None, **kwargs: Any
     ) -> None:

@@ -90,6 +90,8 @@ def _on_publish(sender: str | None = None, headers: dict[str, Any] | None = None
     app = registry.publishing_app()
     if not job_id or not _user_task(name) or app is None:
         return
+    if headers.get("jobwire_throttled"):
+        return  # a rate-limited job re-scheduled: not a new job, not a retry
     recorder = Recorder.for_app(app)
     retries = int(headers.get("retries") or 0)
     if retries == 0:
