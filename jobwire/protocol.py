@@ -256,6 +256,11 @@ class Keys:
         return f"{self.prefix}{{limit:{name}}}:waiting"
 
     @property
+    def celery_limits(self) -> str:
+        """Hash of Celery task rate limits wanted on every worker (task name -> rate)."""
+        return f"{self.prefix}celery-rate-limits"
+
+    @property
     def limits(self) -> str:
         """Set of defined limit names (for listing)."""
         return f"{self.prefix}limits"

@@ -15,7 +15,13 @@ from starlette.routing import Route
 from jobwire import __version__
 from jobwire.protocol import ERROR_STATUS
 from jobwire.server.errors import JSON
-from jobwire.server.schemas import BatchStatusRequest, LimitRequest, SubmitRequest
+from jobwire.server.schemas import (
+    BatchStatusRequest,
+    CeleryLimitRequest,
+    LimitRequest,
+    ScaleRequest,
+    SubmitRequest,
+)
 
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}
 _SINCE = {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}}
@@ -135,6 +141,28 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/admin/rate-limits": {
         "get": _op("Task rate limits, with the jobs waiting on each (admin)", 200, "{limits}", 403)
     },
+    "/api/v1/admin/rate-limits/celery": {
+        "get": _op("Celery's per-node task limits: declared and wanted (admin)", 200, "{tasks}", 403),
+        "post": _op(
+            "Scale every declared limit by a factor, or restore them (admin)",
+            200,
+            "{scaled} or {restored}",
+            403,
+            415,
+            body=ScaleRequest,
+        ),
+    },
+    "/api/v1/admin/rate-limits/celery/{task}": {
+        "put": _op(
+            "Set a Celery task's limit on all or chosen workers (admin)",
+            200,
+            "{task, rate, workers}",
+            403,
+            415,
+            params=[{"name": "task", "in": "path", "required": True, "schema": {"type": "string"}}],
+            body=CeleryLimitRequest,
+        )
+    },
     "/api/v1/admin/rate-limits/{name}": {
         "put": _op(
             "Set a task rate limit for every worker (admin)",
@@ -198,6 +226,8 @@ def document() -> dict[str, Any]:
                 "SubmitRequest": SubmitRequest.model_json_schema(),
                 "BatchStatusRequest": BatchStatusRequest.model_json_schema(),
                 "LimitRequest": LimitRequest.model_json_schema(),
+                "CeleryLimitRequest": CeleryLimitRequest.model_json_schema(),
+                "ScaleRequest": ScaleRequest.model_json_schema(),
             },
             "responses": {
                 "Error": _json(

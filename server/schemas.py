@@ -43,6 +43,26 @@ class LimitRequest(BaseModel):
     burst: int | None = Field(default=None, ge=1, description="tokens a burst may take at once")
 
 
+class CeleryLimitRequest(BaseModel):
+    """`PUT /api/v1/admin/rate-limits/celery/{task}`: Celery's own per-node limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate: str = Field(description='e.g. "10/m" (zero is refused: Celery reads it as no limit)')
+    workers: list[str] | None = Field(
+        default=None, description="worker hostnames; default: all (and remembered)"
+    )
+
+
+class ScaleRequest(BaseModel):
+    """`POST /api/v1/admin/rate-limits/celery`: scale every declared limit, or restore them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    factor: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    restore: bool = False
+
+
 #: What each field is, said to a client that sent something else.
 _EXPECTED = {
     "task": "a task name (string)",
@@ -50,6 +70,7 @@ _EXPECTED = {
     "kwargs": "an object",
     "rate": 'a rate like "100/m"',
     "burst": "a whole number >= 1",
+    "factor": "a number > 0",
 }
 
 

@@ -113,6 +113,12 @@ def limited_call(
     return ran
 
 
+def digest_email(self: ProgressTask, delay: float = 0.0) -> str:
+    """Sends the daily digest (simulated), under Celery's own per-node rate_limit of 1/m."""
+    time.sleep(_check_delay(delay))
+    return "sent"
+
+
 def plain_sum(numbers: list[float], delay: float = 0.0) -> float:
     """An ordinary Celery task (no jobwire base class): it still gets lifecycle events."""
     time.sleep(_check_delay(delay))
@@ -128,4 +134,5 @@ def register(app: Celery) -> None:
     app.task(bind=True, base=ProgressTask, name="charge_customer")(charge_customer)
     app.task(bind=True, base=ProgressTask, name="send_push_notification")(send_push_notification)
     app.task(bind=True, base=ProgressTask, name="limited_call")(limited_call)
+    app.task(bind=True, base=ProgressTask, name="digest_email", rate_limit="1/m")(digest_email)
     app.task(name="plain_sum")(plain_sum)

@@ -28,7 +28,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task, current_task
-from celery.signals import before_task_publish, task_failure, task_prerun, task_revoked, task_success
+from celery.signals import (
+    before_task_publish,
+    task_failure,
+    task_prerun,
+    task_revoked,
+    task_success,
+    worker_ready,
+)
 
 from jobwire.protocol import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
 from jobwire.tasks import registry
@@ -50,6 +57,7 @@ def connect() -> None:
     task_success.connect(_on_success, weak=False)
     task_failure.connect(_on_failure, weak=False)
     task_revoked.connect(_on_revoked, weak=False)
+    worker_ready.connect(_on_worker_ready, weak=False)
 
 
 def _tracked(task: Task | None) -> bool:
@@ -175,3 +183,11 @@ def _on_revoked(
         message = "revoked before it started"
     error = {"type": "TaskRevokedError", "message": message}
     Recorder.for_app(sender.app).record(job_id, REVOKED, error=error, task=sender.name)
+
+
+@_safely
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    if sender is not None and registry.is_attached(sender.app):
+        from jobwire.tasks.celery_limits import apply_wanted
+
+        apply_wanted(sender)

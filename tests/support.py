@@ -85,8 +85,15 @@ class Worker:
     """A real `celery worker` process (prefork, 2 children) against a given Redis."""
 
     def __init__(
-        self, redis_url: str, log_path: Path, *, concurrency: int = 2, env: dict[str, str] | None = None
+        self,
+        redis_url: str,
+        log_path: Path,
+        *,
+        concurrency: int = 2,
+        env: dict[str, str] | None = None,
+        hostname: str = "celery@%h",
     ) -> None:
+        self.hostname = hostname
         self.redis_url = redis_url
         self.log_path = log_path
         self.concurrency = concurrency
@@ -105,6 +112,8 @@ class Worker:
                 "INFO",
                 "--without-gossip",
                 "--without-mingle",
+                "--hostname",
+                self.hostname,
             ],
             cwd=ROOT,
             env=env,

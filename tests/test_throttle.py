@@ -38,7 +38,6 @@ async def test_bucket_bounds_the_rate_across_workers(server: RunningServer) -> N
     busiest = max(sum(1 for t in ran if start <= t <= start + window) for start in ran)
     assert busiest <= bound, f"{busiest} jobs ran within {window}s; the bucket allows {bound}"
     first_window = sum(1 for t in ran if t <= ran[0] + window)
-    print(f"\nbucket {rate}/s burst {burst}, {window}s: busiest window {busiest}, first window {first_window}, bound {bound}")
     assert first_window >= 0.9 * bound, (
         f"only {first_window} of {bound} allowed jobs ran in the first {window}s"
     )
@@ -116,3 +115,84 @@ async def test_bad_limits_are_422_and_change_nothing(
     assert resp.status_code == 422, resp.text
     assert message in resp.json()["error"]["message"]
     assert rclient.hgetall(server.services.settings.keys.limit(name)) == before
+
+
+def _applied(celery, task: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Each worker's rate limit for `task`, as the worker itself reports it."""
+    replies = celery.control.inspect(timeout=1.0).registered("rate_limit") or {}
+    out = {}
+    for node, tasks in replies.items():
+        for entry in tasks:
+            if entry.startswith(f"{task} "):
+                out[node] = entry.split("rate_limit=", 1)[1].rstrip("]")
+    return out
+
+
+async def test_celery_limits_scale_restore_and_reach_later_workers(
+    server: RunningServer, session_redis, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Scaling "1/m" by 0.5 gives a real, lower, non-zero limit (never Celery's "0 = none");
+    a worker started after the change obeys it; restoring gives back the declared one."""
+    from celery.utils.time import rate
+
+    from tests.support import Worker
+
+    celery = server.services.celery
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        scaled = (await http.post("/api/v1/admin/rate-limits/celery", json={"factor": 0.5})).json()["scaled"]
+        assert scaled["digest_email"] == "30/h"
+        assert 0 < rate("30/h") < rate("1/m")
+        await wait_until(
+            lambda: set(_applied(celery, "digest_email").values()) == {"30/h"},
+            what="the running worker applies it",
+        )
+        later = Worker(
+            session_redis.url,
+            tmp_path / "later.log",
+            concurrency=1,
+            hostname=f"later-{uuid.uuid4().hex[:6]}@%h",
+        )
+        later.start()
+        try:
+            await wait_until(
+                lambda: any(
+                    n.startswith("later-") and v == "30/h"
+                    for n, v in _applied(celery, "digest_email").items()
+                ),
+                what="a worker started after the change obeys it",
+            )
+            restored = (await http.post("/api/v1/admin/rate-limits/celery", json={"restore": True})).json()[
+                "restored"
+            ]
+            assert restored["digest_email"] == "1/m"
+            await wait_until(
+                lambda: set(_applied(celery, "digest_email").values()) == {"1/m"},
+                what="every worker is back to 1/m",
+            )
+            listing = (await http.get("/api/v1/admin/rate-limits/celery")).json()["tasks"]
+            assert {"task": "digest_email", "declared": "1/m", "rate": "1/m"} in listing
+        finally:
+            later.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/celery/no_such_task", {"rate": "5/m"}, "unknown task 'no_such_task'"),
+        ("/celery/digest_email", {"rate": "abc"}, "must look like '100/m'"),
+        ("/celery/digest_email", {"rate": "0/m"}, "above zero"),
+        ("/celery", {"factor": 0}, "factor must be a number > 0"),
+        ("/celery", {"factor": -1}, "factor must be a number > 0"),
+    ],
+)
+async def test_bad_celery_limits_are_422_and_change_nothing(
+    server: RunningServer, rclient: redis.Redis, path: str, body: dict, message: str
+) -> None:
+    key = server.services.settings.keys.celery_limits
+    before = rclient.hgetall(key)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        method = "POST" if path == "/celery" else "PUT"
+        resp = await http.request(method, f"/api/v1/admin/rate-limits{path}", json=body)
+    assert resp.status_code == 422, resp.text
+    assert message in resp.json()["error"]["message"]
+    assert rclient.hgetall(key) == before

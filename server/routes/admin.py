@@ -19,6 +19,7 @@ from jobwire.server import schemas
 from jobwire.server.errors import JSON
 from jobwire.server.routes.jobs import read_json
 from jobwire.server.services import Services, services
+from jobwire.tasks.celery_limits import CeleryRateLimits
 from jobwire.tasks.throttle import define_limit, limits
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
@@ -48,7 +49,38 @@ async def set_limit(request: Request) -> Response:
     return JSON(await run_in_threadpool(define_limit, svc.celery, name, req.rate, burst=req.burst))
 
 
+async def list_celery_limits(request: Request) -> Response:
+    svc = admin(request)
+    return JSON({"tasks": await run_in_threadpool(CeleryRateLimits(svc.celery).listing)})
+
+
+async def set_celery_limit(request: Request) -> Response:
+    """`{"rate": "10/m", "workers"?: [hostname, ...]}` for one task."""
+    svc = admin(request)
+    req = schemas.parse(schemas.CeleryLimitRequest, await read_json(request))
+    manager = CeleryRateLimits(svc.celery)
+    rate = await run_in_threadpool(
+        manager.set, request.path_params["task"], req.rate, destination=req.workers
+    )
+    return JSON({"task": request.path_params["task"], "rate": rate, "workers": req.workers or "all"})
+
+
+async def scale_celery_limits(request: Request) -> Response:
+    """`{"factor": 0.5}` scales every declared limit; `{"restore": true}` restores them."""
+    svc = admin(request)
+    req = schemas.parse(schemas.ScaleRequest, await read_json(request))
+    manager = CeleryRateLimits(svc.celery)
+    if req.restore:
+        return JSON({"restored": await run_in_threadpool(manager.restore)})
+    if req.factor is None:
+        raise JobwireError("invalid_request", "give a factor (> 0), or restore: true")
+    return JSON({"scaled": await run_in_threadpool(manager.scale, req.factor)})
+
+
 routes = [
+    Route("/api/v1/admin/rate-limits/celery", list_celery_limits, methods=["GET"]),
+    Route("/api/v1/admin/rate-limits/celery", scale_celery_limits, methods=["POST"]),
+    Route("/api/v1/admin/rate-limits/celery/{task}", set_celery_limit, methods=["PUT"]),
     Route("/api/v1/admin/rate-limits", list_limits, methods=["GET"]),
     Route("/api/v1/admin/rate-limits/{name}", set_limit, methods=["PUT"]),
 ]
