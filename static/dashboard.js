@@ -104,6 +104,14 @@ function percentOf(job) {
   return 0;
 }
 
+/** "waiting for quota · retry in 3 s" for a job held by a rate limit (its latest event says until when). */
+function waitingText(job) {
+  const p = job.progress || {};
+  if (job.state !== "RATE_LIMITED" || p.reason !== "rate_limited") return "";
+  const left = Math.max(0, Math.ceil(p.retry_at - Date.now() / 1000));
+  return `waiting for quota (${p.limit}) · retry in ${left} s`;
+}
+
 function render(job) {
   const el = job.el;
   const final = FINAL.has(job.state);
@@ -122,7 +130,7 @@ function render(job) {
   const p = job.progress || {};
   const step = p.step != null && p.total != null ? ` (${p.step}/${p.total})` : "";
   $(".description", el).textContent =
-    job.state === "SUCCESS" ? "Completed" : final ? "" : (p.description || "") + step;
+    job.state === "SUCCESS" ? "Completed" : final ? "" : waitingText(job) || (p.description || "") + step;
   $(".elapsed", el).textContent = elapsed(job);
 
   const outcome = $(".outcome", el);
@@ -326,3 +334,34 @@ loadRecent().catch((err) => console.warn("jobwire: could not load recent jobs", 
 client.subscribeAll();
 
 window.jobwire = { client, jobs };
+
+// -- rate limits panel (admin) --------------------------------------------------------------
+
+async function loadLimits() {
+  let limits;
+  try {
+    ({ limits } = await api("/api/v1/admin/rate-limits"));
+  } catch (err) {
+    return; // not an admin (403), or none defined: no panel
+  }
+  const panel = $("#limits");
+  panel.hidden = limits.length === 0;
+  $("#limits-body").replaceChildren(
+    ...limits.map((l) => {
+      const row = document.createElement("tr");
+      for (const text of [l.name, l.rate, String(l.burst), String(l.waiting)]) {
+        const cell = document.createElement("td");
+        cell.textContent = text;
+        row.append(cell);
+      }
+      return row;
+    }),
+  );
+}
+
+loadLimits();
+setInterval(loadLimits, 5000);
+// Waiting jobs count down their "retry in" every second.
+setInterval(() => {
+  for (const job of jobs.values()) if (job.state === "RATE_LIMITED") touch(job);
+}, 1000);

@@ -111,7 +111,12 @@ def throttle(task: Task, name: str, *, per: str | None = None, rate: str = "1/s"
         "description": f"waiting for quota ({name})",
     }
     recorder.record_state(request.id, WAITING_STATE, meta, request, task=task.name)
-    recorder.client.zadd(recorder.keys.limit_waiting(name), {request.id: retry_at})
+    waiting = recorder.keys.limit_waiting(name)
+    with recorder.client.pipeline(transaction=False) as pipe:  # who waits, for the panel
+        pipe.zremrangebyscore(waiting, "-inf", time.time())
+        pipe.zadd(waiting, {request.id: retry_at})
+        pipe.expire(waiting, int(wait) + 60)
+        pipe.execute()
     headers = {
         TENANT_HEADER: getattr(request, TENANT_HEADER, None),
         SUBJECT_HEADER: getattr(request, SUBJECT_HEADER, None),

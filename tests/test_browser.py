@@ -239,3 +239,37 @@ async def test_dashboard_with_a_token_sees_its_tenant_only(
         await expect(row(page, job_id).locator(".state")).to_have_text("SUCCESS", timeout=15000)
         assert await page.locator(f'.job[data-job-id="{theirs}"]').count() == 0
         assert not page.errors  # type: ignore[attr-defined]
+
+
+async def test_dashboard_shows_waiting_for_quota_and_the_limits(
+    browser: Browser, settings: Settings, worker: object
+) -> None:
+    """A job held by a rate limit reads "waiting for quota · retry in N s", and the limits
+    panel lists the limit with the jobs waiting on it."""
+    from jobwire.tasks.throttle import define_limit
+
+    async with run_server(settings) as srv:
+        name = f"dash-{uuid.uuid4().hex[:6]}"
+        celery = srv.services.celery
+        define_limit(celery, name, "1/m", burst=1)
+        page = await open_dashboard(browser, srv.url)
+        ids = [celery.send_task("limited_call", kwargs={"limit": name}).id for _ in range(2)]
+        store = redis.Redis.from_url(settings.redis_url)
+        states: list[bytes | None] = []
+
+        def one_waits() -> bool:
+            states[:] = [store.hget(settings.keys.job(j), "state") for j in ids]
+            return b"RATE_LIMITED" in states
+
+        await wait_until(one_waits, what="one of the two jobs waits for the single token")
+        waiting = ids[states.index(b"RATE_LIMITED")]
+        store.close()
+        description = row(page, waiting).locator(".description")
+        await expect(description).to_contain_text(f"waiting for quota ({name}) · retry in", timeout=15000)
+        limits = page.locator("#limits")
+        await expect(limits).to_be_visible(timeout=10000)
+        limit_row = limits.locator("tr", has_text=name)
+        await expect(limit_row).to_contain_text("1/m")
+        await expect(limit_row.locator("td").nth(3)).to_have_text("1", timeout=10000)  # one job waits on it
+        celery.control.revoke(waiting)
+        assert not page.errors  # type: ignore[attr-defined]
