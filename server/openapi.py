@@ -23,7 +23,12 @@ from jobwire.server.schemas import (
     SubmitRequest,
 )
 
-_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 200}}
+
+def _path_param(name: str, **schema: Any) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", **schema}}
+
+
+_JOB_ID = _path_param("job_id", maxLength=200)
 _SINCE = {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}}
 
 
@@ -159,7 +164,7 @@ PATHS: dict[str, dict[str, Any]] = {
             "{task, rate, workers}",
             403,
             415,
-            params=[{"name": "task", "in": "path", "required": True, "schema": {"type": "string"}}],
+            params=[_path_param("task")],
             body=CeleryLimitRequest,
         )
     },
@@ -170,7 +175,7 @@ PATHS: dict[str, dict[str, Any]] = {
             "{name, rate, burst}",
             403,
             415,
-            params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            params=[_path_param("name")],
             body=LimitRequest,
         )
     },

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import websockets
 
-from tests.clients import assert_gap_free
+from tests.clients import LIFECYCLE, assert_gap_free, recv_json
 from tests.support import ROOT, RedisServer, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -161,24 +162,13 @@ async def test_shop_streams_seed_style_progress_to_success(
         assert resp.status_code == 202, resp.text
         job_id = resp.json()["job_id"]
 
-    import websockets
-
-    from tests.clients import recv_json
-
     events = []
     async with websockets.connect(f"ws://127.0.0.1:{port}/ws/jobs/{job_id}") as ws:
         while not (events and events[-1]["final"]):
             msg = await recv_json(ws, timeout=20)
             if msg["type"] == "event":
                 events.append(msg)
-    assert [e["state"] for e in events] == [
-        "PENDING",
-        "STARTED",
-        "VALIDATING",
-        "PROCESSING",
-        "UPLOADING",
-        "SUCCESS",
-    ]
+    assert [e["state"] for e in events] == LIFECYCLE
     assert_gap_free(events)
     assert events[3]["progress"] == {
         "step": 2,

@@ -13,7 +13,8 @@ from celery import _state as celery_state
 from celery.result import AsyncResult
 
 import jobwire
-from jobwire.settings import Settings
+from jobwire.server.celery_app import load_celery_app
+from jobwire.settings import Settings, SettingsError
 from jobwire.tasks import registry
 from jobwire.tasks.recorder import Recorder
 from tests.support import RedisServer, run_server
@@ -145,8 +146,6 @@ async def test_server_with_a_users_app_submits_nothing_until_allowed(
 
 
 def test_bad_celery_app_setting_says_what_to_change(own_redis: RedisServer) -> None:
-    from jobwire.server.celery_app import load_celery_app
-    from jobwire.settings import SettingsError
 
     with pytest.raises(SettingsError, match="cannot import 'no_such_module'"):
         load_celery_app(Settings(celery_app="no_such_module:app"))

@@ -11,7 +11,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from tests.clients import next_of, submit, watch_ws
-from tests.support import RunningServer
+from tests.support import RunningServer, run_server
 
 UNICODE_DIGIT = "\u00b2"  # '²': str.isdigit() says yes, int() says no
 LONG_DIGITS = ["9" * 20, "1" * 1000, "7" * 6000]
@@ -96,7 +96,6 @@ async def test_deeply_nested_arguments_leave_no_orphan_job(server: RunningServer
 async def test_failed_submit_leaves_no_orphan_job(settings, worker, rclient) -> None:  # type: ignore[no-untyped-def]
     """The broker refuses the message after PENDING was recorded at publish: 503, and the
     job is gone again (not listed, not readable), where it once stayed PENDING for 24 h."""
-    from tests.support import run_server
 
     keys = settings.keys
     before = set(rclient.zrange(keys.recent, 0, -1))

@@ -14,6 +14,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from jobwire.settings import Settings
 from jobwire.tasks.recorder import Recorder
+from jobwire.tasks.throttle import define_limit
 from tests.clients import LIFECYCLE
 from tests.support import free_port, run_server, wait_until
 from tests.test_auth import AUDIENCE, SECRET, submit_as, token
@@ -246,7 +247,6 @@ async def test_dashboard_shows_waiting_for_quota_and_the_limits(
 ) -> None:
     """A job held by a rate limit reads "waiting for quota · retry in N s", and the limits
     panel lists the limit with the jobs waiting on it."""
-    from jobwire.tasks.throttle import define_limit
 
     async with run_server(settings) as srv:
         name = f"dash-{uuid.uuid4().hex[:6]}"

@@ -10,6 +10,7 @@ import redis
 import websockets
 from celery.result import AsyncResult
 
+from jobwire.tasks.recorder import Recorder
 from tests.clients import (
     assert_gap_free,
     events_until_final,
@@ -83,7 +84,6 @@ async def test_revoke_running_job_reaches_every_watcher(server: RunningServer, w
 async def test_reports_after_revoke_are_refused(server: RunningServer) -> None:
     """REVOKED recorded while the task runs, and no worker told (no SIGTERM): its next
     report() is refused (returns None, so it stops), and its SUCCESS is refused too."""
-    from jobwire.tasks.recorder import Recorder
 
     celery = server.services.celery
     job_id = await submit(server.url, "report_steps", steps=50, delay=0.1)
@@ -181,7 +181,6 @@ async def test_plain_celery_revoke_is_recorded_by_the_worker(server: RunningServ
 
 async def test_job_revoked_before_any_worker_knew_never_runs(server: RunningServer, worker) -> None:  # type: ignore[no-untyped-def]
     """REVOKED in jobwire but never broadcast to this worker: the ProgressTask body does not run."""
-    from jobwire.tasks.recorder import Recorder
 
     celery = server.services.celery
     job_id = f"revoked-early-{uuid.uuid4()}"

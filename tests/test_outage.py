@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import websockets
 
 from jobwire.tasks.recorder import Recorder
@@ -37,8 +38,6 @@ async def test_redis_down_then_back_clients_resume(own_redis: RedisServer) -> No
     """Redis stops and restarts (data lost): readyz reports it, subscribers recover."""
     settings = settings_for(own_redis.url, heartbeat_interval=1.0, subscribe_timeout=1.0)
     async with run_server(settings) as srv:
-        import httpx
-
         async with httpx.AsyncClient(base_url=srv.url) as http:
             assert (await http.get("/readyz")).status_code == 200
             own_redis.stop()
@@ -66,7 +65,6 @@ async def test_redis_down_then_back_clients_resume(own_redis: RedisServer) -> No
 
 async def test_shutdown_with_open_streams_completes(own_redis: RedisServer) -> None:
     """Open SSE and websocket clients do not hold the server's shutdown (or the hub's) hostage."""
-    import httpx
 
     settings = settings_for(own_redis.url, heartbeat_interval=1.0)
     Recorder(own_redis.client(), settings).record("held", "PENDING")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from celery.result import AsyncResult
 
-from tests.clients import assert_gap_free, submit, watch_ws
+from tests.clients import LIFECYCLE, assert_gap_free, submit, watch_ws
 from tests.support import (
     RedisServer,
     RunningServer,
@@ -89,14 +89,7 @@ async def test_lifecycle_and_retry_over_rabbitmq(rabbit_server: RunningServer) -
     """PENDING at publish (RabbitMQ), update_state progress, RETRY, SUCCESS: gap-free."""
     job_id = await submit(rabbit_server.url, delay=0.05)
     events = await watch_ws(rabbit_server.ws_url, job_id)
-    assert [e["state"] for e in events] == [
-        "PENDING",
-        "STARTED",
-        "VALIDATING",
-        "PROCESSING",
-        "UPLOADING",
-        "SUCCESS",
-    ]
+    assert [e["state"] for e in events] == LIFECYCLE
     assert_gap_free(events)
     retry_id = await submit(rabbit_server.url, "retrying_task", delay=0.1, failures=1)
     states = [e["state"] for e in await watch_ws(rabbit_server.ws_url, retry_id)]

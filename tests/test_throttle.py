@@ -15,10 +15,11 @@ import httpx
 import pytest
 import redis
 from celery.result import AsyncResult
+from celery.utils.time import rate
 
 from jobwire.tasks.throttle import define_limit
 from tests.clients import watch_ws
-from tests.support import RunningServer, wait_until
+from tests.support import RunningServer, Worker, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -133,10 +134,6 @@ async def test_celery_limits_scale_restore_and_reach_later_workers(
 ) -> None:  # type: ignore[no-untyped-def]
     """Scaling "1/m" by 0.5 gives a real, lower, non-zero limit (never Celery's "0 = none");
     a worker started after the change obeys it; restoring gives back the declared one."""
-    from celery.utils.time import rate
-
-    from tests.support import Worker
-
     celery = server.services.celery
     async with httpx.AsyncClient(base_url=server.url) as http:
         scaled = (await http.post("/api/v1/admin/rate-limits/celery", json={"factor": 0.5})).json()["scaled"]

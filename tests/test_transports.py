@@ -11,7 +11,7 @@ import pytest
 import websockets
 
 from tests.clients import LIFECYCLE, assert_gap_free, submit, watch_ws
-from tests.support import RunningServer
+from tests.support import RunningServer, run_server
 
 
 async def test_ws_multi_sees_whole_lifecycle(server: RunningServer) -> None:
@@ -176,8 +176,6 @@ async def test_multiplexed_sse_redis_error_leaves_no_subscription(server: Runnin
 
 async def test_transports_can_be_turned_off(settings, worker) -> None:  # type: ignore[no-untyped-def]
     """JOBWIRE_TRANSPORTS without websocket refuses the upgrade (403); without sse, SSE is 503."""
-
-    from tests.support import run_server
 
     async with run_server(settings.model_copy(update=dict(transports=("polling",)))) as srv:
         with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
