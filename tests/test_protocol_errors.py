@@ -10,7 +10,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from jobwire.settings import Settings
+from jobwire.settings import DEFAULT_TASKS, Settings
 from tests.clients import next_of, recv_json, submit, watch_ws
 from tests.support import RunningServer, run_server
 
@@ -121,12 +121,7 @@ async def test_tasks_listing_and_health(server: RunningServer) -> None:
     """GET /api/v1/tasks lists the allow-list with descriptions; /healthz and /readyz answer."""
     async with httpx.AsyncClient(base_url=server.url) as http:
         tasks = (await http.get("/api/v1/tasks")).json()["tasks"]
-        assert [t["name"] for t in tasks] == [
-            "long_running_task",
-            "report_steps",
-            "failing_task",
-            "retrying_task",
-        ]
+        assert tuple(t["name"] for t in tasks) == DEFAULT_TASKS
         assert all(t["description"] for t in tasks)
         assert (await http.get("/healthz")).json() == {"status": "ok"}
         ready = await http.get("/readyz")
