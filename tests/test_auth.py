@@ -364,3 +364,14 @@ async def test_new_connections_per_address_are_paced(settings: Settings, worker:
         assert refused.value.response.status_code == 403
         for ws in held:
             await ws.close()
+
+
+async def test_rate_limit_admin_needs_the_admin_scope(srv: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        for tok in (A, B):
+            resp = await http.put("/api/v1/admin/rate-limits/x", json={"rate": "1/s"}, headers=bearer(tok))
+            assert resp.status_code == 403 and resp.json()["error"]["code"] == "forbidden"
+            assert (
+                await http.get("/api/v1/admin/rate-limits/celery", headers=bearer(tok))
+            ).status_code == 403
+        assert (await http.get("/api/v1/admin/rate-limits", headers=bearer(ADMIN))).status_code == 200
