@@ -129,6 +129,25 @@ def cmd_serve(host: str, port: int) -> int:
     return 0
 
 
+def cmd_cleanup_results() -> int:
+    """Delete stored results whose job expired (or never existed): safe in several
+    processes at once (run it from cron, or a Celery beat task)."""
+    import redis
+
+    from jobwire.settings import Settings
+    from jobwire.storage import cleanup, store_for
+
+    settings = Settings.from_env()
+    client = redis.Redis.from_url(settings.redis_url)
+    deleted = cleanup(
+        store_for(settings),
+        lambda job_id: bool(client.exists(settings.keys.job(job_id))),
+        max_age=settings.result_expires,
+    )
+    out.print(f"deleted {deleted} stored result(s)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobwire", description="Serve, watch and submit jobwire jobs.")
     p.add_argument(
@@ -138,6 +157,7 @@ def parser() -> argparse.ArgumentParser:
         "--token", default=os.environ.get("JOBWIRE_TOKEN"), help="bearer token (env JOBWIRE_TOKEN)"
     )
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("cleanup-results", help="delete stored results of expired jobs")
     sv = sub.add_parser("serve", help="run the web server (settings from JOBWIRE_* variables)")
     sv.add_argument(
         "--host", default=os.environ.get("HOST", "127.0.0.1"), help="default 127.0.0.1 (env HOST)"
@@ -162,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "serve":
         return cmd_serve(args.host, args.port)
+    if args.command == "cleanup-results":
+        return cmd_cleanup_results()
     try:
         if args.command == "watch":
             coro = cmd_watch(args.url, args.job_id, args.since, token=args.token)

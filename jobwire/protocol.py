@@ -109,6 +109,8 @@ ERROR_STATUS: dict[str, int] = {
     "not_found": 404,
     "method_not_allowed": 405,
     "job_finished": 409,
+    "no_result": 409,
+    "result_gone": 410,
     "payload_too_large": 413,
     "headers_too_large": 431,
     "too_many_ids": 413,

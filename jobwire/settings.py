@@ -23,6 +23,8 @@ DEFAULT_TASKS = (
     "retrying_task",
     "charge_customer",
     "send_push_notification",
+    "generate_report",
+    "export_rows",
 )
 TRANSPORTS = ("websocket", "sse", "polling")
 
@@ -83,6 +85,18 @@ class Settings(BaseSettings):
     auth_timeout: Annotated[float, Field(gt=0)] = 5.0  # seconds a /ws client has to authenticate
     allowed_origins: CommaList = ()  # browser origins besides the server's own
 
+    # Large results (see README, "Large results")
+    result_store: Literal["file", "s3"] = "file"
+    result_dir: str = ".run/results"  # the file store's directory: server and workers share it
+    result_offload_bytes: Annotated[int, Field(ge=1)] = 256 * 1024  # results bigger than this are stored
+    result_url_ttl: Annotated[int, Field(ge=10)] = 300  # seconds a presigned download URL lives
+    s3_bucket: str = ""
+    s3_prefix: str = "jobwire/"
+    s3_endpoint_url: str = ""  # any S3-compatible service
+    s3_region: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+
     # Abuse limits
     max_connections_per_user: Annotated[int, Field(ge=1)] = 200
     max_connections_per_address: Annotated[int, Field(ge=1)] = 500
@@ -91,6 +105,12 @@ class Settings(BaseSettings):
     ws_messages_per_second: Annotated[float, Field(gt=0)] = 20.0  # per socket, bursts of twice that
     max_frame_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024  # a websocket message
     max_header_bytes: Annotated[int, Field(ge=4096)] = 16 * 1024  # an HTTP request head
+
+    @model_validator(mode="after")
+    def _s3_has_a_bucket(self) -> Settings:
+        if self.result_store == "s3" and not self.s3_bucket:
+            raise ValueError("JOBWIRE_RESULT_STORE=s3 needs JOBWIRE_S3_BUCKET")
+        return self
 
     @model_validator(mode="after")
     def _auth_has_a_key(self) -> Settings:

@@ -22,10 +22,11 @@ from jobwire.server.celery_app import load_celery_app
 from jobwire.server.errors import EXCEPTION_HANDLERS
 from jobwire.server.hub import Hub
 from jobwire.server.limits import Connections, HeaderLimit
-from jobwire.server.routes import admin, health, jobs, sse, ws
+from jobwire.server.routes import admin, health, jobs, results, sse, ws
 from jobwire.server.services import Services
 from jobwire.server.store import JobStore
 from jobwire.settings import Settings
+from jobwire.storage import store_for
 from jobwire.tasks import registry
 
 # `static/` sits beside `server/` in the repository and beside `jobwire/server/` once
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 settings.new_connections_per_second,
             ),
             AsyncBuckets(redis, settings.keys),
+            store_for(settings),
         )
         try:
             yield
@@ -84,6 +86,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes: list[Any] = [
         *health.routes,
         *jobs.routes,
+        *results.routes,
         *sse.routes,
         *ws.routes,
         *admin.routes,

@@ -96,6 +96,17 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/jobs/{job_id}/history": {
         "get": _op("Events after `since`", 200, "{job_id, events}", 404, params=[_JOB_ID, _SINCE])
     },
+    "/api/v1/jobs/{job_id}/result": {
+        "get": _op(
+            "The job's result: JSON, a stored file (HTTP Range), or a redirect to a presigned URL",
+            200,
+            "the result",
+            404,
+            409,
+            410,
+            params=[_JOB_ID, {"name": "Range", "in": "header", "schema": {"type": "string"}}],
+        )
+    },
     "/api/v1/jobs/{job_id}/token": {
         "post": _op(
             "A short-lived token that may watch this job only",

@@ -15,6 +15,7 @@ from jobwire.server.hub import Hub
 from jobwire.server.limits import Connections
 from jobwire.server.store import JobStore
 from jobwire.settings import Settings
+from jobwire.storage import ResultStore
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Services:
     auth: Auth
     connections: Connections
     buckets: AsyncBuckets
+    results: ResultStore
 
     def feed(self, principal: Principal) -> Feed:
         return Feed(

@@ -104,6 +104,12 @@ function percentOf(job) {
   return 0;
 }
 
+function formatBytes(n) {
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KB`;
+  return `${(n / 1024 / 1024).toFixed(1)} MB`;
+}
+
 /** "waiting for quota · retry in 3 s" for a job held by a rate limit (its latest event says until when). */
 function waitingText(job) {
   const p = job.progress || {};
@@ -135,7 +141,14 @@ function render(job) {
 
   const outcome = $(".outcome", el);
   outcome.classList.toggle("error", Boolean(job.error) && job.state !== "SUCCESS");
-  if (job.state === "SUCCESS" && job.result !== undefined) {
+  if (job.state === "SUCCESS" && job.result && job.result.type === "stored_result") {
+    // A result kept in object storage: the event carries only its reference.
+    const link = document.createElement("a");
+    link.className = "download";
+    link.href = `/api/v1/jobs/${encodeURIComponent(job.id)}/result` + (token ? `?token=${encodeURIComponent(token)}` : "");
+    link.textContent = `Download ${job.result.filename} (${formatBytes(job.result.size_bytes)})`;
+    outcome.replaceChildren(link);
+  } else if (job.state === "SUCCESS" && job.result !== undefined) {
     outcome.textContent = `result: ${JSON.stringify(job.result)}`;
   } else if (job.error && (final || job.state === "RETRY")) {
     outcome.textContent = `${job.error.type}: ${job.error.message}`;

@@ -8,7 +8,9 @@ Celery's GET-then-SET. So code written the way Celery documents it streams progr
 no change, and `AsyncResult(id).state/.info` read exactly what it stored.
 
 Lifecycle states (STARTED, SUCCESS, RETRY ...) are stored by Celery as usual; jobwire
-records their events from signals (see `jobwire.tasks.signals`).
+records their events from signals (see `jobwire.tasks.signals`). A SUCCESS result too big
+for Redis is stored in object storage first, and Celery keeps the reference
+(`jobwire.tasks.results`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ class JobwireBackendMixin:
     def _store_result(
         self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any
     ) -> Any:
+        if state == states.SUCCESS:
+            # A result too big for Redis goes to object storage first (failing the job if
+            # it cannot be stored); Celery's result and the SUCCESS event get the reference.
+            from jobwire.tasks.results import offload
+
+            result = offload(self.app, task_id, result)  # type: ignore[attr-defined]
+            if request is not None:
+                request.jobwire_result = result
         if state in CELERY_STATES:
             return super()._store_result(task_id, result, state, traceback, request, **kwargs)  # type: ignore[misc]
         from jobwire.tasks.recorder import Recorder

@@ -113,6 +113,45 @@ def limited_call(
     return ran
 
 
+def generate_report(self: ProgressTask, pages: int = 50, delay: float = 0.0) -> dict[str, Any]:
+    """Renders a multi-page PDF report (reportlab), page by page, and stores it: the result is a download."""
+    from io import BytesIO
+
+    from reportlab.lib.pagesizes import A4
+    from reportlab.pdfgen.canvas import Canvas
+
+    delay = _check_delay(delay)
+    if isinstance(pages, bool) or not isinstance(pages, int) or not 1 <= pages <= 2000:
+        raise ValueError(f"pages must be an integer from 1 to 2000, got {pages!r}")
+    buffer = BytesIO()
+    pdf = Canvas(buffer, pagesize=A4)
+    width, height = A4
+    for page in range(1, pages + 1):
+        self.report("RENDERING", step=page - 1, total=pages, description=f"Page {page} of {pages}")
+        pdf.setFont("Helvetica-Bold", 20)
+        pdf.drawString(72, height - 96, f"Quarterly report, page {page} of {pages}")
+        pdf.setFont("Helvetica", 11)
+        for line in range(30):
+            pdf.drawString(
+                72,
+                height - 140 - line * 18,
+                f"Row {line + 1}: {(page * 7919 + line * 104729) % 100000:>6} units",
+            )
+        pdf.showPage()
+        time.sleep(delay)
+    pdf.save()
+    self.report("UPLOADING", step=pages, total=pages, description="Storing the PDF")
+    return self.store_result(buffer.getvalue(), content_type="application/pdf", filename="report.pdf")
+
+
+def export_rows(self: ProgressTask, rows: int = 1000) -> list[dict[str, Any]]:
+    """Exports `rows` rows as JSON; a big export is stored automatically and returned as a download."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= 1_000_000:
+        raise ValueError(f"rows must be an integer from 1 to 1000000, got {rows!r}")
+    self.report("EXPORTING", step=0, total=1, description=f"Exporting {rows} rows")
+    return [{"row": i, "sku": f"SKU-{i:08d}", "qty": (i * 7919) % 1000, "note": "x" * 8} for i in range(rows)]
+
+
 def digest_email(self: ProgressTask, delay: float = 0.0) -> str:
     """Sends the daily digest (simulated), under Celery's own per-node rate_limit of 1/m."""
     time.sleep(_check_delay(delay))
@@ -135,4 +174,6 @@ def register(app: Celery) -> None:
     app.task(bind=True, base=ProgressTask, name="send_push_notification")(send_push_notification)
     app.task(bind=True, base=ProgressTask, name="limited_call")(limited_call)
     app.task(bind=True, base=ProgressTask, name="digest_email", rate_limit="1/m")(digest_email)
+    app.task(bind=True, base=ProgressTask, name="generate_report")(generate_report)
+    app.task(bind=True, base=ProgressTask, name="export_rows")(export_rows)
     app.task(name="plain_sum")(plain_sum)

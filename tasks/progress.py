@@ -70,6 +70,16 @@ class ProgressTask(Task):  # type: ignore[misc]
             self.request.id, state, progress, self.request, task=self.name
         )
 
+    def store_result(self, data: bytes | str, *, content_type: str, filename: str) -> dict[str, Any]:
+        """Put a large result (a PDF, an export) in object storage; return its reference,
+        which is what the task should return. Raises `StorageError` if it cannot be
+        stored, which fails the job: a reference never points at nothing."""
+        from jobwire.tasks.results import store
+
+        if self.request.id is None:
+            raise RuntimeError("store_result() is for a running task")
+        return store(self.app, self.request.id, data, content_type=content_type, filename=filename)
+
     def throttle(self, limit: str, *, per: str | None = None, rate: str = "1/s") -> None:
         """Take a token of the distributed rate limit `limit`, or re-schedule this job for
         when one exists (see `jobwire.tasks.throttle`)."""

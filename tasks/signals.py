@@ -147,6 +147,8 @@ def _on_prerun(task_id: str | None = None, task: Task | None = None, **_: Any) -
 def _on_success(sender: Task | None = None, result: Any = None, **_: Any) -> None:
     if sender is None or not _tracked(sender) or sender.request.id is None:
         return
+    # The reference, when the backend stored a big result in object storage.
+    result = getattr(sender.request, "jobwire_result", result)
     Recorder.for_app(sender.app).record(sender.request.id, SUCCESS, result=result, task=sender.name)
 
 

@@ -32,17 +32,25 @@ def session_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def worker(session_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+def result_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The file result store the session's worker and servers share."""
+    return Path(tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture(scope="session")
+def worker(
+    session_redis: RedisServer, result_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
     log = Path(tmp_path_factory.mktemp("worker")) / "worker.log"
-    w = Worker(session_redis.url, log)
+    w = Worker(session_redis.url, log, env={"JOBWIRE_RESULT_DIR": str(result_dir)})
     w.start()
     yield w
     w.stop()
 
 
 @pytest.fixture
-def settings(session_redis: RedisServer) -> Settings:
-    return settings_for(session_redis.url, heartbeat_interval=2.0)
+def settings(session_redis: RedisServer, result_dir: Path) -> Settings:
+    return settings_for(session_redis.url, heartbeat_interval=2.0, result_dir=str(result_dir))
 
 
 @pytest.fixture

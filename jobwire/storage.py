@@ -1,0 +1,215 @@
+"""Large results live in object storage; Redis and every event carry only a reference.
+
+A reference is a small dict, what `AsyncResult(id).result` and the SUCCESS event hold::
+
+    {"type": "stored_result", "storage": "file" | "s3", "key": "...", "size_bytes": int,
+     "content_type": str, "filename": str, "sha256": hex, "generated_at": unix seconds}
+
+Two stores share one interface: the local filesystem (what `make run` uses; server and
+worker must share the directory) and S3 through boto3 (any S3-compatible service, by
+endpoint URL). An object is written completely before its reference exists anywhere, so a
+storage failure fails the job instead of leaving a reference to nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from jobwire.settings import Settings
+
+REF_TYPE = "stored_result"
+
+
+class StorageError(RuntimeError):
+    """The object store refused or failed a write, read or delete."""
+
+
+def is_reference(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("type") == REF_TYPE and isinstance(value.get("key"), str)
+
+
+def object_key(job_id: str, filename: str) -> str:
+    """`<job id>/<filename>`: one folder per job, so a job's objects go with it."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in filename)[:120] or "result"
+    return f"{job_id}/{safe}"
+
+
+@dataclass(frozen=True)
+class Stored:
+    key: str
+    size: int
+    modified: float
+
+
+class ResultStore(Protocol):
+    name: str
+
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    def path(self, key: str) -> Path | None:
+        """A local file to stream, for stores that have one."""
+
+    def url(self, key: str, *, filename: str, content_type: str, expires: int) -> str | None:
+        """A short-lived URL to redirect to, for stores that have one."""
+
+    def delete(self, key: str) -> None: ...
+
+    def list(self) -> Iterator[Stored]: ...
+
+
+def reference(
+    store: ResultStore, job_id: str, data: bytes, *, content_type: str, filename: str
+) -> dict[str, Any]:
+    """Store `data` for `job_id` and return its reference (only once it is stored)."""
+    key = object_key(job_id, filename)
+    store.put(key, data, content_type)
+    return {
+        "type": REF_TYPE,
+        "storage": store.name,
+        "key": key,
+        "size_bytes": len(data),
+        "content_type": content_type,
+        "filename": filename,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "generated_at": round(time.time(), 3),
+    }
+
+
+class FilesystemStore:
+    """Objects as files under one directory (written to a temporary file, then renamed,
+    so a reader never sees half an object)."""
+
+    name = "file"
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+
+    def _file(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise StorageError(f"object key {key!r} leaves the store")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        path = self._file(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+                tmp.write(data)
+            os.replace(tmp.name, path)
+        except OSError as exc:
+            raise StorageError(f"could not write {key!r} under {self.root}: {exc}") from exc
+
+    def path(self, key: str) -> Path | None:
+        path = self._file(key)
+        return path if path.is_file() else None
+
+    def url(self, key: str, *, filename: str, content_type: str, expires: int) -> str | None:
+        return None
+
+    def delete(self, key: str) -> None:
+        try:
+            self._file(key).unlink()
+        except FileNotFoundError:
+            pass  # another cleanup got there first
+        with _suppress_oserror():
+            self._file(key).parent.rmdir()  # the job's folder, once empty
+
+    def list(self) -> Iterator[Stored]:
+        if not self.root.is_dir():
+            return
+        for path in self.root.glob("*/*"):
+            with _suppress_oserror():
+                stat = path.stat()
+                yield Stored(str(path.relative_to(self.root)), stat.st_size, stat.st_mtime)
+
+
+class S3Store:
+    """Objects in an S3 bucket (boto3), under a prefix; downloads by presigned URL."""
+
+    name = "s3"
+
+    def __init__(self, settings: Settings) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket, self.prefix = settings.s3_bucket, settings.s3_prefix
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url or None,
+            region_name=settings.s3_region or None,
+            aws_access_key_id=settings.s3_access_key_id or None,
+            aws_secret_access_key=settings.s3_secret_access_key or None,
+            config=Config(signature_version="s3v4", retries={"max_attempts": 3}),
+        )
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentType=content_type
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not store {key!r} in s3://{self.bucket}/{self.prefix}: {exc}") from exc
+
+    def path(self, key: str) -> Path | None:
+        return None
+
+    def url(self, key: str, *, filename: str, content_type: str, expires: int) -> str | None:
+        return str(
+            self.client.generate_presigned_url(
+                "get_object",
+                Params={
+                    "Bucket": self.bucket,
+                    "Key": self.prefix + key,
+                    "ResponseContentType": content_type,
+                    "ResponseContentDisposition": f'attachment; filename="{filename}"',
+                },
+                ExpiresIn=expires,
+            )
+        )
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)  # idempotent in S3
+
+    def list(self) -> Iterator[Stored]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield Stored(obj["Key"][len(self.prefix) :], obj["Size"], obj["LastModified"].timestamp())
+
+
+def store_for(settings: Settings) -> ResultStore:
+    """The configured store (`JOBWIRE_RESULT_STORE`: file or s3)."""
+    if settings.result_store == "s3":
+        return S3Store(settings)
+    return FilesystemStore(settings.result_dir)
+
+
+def cleanup(store: ResultStore, job_exists: Any, *, max_age: float) -> int:
+    """Delete objects whose job has expired (or never existed), and any older than
+    `max_age` seconds. Safe to run in several processes at once: a delete of an object
+    that another cleanup already deleted is a no-op. Returns how many it deleted."""
+    now, deleted = time.time(), 0
+    for obj in list(store.list()):
+        job_id = obj.key.split("/", 1)[0]
+        if now - obj.modified > max_age or not job_exists(job_id):
+            store.delete(obj.key)
+            deleted += 1
+    return deleted
+
+
+class _suppress_oserror:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return isinstance(exc[1], OSError)
