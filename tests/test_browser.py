@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -273,3 +275,20 @@ async def test_dashboard_shows_waiting_for_quota_and_the_limits(
         await expect(limit_row.locator("td").nth(3)).to_have_text("1", timeout=10000)  # one job waits on it
         celery.control.revoke(waiting)
         assert not page.errors  # type: ignore[attr-defined]
+
+
+async def test_dashboard_offers_a_stored_result_as_a_download(
+    browser: Browser, settings: Settings, worker: object
+) -> None:
+    async with run_server(settings) as srv:
+        page = await open_dashboard(browser, srv.url)
+        job_id = srv.services.celery.send_task("generate_report", kwargs={"pages": 3}).id
+        link = row(page, job_id).locator("a.download")
+        await expect(link).to_have_text(
+            re.compile(r"^Download report\.pdf \(\d+(\.\d)? KB\)$"), timeout=15000
+        )
+        async with page.expect_download() as info:
+            await link.click()
+        download = await info.value
+        assert download.suggested_filename == "report.pdf"
+        assert Path(await download.path()).read_bytes().startswith(b"%PDF")
