@@ -14,6 +14,7 @@ import boto3
 import httpx
 import pytest
 import redis
+from celery.result import AsyncResult
 from moto.server import ThreadedMotoServer
 from pypdf import PdfReader
 
@@ -37,7 +38,10 @@ async def test_a_20_mb_result_never_enters_redis(server: RunningServer, rclient:
     assert rclient.memory_usage(keys.history(job_id)) < 16_000
     assert max(len(e) for e in rclient.zrange(keys.history(job_id), 0, -1)) < 4_000
     celery_key = server.services.celery.backend.get_key_for_task(job_id)
-    assert rclient.strlen(celery_key) < 4_000  # AsyncResult(id).result is the reference too
+    assert rclient.strlen(celery_key) < 4_000
+    assert (
+        AsyncResult(job_id, app=server.services.celery).result == ref
+    )  # plain Celery code gets the reference
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
         whole = await http.get(f"/api/v1/jobs/{job_id}/result")
         assert whole.status_code == 200
