@@ -5,7 +5,9 @@
 
 `watch()` reconnects by itself with capped exponential backoff and jitter, resuming from
 the last seq it yielded, so a dropped connection or a server restart costs no event and
-repeats none. It ends after the job's final event.
+repeats none. It ends after the job's final event. If the job's history was lost and
+began again (Redis restarted without persistence), the new history's events follow: seq
+starts at 1 again, under a new `epoch`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ async def watch(
     backoff_min: float = 0.2,
     backoff_max: float = 10.0,
     give_up_after: float | None = None,
+    lost_grace: float = 60.0,
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield `job_id`'s events after `since`, in order, once each, until the final one.
 
@@ -56,7 +59,8 @@ async def watch(
     seconds (default: keep trying).
     """
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    last = since
+    last, epoch = since, None
+    lost_since: float | None = None
     delays = backoff(backoff_min, backoff_max)
     loop = asyncio.get_running_loop()
     failing_since: float | None = None
@@ -64,7 +68,7 @@ async def watch(
         close_code, close_reason = None, ""
         try:
             async with websockets.connect(
-                f"{_ws_url(url)}/ws/jobs/{job_id}?since={last}",
+                f"{_ws_url(url)}/ws/jobs/{job_id}?since={last}" + (f"&epoch={epoch}" if epoch else ""),
                 open_timeout=open_timeout,
                 additional_headers=headers,
             ) as ws:
@@ -72,9 +76,12 @@ async def watch(
                 try:
                     async for frame in ws:
                         msg = orjson.loads(frame)
+                        if msg.get("type") == Msg.RESET:  # history lost and begun again
+                            last, epoch = 0, msg.get("epoch")
+                            continue
                         if msg.get("type") != Msg.EVENT or msg["seq"] <= last:
                             continue
-                        last = msg["seq"]
+                        last, epoch = msg["seq"], msg.get("epoch", epoch)
                         del msg["type"]
                         yield msg
                         if msg["final"]:
@@ -90,7 +97,15 @@ async def watch(
         except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake):
             pass  # down, restarting or unreachable: retry below
         if close_code == Close.NOT_FOUND:
-            raise JobNotFound(job_id, close_reason or None)
+            # A job this client has seen events of can vanish for a while: Redis restarted
+            # without persistence, and the worker's next event recreates it (a new epoch).
+            # Keep trying for `lost_grace` seconds before believing it is gone.
+            now = loop.time()
+            lost_since = lost_since if lost_since is not None else now
+            if epoch is None or now - lost_since > lost_grace:
+                raise JobNotFound(job_id, close_reason or None)
+        else:
+            lost_since = None
         if close_code == Close.BAD_REQUEST:
             raise JobwireError("invalid_request", close_reason)
         if close_code in (Close.UNAUTHENTICATED, Close.FORBIDDEN):

@@ -8,12 +8,15 @@ they would drift apart silently; one module makes that impossible.
 
 Event format (one JSON object, produced once on the worker, forwarded byte-for-byte)::
 
-    {"job_id": str, "seq": int, "state": str, "progress": object | null, "ts": float,
+    {"job_id": str, "seq": int, "epoch": str, "state": str, "progress": object | null, "ts": float,
      "final": bool, "task"?: str, "result"?: any, "error"?: {"type", "message"},
      "retry"?: {"attempt", "countdown", "eta"}}
 
 `seq` is assigned inside Redis (see `scripts/record.lua`), so it is gap-free and strictly
-increasing per job no matter how many processes report for the same job.
+increasing per job no matter how many processes report for the same job. `epoch` names
+the incarnation of the job's stream: if the record is lost and recreated (Redis restarted
+without persistence), seqs start again at 1 under a new epoch, and a client resuming from
+the old one is told (`Msg.RESET`) and replayed from the start.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Msg:
     SUBSCRIBED_ALL = "subscribed_all"
     UNSUBSCRIBED_ALL = "unsubscribed_all"
     GAP = "gap"  # {"job_id", "from", "to"}: seqs trimmed from history, never delivered
+    RESET = "reset"  # {"job_id", "epoch"}: the job's history was lost and began again; forget its seqs
     RESYNC = "resync"  # {"scope": "all"}: refetch the job listing
     HEARTBEAT = "heartbeat"  # {"ts"}
     PONG = "pong"  # {"ts"}

@@ -18,6 +18,7 @@ class Delivery:
 
     job_id: str
     seq: int
+    epoch: str | None
     state: str
     final: bool
     raw: bytes  # the event exactly as the worker wrote it (SSE `data:`)
@@ -27,7 +28,9 @@ class Delivery:
     def parse(cls, raw: bytes) -> Delivery:
         doc = orjson.loads(raw)
         frame = '{"type":"event",' + raw[1:].decode()
-        return cls(doc["job_id"], int(doc["seq"]), doc["state"], bool(doc["final"]), raw, frame)
+        return cls(
+            doc["job_id"], int(doc["seq"]), doc.get("epoch"), doc["state"], bool(doc["final"]), raw, frame
+        )
 
     @cached_property
     def all_frame(self) -> str:

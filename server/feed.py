@@ -27,7 +27,7 @@ from jobwire.protocol import JobNotFound, JobwireError, Keys, Msg
 from jobwire.server.auth import Principal
 from jobwire.server.events import Delivery, FromAll, Resync
 from jobwire.server.hub import Hub
-from jobwire.server.store import JobStore
+from jobwire.server.store import JobStore, Stream
 
 #: What a feed yields: a watched job's event, an all-jobs-stream event, or a control
 #: message (a dict sent as JSON).
@@ -46,6 +46,7 @@ class Feed:
         self._out: deque[Item] = deque()
         self._wake = asyncio.Event()
         self._last: dict[str, int] = {}  # watched job -> last seq delivered
+        self._epoch: dict[str, str | None] = {}  # watched job -> the epoch `_last` counts in
         self._live: set[str] = set()  # watched jobs with a hub subscription (not final yet)
         self._all_last: dict[str, int] = {}  # all-jobs stream: unfinished job -> last seq
         self._all = False
@@ -54,8 +55,12 @@ class Feed:
 
     # -- what the client asks for --------------------------------------------------------
 
-    async def watch(self, job_id: str, since: int = 0) -> bool:
+    async def watch(self, job_id: str, since: int = 0, epoch: str | None = None) -> bool:
         """Deliver `job_id`'s events after `since`, then its live ones.
+
+        `epoch` is the incarnation `since` counts in. If the job's history was lost and
+        began again since (another epoch, or fewer events than `since`), the client is
+        told (`reset`) and gets the new history from the start.
 
         Returns False (and watches nothing) if the job was never seen, or the principal
         may not see it: the two are one answer. Watching a job
@@ -70,28 +75,34 @@ class Feed:
         self._live.add(job_id)
         try:
             await self._hub.subscribe(self._keys.job_channel(job_id), self._job_sink)
-            exists, events = await self._store.events_since(job_id, since, self._principal)
+            stream = await self._store.events_since(job_id, since, self._principal)
+            if stream is not None and (stream.seq < since or (epoch is not None and epoch != stream.epoch)):
+                stream = await self._reset(job_id, stream.epoch)
         except BaseException:
             self.unwatch(job_id)
             raise
-        if not exists:
+        if stream is None:
             self.unwatch(job_id)
             return False
-        self._advance(job_id, events)
+        self._epoch[job_id] = stream.epoch
+        self._advance(job_id, stream.events)
         self._out.append({"type": Msg.SUBSCRIBED, "job_id": job_id, "seq": self._last[job_id]})
         self._wake.set()
         return True
 
-    async def watch_many(self, since: dict[str, int], *, job_ids: list[str]) -> dict[str, JobwireError]:
-        """Watch each of `job_ids` (from its `since`); return why each one that could not
-        be watched was not (job_not_found, too_many_jobs). One read first tells which
-        exist for this principal, so unknown ids cost no subscription: a flood of them
-        costs one pipelined read per message."""
+    async def watch_many(
+        self, since: dict[str, int], *, job_ids: list[str], epochs: dict[str, str] | None = None
+    ) -> dict[str, JobwireError]:
+        """Watch each of `job_ids` (from its `since`, in its `epochs`); return why each one
+        that could not be watched was not (job_not_found, too_many_jobs). One read first
+        tells which exist for this principal, so unknown ids cost no subscription: a flood
+        of them costs one pipelined read per message."""
         visible = await self._store.visible(job_ids, self._principal) if job_ids else set()
         refused: dict[str, JobwireError] = {}
         for job_id in job_ids:
             try:
-                if job_id not in visible or not await self.watch(job_id, since.get(job_id, 0)):
+                epoch = (epochs or {}).get(job_id)
+                if job_id not in visible or not await self.watch(job_id, since.get(job_id, 0), epoch):
                     refused[job_id] = JobNotFound(job_id, f"no job with id {job_id!r}")
             except JobwireError as exc:
                 refused[job_id] = exc
@@ -99,6 +110,7 @@ class Feed:
 
     def unwatch(self, job_id: str) -> None:
         self._last.pop(job_id, None)
+        self._epoch.pop(job_id, None)
         if job_id in self._live:
             self._live.discard(job_id)
             self._hub.unsubscribe(self._keys.job_channel(job_id), self._job_sink)
@@ -239,8 +251,12 @@ class Feed:
             self._out.append(FromAll(item))
             return True
         last = self._last.get(job_id)
-        if last is None or item.seq <= last:
-            return True  # not watched any more, or already delivered from history
+        if last is None:
+            return True  # not watched any more
+        if item.epoch != self._epoch.get(job_id):
+            return False  # the job's history began again: a backfill resets the client
+        if item.seq <= last:
+            return True  # already delivered from history
         if item.seq == last + 1:
             self._emit(item)
             return True
@@ -250,8 +266,25 @@ class Feed:
         last = self._last.get(job_id)
         if last is None:
             return
-        _, events = await self._store.events_since(job_id, last, self._principal)
-        self._advance(job_id, events)
+        stream = await self._store.events_since(job_id, last, self._principal)
+        if stream is None:
+            return  # gone (its record lost and not written again yet): the next event resets
+        if stream.epoch != self._epoch.get(job_id) or stream.seq < last:
+            stream = await self._reset(job_id, stream.epoch)
+            if stream is None:
+                return
+        self._advance(job_id, stream.events)
+
+    async def _reset(self, job_id: str, epoch: str | None) -> Stream | None:
+        """The job's history was lost and began again (a Redis restart without persistence):
+        tell the client, forget the seqs it had, and read the new history from the start."""
+        self._last[job_id] = 0
+        self._epoch[job_id] = epoch
+        self._out.append({"type": Msg.RESET, "job_id": job_id, "epoch": epoch})
+        if job_id not in self._live:  # it had ended in the old history: follow it again
+            self._live.add(job_id)
+            await self._hub.subscribe(self._keys.job_channel(job_id), self._job_sink)
+        return await self._store.events_since(job_id, 0, self._principal)
 
     def _advance(self, job_id: str, history: list[Delivery]) -> None:
         """Emit the events of `history` the client has not had yet."""

@@ -8,6 +8,7 @@ exist, here, in one place.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -17,6 +18,15 @@ from jobwire import scripts
 from jobwire.protocol import UNKNOWN, JobwireError, Keys
 from jobwire.server.auth import Principal
 from jobwire.server.events import Delivery
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """A job's stream as read: which incarnation (`epoch`), how far it got, and events."""
+
+    epoch: str | None
+    seq: int
+    events: list[Delivery]
 
 
 class JobStore:
@@ -35,18 +45,16 @@ class JobStore:
             return None
         return _snapshot(job_id, fields)
 
-    async def events_since(
-        self, job_id: str, since: int, principal: Principal
-    ) -> tuple[bool, list[Delivery]]:
-        """Whether the job exists (for `principal`), and its retained events with seq >
-        `since`, in order."""
+    async def events_since(self, job_id: str, since: int, principal: Principal) -> Stream | None:
+        """The job's stream after `since` (its epoch, latest seq and retained events with
+        seq > `since`, in order); None if it does not exist for `principal`."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(self.keys.job(job_id), "created", "tenant")
+            pipe.hmget(self.keys.job(job_id), "created", "tenant", "epoch", "seq")
             pipe.zrangebyscore(self.keys.history(job_id), f"({since}", "+inf")
-            (created, tenant), raws = await pipe.execute()
+            (created, tenant, epoch, seq), raws = await pipe.execute()
         if created is None or not principal.may_see(job_id, _tenant(tenant)):
-            return False, []
-        return True, [Delivery.parse(raw) for raw in raws]
+            return None
+        return Stream(_tenant(epoch), int(seq or 0), [Delivery.parse(raw) for raw in raws])
 
     async def visible(self, job_ids: Sequence[str], principal: Principal) -> set[str]:
         """Which of `job_ids` exist for `principal`, in one round trip: lets a subscribe
@@ -68,11 +76,17 @@ class JobStore:
         flat = await self._batch(keys=[self.keys.job(j) for j in job_ids])
         out: dict[str, dict[str, Any]] = {}
         for i, job_id in enumerate(job_ids):
-            state, seq, final, tenant = flat[4 * i : 4 * i + 4]
+            state, seq, final, tenant, epoch = flat[5 * i : 5 * i + 5]
             if state is None or not principal.may_see(job_id, _tenant(tenant)):
                 out[job_id] = {"status": UNKNOWN, "ready": False, "seq": 0}
             else:
-                out[job_id] = {"status": state.decode(), "ready": final == b"1", "seq": int(seq)}
+                ready = final == b"1"
+                out[job_id] = {
+                    "status": state.decode(),
+                    "ready": ready,
+                    "seq": int(seq),
+                    "epoch": _tenant(epoch),
+                }
         return out
 
     async def recent(
@@ -114,6 +128,7 @@ def _snapshot(job_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
         "job_id": job_id,
         "status": fields[b"state"].decode(),
         "seq": int(fields[b"seq"]),
+        "epoch": _tenant(fields.get(b"epoch")),
         "final": fields.get(b"final") == b"1",
         "task": fields[b"task"].decode() if b"task" in fields else None,
         "created_at": float(fields[b"created"]),

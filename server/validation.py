@@ -59,3 +59,35 @@ def timestamp(value: str, *, field: str) -> float:
     if not math.isfinite(number) or number < 0 or len(value) > 40:
         raise JobwireError("invalid_request", f"{field} must be a number of seconds, got {value!r:.40}")
     return number
+
+
+_EPOCH = re.compile(r"^[0-9a-f]{1,32}$")
+
+
+def epoch(value: Any, *, field: str = "epoch") -> str:
+    """An epoch as the server hands them out (short lowercase hex)."""
+    if not isinstance(value, str) or not _EPOCH.match(value):
+        raise JobwireError(
+            "invalid_request", f"{field} must be an epoch as events carry it, got {value!r:.40}"
+        )
+    return value
+
+
+def epoch_map(value: Any) -> dict[str, str]:
+    """`{"<job id>": "<epoch>"}`: the epoch each `since` counts in."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise JobwireError(
+            "invalid_request", f"epochs must be an object of job id to epoch, got {value!r:.60}"
+        )
+    return {job_id(k): epoch(v, field=f"epochs[{k!r}]") for k, v in value.items()}
+
+
+def event_id(value: str) -> tuple[int, str | None]:
+    """An SSE `Last-Event-ID`: `<epoch>:<seq>` as the single-job stream sends them, or a
+    plain seq."""
+    head, sep, tail = value.rpartition(":")
+    if sep:
+        return seq(tail, field="Last-Event-ID"), epoch(head, field="Last-Event-ID epoch")
+    return seq(value, field="Last-Event-ID"), None

@@ -258,6 +258,13 @@ const client = new JobwireClient({
     client.subscribe([id]);
   },
   onError: (err) => console.warn("jobwire:", err.code, err.message),
+  // The job's history was lost (a Redis restart) and begins again: drop what was shown.
+  onReset: (id) => {
+    const job = jobFor(id);
+    job.events.clear();
+    job.seq = 0;
+    touch(job);
+  },
 });
 
 // -- actions --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ const TRANSPORTS = ["websocket", "sse", "polling"];
 // The protocol's names, mirrored from jobwire/protocol.py (the one contract module; change
 // them there first). Only what this client reads is here.
 const Op = { SUBSCRIBE: "subscribe", UNSUBSCRIBE: "unsubscribe", SUBSCRIBE_ALL: "subscribe_all", AUTH: "auth" };
-const Msg = { EVENT: "event", ERROR: "error", END: "end" };
+const Msg = { EVENT: "event", ERROR: "error", END: "end", RESET: "reset" };
 const Close = { UNAUTHENTICATED: 4401, FORBIDDEN: 4403 };
 
 /** Exponential backoff with jitter (as jobwire/backoff.py): the delay in ms for `attempt`. */
@@ -40,6 +40,8 @@ export class JobwireClient {
    *        status: "connecting" | "live" | "reconnecting" | "closed"
    * @param {(jobId: string) => void} [options.onNewJob]  with subscribeAll(): a job appeared
    * @param {(error: object) => void} [options.onError]  {code, message, job_id?} from the server
+   * @param {(jobId: string) => void} [options.onReset]  the job's history was lost and began
+   *        again (Redis restarted without persistence): forget its events; they come again
    * @param {number} [options.pollInterval]  ms between polls (default 1000)
    * @param {number} [options.failuresBeforeFallback]  failed opens before moving on (default 3)
    * @param {number} [options.upgradeInterval]  ms between attempts to climb back to a better
@@ -52,6 +54,7 @@ export class JobwireClient {
     this.onStatus = options.onStatus || (() => {});
     this.onNewJob = options.onNewJob || (() => {});
     this.onError = options.onError || (() => {});
+    this.onReset = options.onReset || (() => {});
     this.pollInterval = options.pollInterval || 1000;
     this.failuresBeforeFallback = options.failuresBeforeFallback || 3;
     this.upgradeInterval = options.upgradeInterval ?? 30000;
@@ -79,7 +82,7 @@ export class JobwireClient {
     const added = [];
     for (const id of jobIds) {
       if (!this._jobs.has(id)) {
-        this._jobs.set(id, { last: since[id] || 0, final: false });
+        this._jobs.set(id, { last: since[id] || 0, final: false, epoch: null });
         added.push(id);
       }
     }
@@ -117,11 +120,41 @@ export class JobwireClient {
   _deliver(event) {
     const job = this._jobs.get(event.job_id);
     if (!job) return; // unsubscribed meanwhile
+    if (event.epoch && job.epoch && event.epoch !== job.epoch) this._reset(event.job_id, event.epoch);
     if (event.seq <= job.last) return; // already delivered (replay overlap)
     job.last = event.seq;
+    job.lostSince = null;
+    if (event.epoch) job.epoch = event.epoch;
     if (event.final) job.final = true;
     const { type, ...clean } = event;
     this.onEvent(clean);
+  }
+
+  /** A job this client has seen events of, now "not found": its record was lost (Redis
+   * restarted without persistence) and the worker's next event recreates it. Retry for a
+   * minute before believing it is gone. */
+  _lostForNow(error) {
+    const job = error.code === "job_not_found" && this._jobs.get(error.job_id);
+    if (!job || !job.epoch) return false;
+    job.lostSince = job.lostSince || Date.now();
+    return Date.now() - job.lostSince < 60000;
+  }
+
+  _retryLost(jobId) {
+    setTimeout(() => {
+      if (this._closed || !this._jobs.has(jobId)) return;
+      if (this.transport === "websocket") this._wsSubscribe([jobId]);
+    }, 1000);
+  }
+
+  /** The job's history began again under `epoch`: its seqs count from 0 once more. */
+  _reset(jobId, epoch) {
+    const job = this._jobs.get(jobId);
+    if (!job || job.epoch === epoch) return;
+    job.last = 0;
+    job.final = false;
+    job.epoch = epoch;
+    this.onReset(jobId);
   }
 
   _announce(jobId) {
@@ -318,6 +351,8 @@ export class JobwireClient {
       this._armWatchdog(data.heartbeat);
       if (data.type === Msg.EVENT && data.stream === "all") this._announce(data.job_id);
       else if (data.type === Msg.EVENT) this._deliver(data);
+      else if (data.type === Msg.RESET) this._reset(data.job_id, data.epoch);
+      else if (data.type === Msg.ERROR && this._lostForNow(data)) this._retryLost(data.job_id);
       else if (data.type === Msg.ERROR) this.onError(data);
     };
     ws.onclose = (e) => {
@@ -335,8 +370,13 @@ export class JobwireClient {
 
   _wsSubscribe(ids) {
     const since = {};
-    for (const id of ids) since[id] = this.lastSeq(id);
-    this._wsSend({ op: Op.SUBSCRIBE, job_ids: ids, since });
+    const epochs = {};
+    for (const id of ids) {
+      since[id] = this.lastSeq(id);
+      const job = this._jobs.get(id);
+      if (job && job.epoch) epochs[id] = job.epoch;
+    }
+    this._wsSend({ op: Op.SUBSCRIBE, job_ids: ids, since, epochs });
   }
 
   _wsSend(message) {
@@ -367,6 +407,8 @@ export class JobwireClient {
     for (const id of ids) {
       params.append("job", id);
       params.append("since", `${id}:${since[id]}`);
+      const epoch = this._jobs.get(id).epoch;
+      if (epoch) params.append("epoch", `${id}:${epoch}`);
     }
     if (this._all) params.set("all", "1");
     let opened = false;
@@ -382,6 +424,7 @@ export class JobwireClient {
     es.addEventListener("control", (msg) => {
       const data = JSON.parse(msg.data);
       if (data.type === Msg.ERROR) this.onError(data);
+      else if (data.type === Msg.RESET) this._reset(data.job_id, data.epoch);
       else if (data.type === Msg.END) this._teardown(); // every job ended: do not reconnect
     });
     // EventSource would reconnect to the same URL with stale `since`; resume ourselves.
@@ -407,12 +450,17 @@ export class JobwireClient {
         });
         const moved = ids.filter((id) => {
           const s = resp.jobs[id];
-          return s && s.seq > this.lastSeq(id);
+          const job = this._jobs.get(id);
+          const reset = s && s.epoch && job.epoch && s.epoch !== job.epoch; // history began again
+          return s && (reset || s.seq > this.lastSeq(id));
         });
         for (const id of moved) {
+          const epoch = this._jobs.get(id).epoch;
           const hist = await this._fetchJson(
-            `/api/v1/jobs/${encodeURIComponent(id)}/history?since=${this.lastSeq(id)}`,
+            `/api/v1/jobs/${encodeURIComponent(id)}/history?since=${this.lastSeq(id)}` +
+              (epoch ? `&epoch=${epoch}` : ""),
           );
+          if (hist.reset) this._reset(id, hist.epoch);
           for (const event of hist.events) this._deliver(event);
         }
       }

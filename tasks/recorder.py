@@ -161,6 +161,7 @@ class Recorder:
             owner.tenant if owner else "",
             owner.subject if owner else "",
             self.keys.tenant_channel_prefix,
+            uuid.uuid4().hex[:12],  # the epoch, if this event creates the job record
         ]
         if celery_meta is not None:
             keys.append(celery_meta.key)  # type: ignore[arg-type]

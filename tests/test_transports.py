@@ -55,11 +55,12 @@ async def test_sse_streams_lifecycle_and_ends(server: RunningServer) -> None:
             assert resp.headers["content-type"].startswith("text/event-stream")
             async for line in resp.aiter_lines():
                 if line.startswith("id: "):
-                    ids.append(int(line[4:]))
+                    ids.append(line[4:])
                 elif line.startswith("data: "):
                     events.append(json.loads(line[6:]))
     assert [e["state"] for e in events] == LIFECYCLE
-    assert ids == [e["seq"] for e in events] == list(range(1, 7))
+    assert ids == [f"{e['epoch']}:{e['seq']}" for e in events]  # what EventSource resumes from
+    assert [e["seq"] for e in events] == list(range(1, 7))
 
 
 async def test_sse_resumes_from_last_event_id(server: RunningServer) -> None:
@@ -68,7 +69,9 @@ async def test_sse_resumes_from_last_event_id(server: RunningServer) -> None:
     await watch_ws(server.ws_url, job_id)  # let it finish
     async with httpx.AsyncClient(base_url=server.url, timeout=20) as http:
         resp = await http.get(f"/api/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "3"})
-        seqs = [int(line[4:]) for line in resp.text.splitlines() if line.startswith("id: ")]
+        seqs = [
+            int(line[4:].rpartition(":")[2]) for line in resp.text.splitlines() if line.startswith("id: ")
+        ]
         assert seqs == [4, 5, 6]
         done = await http.get(f"/api/v1/jobs/{job_id}/events", headers={"Last-Event-ID": "6"})
         assert done.status_code == 204

@@ -8,14 +8,18 @@
 -- KEYS[5] (optional) Celery result key, written exactly as Celery's Redis backend does
 -- ARGV: job_id, state, final('1'/'0'), head, tail, progress_json, result_json, error_json,
 --       task, ts, history_limit, ttl, only_if_new('1'/'0'), job_channel, all_channel,
---       recent_limit, event_id, tenant, sub, tenant_channel_prefix, celery_value, celery_ttl
+--       recent_limit, event_id, tenant, sub, tenant_channel_prefix, epoch, celery_value, celery_ttl
+--
+-- The epoch names this incarnation of the job's stream: set when the job record is created,
+-- so a record recreated after its history was lost (a Redis restart without persistence)
+-- gets a new one, and its seqs (starting at 1 again) cannot be mistaken for the old ones.
 local job, hist, recent, tenant_recent = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local job_id, state, final, head, tail = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local progress, result, err, task, ts = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local limit, ttl, only_new = tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13]
 local chan_job, chan_all, recent_limit = ARGV[14], ARGV[15], tonumber(ARGV[16])
 local event_id = ARGV[17]
-local owner_tenant, owner_sub, tenant_chan = ARGV[18], ARGV[19], ARGV[20]
+local owner_tenant, owner_sub, tenant_chan, new_epoch = ARGV[18], ARGV[19], ARGV[20], ARGV[21]
 
 -- A retry of the last event recorded (its reply was lost to a dropped connection) gets the
 -- same seq back instead of a duplicate event.
@@ -30,7 +34,9 @@ if redis.call('HGET', job, 'final') == '1' then
 end
 
 local seq = redis.call('HINCRBY', job, 'seq', 1)
-local event = head .. seq .. tail
+redis.call('HSETNX', job, 'epoch', new_epoch)
+local epoch = redis.call('HGET', job, 'epoch')
+local event = head .. seq .. ',"epoch":"' .. epoch .. '"' .. tail
 redis.call('HSET', job, 'state', state, 'final', final, 'updated', ts, 'event', event, 'eid', event_id)
 -- progress is sticky (the last known step stays useful); result and error describe the
 -- latest event only, so a SUCCESS after a RETRY does not keep showing the retry's error.
@@ -55,7 +61,7 @@ redis.call('EXPIRE', job, ttl)
 redis.call('EXPIRE', hist, ttl)
 
 if #KEYS >= 5 then
-  local celery_value, celery_ttl = ARGV[21], tonumber(ARGV[22])
+  local celery_value, celery_ttl = ARGV[22], tonumber(ARGV[23])
   if celery_ttl and celery_ttl > 0 then
     redis.call('SET', KEYS[5], celery_value, 'EX', celery_ttl)
   else

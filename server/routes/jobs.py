@@ -147,11 +147,16 @@ async def job_history(request: Request) -> Response:
     svc, principal = caller(request)
     job_id = path_job_id(request)
     since = validation.seq(request.query_params.get("since", "0"), field="since")
-    exists, events = await svc.store.events_since(job_id, since, principal)
-    if not exists:
+    epoch = request.query_params.get("epoch")
+    stream = await svc.store.events_since(job_id, since, principal)
+    if stream is None:
         raise JobNotFound(job_id)
+    reset = stream.seq < since or (epoch is not None and epoch != stream.epoch)
+    if reset:  # the history began again: all of it, and say so
+        stream = await svc.store.events_since(job_id, 0, principal) or stream
+    head = {"job_id": job_id, "epoch": stream.epoch, "reset": reset}
     return Response(
-        b'{"job_id":' + orjson.dumps(job_id) + b',"events":[' + b",".join(e.raw for e in events) + b"]}",
+        orjson.dumps(head)[:-1] + b',"events":[' + b",".join(e.raw for e in stream.events) + b"]}",
         media_type="application/json",
     )
 

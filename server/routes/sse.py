@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -72,19 +73,23 @@ def _connect(svc: Services, request: Request) -> tuple[Principal, Callable[[], N
 async def job_events(request: Request) -> Response:
     svc = _sse_services(request)
     job_id = path_job_id(request)
-    raw_since = request.headers.get("last-event-id") or request.query_params.get("since") or "0"
-    since = validation.seq(raw_since, field="Last-Event-ID/since")
+    last_event_id = request.headers.get("last-event-id")
+    if last_event_id:
+        since, epoch = validation.event_id(last_event_id)
+    else:
+        since = validation.seq(request.query_params.get("since") or "0", field="since")
+        epoch = validation.epoch(request.query_params["epoch"]) if "epoch" in request.query_params else None
     principal, release = _connect(svc, request)
     feed = svc.feed(principal)
     async with _opening(feed, release):
         snapshot = await svc.store.snapshot(job_id, principal)
         if snapshot is None:
             raise JobNotFound(job_id)
-        if snapshot["final"] and since >= snapshot["seq"]:
+        if snapshot["final"] and since >= snapshot["seq"] and epoch in (None, snapshot["epoch"]):
             feed.close()
             release()
             return Response(status_code=204)
-        await feed.watch(job_id, since)
+        await feed.watch(job_id, since, epoch)
     return _stream(feed, svc.settings.heartbeat_interval, release, with_ids=True)
 
 
@@ -96,13 +101,17 @@ async def events(request: Request) -> Response:
     for item in params.getlist("since"):
         job_id, _, seq = item.rpartition(":")
         since[validation.job_id(job_id)] = validation.seq(seq, field=f"since for {job_id!r}")
+    epochs: dict[str, str] = {}
+    for item in params.getlist("epoch"):
+        job_id, _, value = item.rpartition(":")
+        epochs[validation.job_id(job_id)] = validation.epoch(value, field=f"epoch for {job_id!r}")
     want_all = params.get("all") in ("1", "true")
     principal, release = _connect(svc, request)
     feed = svc.feed(principal)
     async with _opening(feed, release):
         if want_all:
             await feed.watch_all()
-        refused = await feed.watch_many(since, job_ids=job_ids)
+        refused = await feed.watch_many(since, job_ids=job_ids, epochs=epochs)
     notices: list[dict[str, object]] = []
     reply_refused(refused, notices.append)
     return _stream(feed, svc.settings.heartbeat_interval, release, notices=notices)
@@ -133,16 +142,28 @@ def _stream(
                 if item is None:
                     yield ": keepalive\n\n"
                 elif isinstance(item, Delivery):
-                    head = f"id: {item.seq}\n" if with_ids else ""
+                    # `<epoch>:<seq>`: what EventSource sends back as Last-Event-ID
+                    head = (
+                        f"id: {item.epoch}:{item.seq}\n"
+                        if with_ids and item.epoch
+                        else f"id: {item.seq}\n"
+                        if with_ids
+                        else ""
+                    )
                     yield f"{head}data: {item.raw.decode()}\n\n"
                     if with_ids and item.final:
                         return
                 elif isinstance(item, FromAll):
                     yield f"event: all\ndata: {item.delivery.raw.decode()}\n\n"
-                elif not with_ids:
+                elif not with_ids or item.get("type") == Msg.RESET:  # a reset matters to all
                     yield _control(item)
             if not with_ids:
                 yield _control({"type": Msg.END})
+        except RedisError as exc:
+            # Too late for a status: say so, and end; the client resumes from its seqs.
+            yield _control(
+                JobwireError("unavailable", f"job store unavailable, reconnect: {exc}").as_message()
+            )
         finally:
             feed.close()
             release()

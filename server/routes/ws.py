@@ -272,8 +272,9 @@ Reply = Callable[[dict[str, Any]], None]
 async def _op_subscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
     ids = validation.job_ids(msg.get("job_ids"), limit=MAX_IDS_PER_MESSAGE)
     since = validation.since_map(msg.get("since"))
+    epochs = validation.epoch_map(msg.get("epochs"))
     try:
-        refused = await feed.watch_many(since, job_ids=ids)
+        refused = await feed.watch_many(since, job_ids=ids, epochs=epochs)
     except (HubUnavailable, RedisError) as exc:
         reply(JobwireError("unavailable", f"job store unavailable, retry: {exc}").as_message())
         return
@@ -333,6 +334,7 @@ async def ws_job(ws: WebSocket) -> None:
     try:
         job_id = validation.job_id(ws.path_params["job_id"])
         since = validation.seq(ws.query_params.get("since", "0"), field="since")
+        epoch = validation.epoch(ws.query_params["epoch"]) if "epoch" in ws.query_params else None
     except JobwireError as exc:
         release()
         await _close(ws, Close.BAD_REQUEST, exc.message)
@@ -340,7 +342,7 @@ async def ws_job(ws: WebSocket) -> None:
     feed = svc.feed(principal)
     try:
         try:
-            found = await feed.watch(job_id, since)
+            found = await feed.watch(job_id, since, epoch)
         except (HubUnavailable, RedisError):
             await _close(ws, Close.TRY_AGAIN_LATER, "job store unavailable, retry")
             return
