@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from jobwire.settings import Settings
 from jobwire.tasks.recorder import Recorder
 from jobwire.tasks.throttle import define_limit
 from tests.clients import LIFECYCLE
-from tests.support import free_port, run_server, wait_until
+from tests.support import RedisServer, Worker, free_port, run_server, settings_for, wait_until
 from tests.test_auth import AUDIENCE, SECRET, submit_as, token
 
 pytestmark = pytest.mark.browser
@@ -292,3 +293,35 @@ async def test_dashboard_offers_a_stored_result_as_a_download(
         download = await info.value
         assert download.suggested_filename == "report.pdf"
         assert Path(await download.path()).read_bytes().startswith(b"%PDF")
+
+
+async def test_dashboard_recovers_when_redis_loses_everything(
+    browser: Browser, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Redis, keeping nothing on disk, is killed mid-job and restarted empty: the page is
+    told the job's history began again (a new epoch) and still ends on SUCCESS."""
+    worker = Worker(own_redis.url, tmp_path / "w.log", concurrency=1, hostname="browser-epochs@%h")
+    worker.start()
+    try:
+        async with run_server(settings_for(own_redis.url, heartbeat_interval=1.0)) as srv:
+            page = await open_dashboard(browser, srv.url)
+            job_id = srv.services.celery.send_task("report_steps", kwargs={"steps": 10, "delay": 0.4}).id
+            job = row(page, job_id)
+            # Late in the job, so the new history (seq 1..4) is shorter than the old one: a
+            # client that kept the old seqs would drop every new event, SUCCESS included.
+            store = redis.Redis.from_url(own_redis.url)
+            key = srv.services.settings.keys.job(job_id)
+
+            def step() -> int:
+                progress = store.hget(key, "progress")
+                return int(json.loads(progress).get("step", 0)) if progress else 0
+
+            await wait_until(lambda: step() >= 7, what="step 7 of 10")
+            store.close()
+            await expect(job.locator(".state")).to_have_text("WORKING")
+            own_redis.stop()  # SIGKILL: everything is gone
+            own_redis.start()
+            await expect(job.locator(".state")).to_have_text("SUCCESS", timeout=40000)
+            assert not page.errors  # type: ignore[attr-defined]
+    finally:
+        worker.stop()
