@@ -15,7 +15,7 @@ import orjson
 from redis.asyncio import Redis
 
 from jobwire import scripts
-from jobwire.protocol import UNKNOWN, JobwireError, Keys
+from jobwire.protocol import UNKNOWN, JobNotFound, JobwireError, Keys
 from jobwire.server.auth import Principal
 from jobwire.server.events import Delivery
 
@@ -44,6 +44,13 @@ class JobStore:
         if not fields or not principal.may_see(job_id, _tenant(fields.get(b"tenant"))):
             return None
         return _snapshot(job_id, fields)
+
+    async def require(self, job_id: str, principal: Principal) -> dict[str, Any]:
+        """The job's snapshot, or `JobNotFound`: one answer for "never existed" and "not yours"."""
+        snapshot = await self.snapshot(job_id, principal)
+        if snapshot is None:
+            raise JobNotFound(job_id)
+        return snapshot
 
     async def events_since(self, job_id: str, since: int, principal: Principal) -> Stream | None:
         """The job's stream after `since` (its epoch, latest seq and retained events with

@@ -136,9 +136,7 @@ async def list_jobs(request: Request) -> Response:
 async def job_status(request: Request) -> Response:
     svc, principal = caller(request)
     job_id = path_job_id(request)
-    snapshot = await svc.store.snapshot(job_id, principal)
-    if snapshot is None:
-        raise JobNotFound(job_id)
+    snapshot = await svc.store.require(job_id, principal)
     return JSON(snapshot)
 
 
@@ -172,9 +170,7 @@ async def batch_status(request: Request) -> Response:
 async def revoke(request: Request) -> Response:
     svc, principal = caller(request)
     job_id = path_job_id(request)
-    snapshot = await svc.store.snapshot(job_id, principal)
-    if snapshot is None:
-        raise JobNotFound(job_id)
+    snapshot = await svc.store.require(job_id, principal)
     full_access(principal, "revoke jobs")
     if not snapshot["final"]:
         seq = await run_in_threadpool(revoke_job, svc.celery, job_id)
@@ -188,8 +184,7 @@ async def link_token(request: Request) -> Response:
     """A short-lived token that may watch this one job: hand it to a browser."""
     svc, principal = caller(request)
     job_id = path_job_id(request)
-    if await svc.store.snapshot(job_id, principal) is None:
-        raise JobNotFound(job_id)
+    await svc.store.require(job_id, principal)
     full_access(principal, "mint tokens")
     token, expires = svc.auth.mint_link(principal, job_id)
     links = {name: f"{url}?token={token}" for name, url in job_links(request, job_id).items()}

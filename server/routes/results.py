@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from jobwire.protocol import SUCCESS, JobNotFound, JobwireError
+from jobwire.protocol import SUCCESS, JobwireError
 from jobwire.server.errors import JSON
 from jobwire.server.routes.jobs import caller, path_job_id
 from jobwire.storage import is_reference
@@ -21,9 +21,7 @@ from jobwire.storage import is_reference
 async def job_result(request: Request) -> Response:
     svc, principal = caller(request)
     job_id = path_job_id(request)
-    snapshot = await svc.store.snapshot(job_id, principal)
-    if snapshot is None:
-        raise JobNotFound(job_id)
+    snapshot = await svc.store.require(job_id, principal)
     if snapshot["status"] != SUCCESS:
         raise JobwireError("no_result", f"job {job_id!r} has no result: it is {snapshot['status']}")
     result = snapshot.get("result")

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, JobNotFound, JobwireError, Msg
+from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, JobwireError, Msg
 from jobwire.server import validation
 from jobwire.server.auth import Principal
 from jobwire.server.events import Delivery, FromAll
@@ -82,9 +82,7 @@ async def job_events(request: Request) -> Response:
     principal, release = _connect(svc, request)
     feed = svc.feed(principal)
     async with _opening(feed, release):
-        snapshot = await svc.store.snapshot(job_id, principal)
-        if snapshot is None:
-            raise JobNotFound(job_id)
+        snapshot = await svc.store.require(job_id, principal)
         if snapshot["final"] and since >= snapshot["seq"] and epoch in (None, snapshot["epoch"]):
             feed.close()
             release()
