@@ -18,6 +18,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,14 +120,14 @@ class FilesystemStore:
             self._file(key).unlink()
         except FileNotFoundError:
             pass  # another cleanup got there first
-        with _suppress_oserror():
+        with suppress(OSError):
             self._file(key).parent.rmdir()  # the job's folder, once empty
 
     def list(self) -> Iterator[Stored]:
         if not self.root.is_dir():
             return
         for path in self.root.glob("*/*"):
-            with _suppress_oserror():
+            with suppress(OSError):
                 stat = path.stat()
                 yield Stored(str(path.relative_to(self.root)), stat.st_size, stat.st_mtime)
 
@@ -205,11 +206,3 @@ def cleanup(store: ResultStore, job_exists: Any, *, max_age: float) -> int:
             store.delete(obj.key)
             deleted += 1
     return deleted
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return isinstance(exc[1], OSError)
