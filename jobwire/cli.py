@@ -104,6 +104,7 @@ def cmd_serve(host: str, port: int) -> int:
     import uvicorn
 
     from jobwire.server.app import create_app
+    from jobwire.server.serving import Server
     from jobwire.settings import Settings, SettingsError
     from jobwire.tasks.attach import AttachError
 
@@ -113,7 +114,7 @@ def cmd_serve(host: str, port: int) -> int:
     except (SettingsError, AttachError) as exc:
         console.print(f"[red]jobwire: {exc}[/]")
         return 2
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -126,6 +127,7 @@ def cmd_serve(host: str, port: int) -> int:
         ws_max_size=settings.max_frame_bytes,
         log_level=os.environ.get("JOBWIRE_LOG_LEVEL", "info").lower(),
     )
+    Server(config).run()  # closes jobwire's clients with 1001 before uvicorn shuts down
     return 0
 
 

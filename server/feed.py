@@ -50,6 +50,7 @@ class Feed:
         self._live: set[str] = set()  # watched jobs with a hub subscription (not final yet)
         self._all_last: dict[str, int] = {}  # all-jobs stream: unfinished job -> last seq
         self._all = False
+        self.closing = False
         self._all_channel = _all_channel(keys, principal)
         self._overflowed = False
 
@@ -143,9 +144,15 @@ class Feed:
     @property
     def exhausted(self) -> bool:
         """Nothing is queued and nothing more can arrive: every watched job has ended and
-        the all-jobs stream is off. A stream that only sends keepalives from here on
-        should end."""
-        return not (self._live or self._all or self._out or self._inbox or self._overflowed)
+        the all-jobs stream is off (or the server is going away). A stream that only
+        sends keepalives from here on should end."""
+        return self.closing or not (self._live or self._all or self._out or self._inbox or self._overflowed)
+
+    def shutdown(self) -> None:
+        """The server is going away: end the stream now; the client reconnects and resumes."""
+        self.closing = True
+        self.close()
+        self._wake.set()
 
     def close(self) -> None:
         for job_id in list(self._last):

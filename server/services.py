@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from celery import Celery
 from redis.asyncio import Redis
@@ -31,6 +32,13 @@ class Services:
     connections: Connections
     buckets: AsyncBuckets
     results: ResultStore
+    # Open websockets and SSE streams, told when the server goes away.
+    goodbyes: set[Callable[[], Awaitable[None]]] = field(default_factory=set)
+
+    async def going_away(self) -> None:
+        """The server is shutting down: close every client, asking it to reconnect."""
+        for goodbye in list(self.goodbyes):
+            await goodbye()
 
     def feed(self, principal: Principal) -> Feed:
         return Feed(

@@ -20,6 +20,7 @@ import redis
 import uvicorn
 
 from jobwire.server.app import create_app
+from jobwire.server.serving import Server
 from jobwire.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +165,7 @@ async def run_server(settings: Settings, port: int | None = None) -> AsyncIterat
         ws_per_message_deflate=False,  # as `jobwire serve` does
         ws_max_size=settings.max_frame_bytes,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)  # as `jobwire serve` runs it
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import httpx
+import pytest
 import websockets
 
 from jobwire.tasks.recorder import Recorder
@@ -91,3 +92,33 @@ async def test_shutdown_with_open_streams_completes(own_redis: RedisServer) -> N
     await asyncio.gather(sse, return_exceptions=True)
     await ws.close()
     await http.aclose()
+
+
+async def test_graceful_shutdown_says_going_away(own_redis: RedisServer) -> None:
+    """On shutdown, websockets close with 1001 ("going away": reconnect at once, perhaps to
+    another process) and SSE streams end without `end` (so EventSource reconnects)."""
+    settings = settings_for(own_redis.url, heartbeat_interval=30.0)
+    Recorder(own_redis.client(), settings).record("leaving", "PENDING")
+    server = run_server(settings)
+    srv = await server.__aenter__()
+    ws = await websockets.connect(f"{srv.ws_url}/ws")
+    await ws.send(json.dumps({"op": "subscribe", "job_ids": ["leaving"]}))
+    await until_subscribed(ws, "leaving")
+    controls: list[dict] = []
+
+    async def sse() -> None:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
+            async with http.stream("GET", "/api/v1/events", params={"job": "leaving"}) as resp:
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: "):
+                        controls.append(json.loads(line[6:]))
+
+    stream = asyncio.create_task(sse())
+    channel = settings.keys.job_channel("leaving")
+    await wait_until(lambda: srv.services.hub.subscribers(channel) == 2, what="both clients are watching")
+    await server.__aexit__(None, None, None)
+    with pytest.raises(websockets.ConnectionClosed):
+        await ws.recv()
+    assert ws.close_code == 1001 and "reconnect" in ws.close_reason
+    await asyncio.wait_for(stream, 10)  # the stream ended by itself
+    assert {"type": "end"} not in controls

@@ -70,6 +70,16 @@ def _connect(svc: Services, request: Request) -> tuple[Principal, Callable[[], N
     return principal, lambda: svc.connections.release(user, address)
 
 
+def _goodbye(svc: Services, feed: Feed) -> Callable[[], None]:
+    """Register the stream to be ended when the server goes away; return the unregister."""
+
+    async def goodbye() -> None:
+        feed.shutdown()  # no `end`: the client must reconnect (to another process, perhaps)
+
+    svc.goodbyes.add(goodbye)
+    return lambda: svc.goodbyes.discard(goodbye)
+
+
 async def job_events(request: Request) -> Response:
     svc = _sse_services(request)
     job_id = path_job_id(request)
@@ -88,7 +98,7 @@ async def job_events(request: Request) -> Response:
             release()
             return Response(status_code=204)
         await feed.watch(job_id, since, epoch)
-    return _stream(feed, svc.settings.heartbeat_interval, release, with_ids=True)
+    return _stream(feed, svc.settings.heartbeat_interval, _also(release, _goodbye(svc, feed)), with_ids=True)
 
 
 async def events(request: Request) -> Response:
@@ -112,7 +122,17 @@ async def events(request: Request) -> Response:
         refused = await feed.watch_many(since, job_ids=job_ids, epochs=epochs)
     notices: list[dict[str, object]] = []
     reply_refused(refused, notices.append)
-    return _stream(feed, svc.settings.heartbeat_interval, release, notices=notices)
+    return _stream(
+        feed, svc.settings.heartbeat_interval, _also(release, _goodbye(svc, feed)), notices=notices
+    )
+
+
+def _also(*calls: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        for call in calls:
+            call()
+
+    return run
 
 
 def _control(message: dict[str, object]) -> str:
@@ -155,7 +175,7 @@ def _stream(
                     yield f"event: all\ndata: {item.delivery.raw.decode()}\n\n"
                 elif not with_ids or item.get("type") == Msg.RESET:  # a reset matters to all
                     yield _control(item)
-            if not with_ids:
+            if not with_ids and not feed.closing:
                 yield _control({"type": Msg.END})
         except RedisError as exc:
             # Too late for a status: say so, and end; the client resumes from its seqs.

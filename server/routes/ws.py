@@ -182,7 +182,13 @@ async def _authenticate(
         await _close(ws, Close.TRY_AGAIN_LATER, refused)
         return None
 
+    async def goodbye() -> None:
+        await _close(ws, Close.GOING_AWAY, "server shutting down; reconnect")
+
+    svc.goodbyes.add(goodbye)
+
     def release() -> None:
+        svc.goodbyes.discard(goodbye)
         svc.connections.release(user, address)
 
     return svc, principal, release
