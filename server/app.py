@@ -16,12 +16,14 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from jobwire.ratelimit import AsyncBuckets
+from jobwire.server import metrics as metrics_routes
 from jobwire.server import openapi
 from jobwire.server.auth import Auth, RedactTokens
 from jobwire.server.celery_app import load_celery_app
 from jobwire.server.errors import EXCEPTION_HANDLERS
 from jobwire.server.hub import Hub
 from jobwire.server.limits import Connections, HeaderLimit
+from jobwire.server.metrics import Metrics
 from jobwire.server.routes import admin, health, jobs, results, sse, ws
 from jobwire.server.services import Services
 from jobwire.server.store import JobStore
@@ -60,7 +62,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             socket_connect_timeout=2,
         )
         redis = Redis(connection_pool=pool)
-        hub = Hub(settings.redis_url, subscribe_timeout=settings.subscribe_timeout)
+        metrics = Metrics()
+        hub = Hub(settings.redis_url, subscribe_timeout=settings.subscribe_timeout, on_event=metrics.event)
         await hub.start()
         app.state.jobwire = Services(
             settings,
@@ -76,6 +79,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             ),
             AsyncBuckets(redis, settings.keys),
             store_for(settings),
+            metrics,
         )
         try:
             yield
@@ -91,6 +95,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *ws.routes,
         *admin.routes,
         *openapi.routes,
+        *metrics_routes.routes,
     ]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="static"))

@@ -88,7 +88,10 @@ class Hub:
         ping_interval: float = 5.0,
         reconnect_min: float = 0.05,
         reconnect_max: float = 5.0,
+        # Observability
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_event = on_event
         self._redis = Redis.from_url(redis_url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
         self._subscribe_timeout = subscribe_timeout
         self._ping_interval = ping_interval
@@ -312,6 +315,8 @@ class Hub:
         except (ValueError, KeyError, TypeError):
             log.error("jobwire hub: dropping malformed event on %s: %.200r", channel, data)
             return
+        if self._on_event is not None:
+            self._on_event(delivery.state)
         self._fan_out(channel, delivery)
 
     def _fan_out(self, channel: str, item: Delivery | Resync) -> None:

@@ -200,6 +200,13 @@ PATHS: dict[str, dict[str, Any]] = {
             "security": [],
         }
     },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics: connections, deliveries, events, hub reconnects, Redis latency",
+            "responses": {"200": {"description": "text/plain; version=0.0.4"}},
+            "security": [],
+        }
+    },
     "/openapi.json": {
         "get": {
             "summary": "This document",

@@ -14,6 +14,7 @@ from jobwire.server.auth import DEVELOPER, Auth, Principal
 from jobwire.server.feed import Feed
 from jobwire.server.hub import Hub
 from jobwire.server.limits import Connections
+from jobwire.server.metrics import Metrics
 from jobwire.server.store import JobStore
 from jobwire.settings import Settings
 from jobwire.storage import ResultStore
@@ -32,6 +33,7 @@ class Services:
     connections: Connections
     buckets: AsyncBuckets
     results: ResultStore
+    metrics: Metrics
     # Open websockets and SSE streams, told when the server goes away.
     goodbyes: set[Callable[[], Awaitable[None]]] = field(default_factory=set)
 

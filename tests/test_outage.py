@@ -122,3 +122,30 @@ async def test_graceful_shutdown_says_going_away(own_redis: RedisServer) -> None
     assert ws.close_code == 1001 and "reconnect" in ws.close_reason
     await asyncio.wait_for(stream, 10)  # the stream ended by itself
     assert {"type": "end"} not in controls
+
+
+async def test_metrics_say_what_the_server_does(own_redis: RedisServer) -> None:
+    """/metrics (Prometheus text): connections by transport, deliveries, events per state,
+    hub reconnects (a real Redis restart), Redis latency."""
+    settings = settings_for(own_redis.url, heartbeat_interval=1.0)
+    recorder = Recorder(own_redis.client(), settings)
+    recorder.record("metered", "PENDING")
+    async with run_server(settings) as srv, httpx.AsyncClient(base_url=srv.url) as http:
+        async with websockets.connect(f"{srv.ws_url}/ws") as ws:
+            await ws.send(json.dumps({"op": "subscribe", "job_ids": ["metered"]}))
+            events = await until_subscribed(ws, "metered")
+            recorder.record("metered", "SUCCESS", result=1)
+            await events_until_final(ws, "metered", events=events)
+            text = (await http.get("/metrics")).text
+            assert 'jobwire_connections{transport="websocket"} 1.0' in text
+        assert 'jobwire_deliveries_total{transport="websocket"} 2.0' in text
+        assert 'jobwire_events_total{state="SUCCESS"} 1.0' in text
+        assert "jobwire_redis_ping_seconds " in text
+        own_redis.stop()
+        own_redis.start()
+        await wait_until(
+            lambda: srv.services.hub.reconnects >= 1 and srv.services.hub.connected, what="the hub reconnects"
+        )
+        text = (await http.get("/metrics")).text
+        assert "jobwire_hub_reconnects 1.0" in text or "jobwire_hub_reconnects 2.0" in text
+        assert 'jobwire_connections{transport="websocket"} 0.0' in text

@@ -66,8 +66,15 @@ def _connect(svc: Services, request: Request) -> tuple[Principal, Callable[[], N
         raise JobwireError("too_many_connections", "too many new connections from this address; slow down")
     refused = svc.connections.acquire(user, address)
     if refused:
+        svc.metrics.rejected.labels("user" if "user" in refused else "address").inc()
         raise JobwireError("too_many_connections", refused)
-    return principal, lambda: svc.connections.release(user, address)
+    uncount = svc.metrics.connection("sse")
+
+    def release() -> None:
+        uncount()
+        svc.connections.release(user, address)
+
+    return principal, release
 
 
 def _goodbye(svc: Services, feed: Feed) -> Callable[[], None]:
@@ -98,7 +105,10 @@ async def job_events(request: Request) -> Response:
             release()
             return Response(status_code=204)
         await feed.watch(job_id, since, epoch)
-    return _stream(feed, svc.settings.heartbeat_interval, _also(release, _goodbye(svc, feed)), with_ids=True)
+    release = _also(release, _goodbye(svc, feed))
+    return _stream(
+        feed, svc.settings.heartbeat_interval, release, svc.metrics.sse_deliveries.inc, with_ids=True
+    )
 
 
 async def events(request: Request) -> Response:
@@ -122,8 +132,9 @@ async def events(request: Request) -> Response:
         refused = await feed.watch_many(since, job_ids=job_ids, epochs=epochs)
     notices: list[dict[str, object]] = []
     reply_refused(refused, notices.append)
+    release = _also(release, _goodbye(svc, feed))
     return _stream(
-        feed, svc.settings.heartbeat_interval, _also(release, _goodbye(svc, feed)), notices=notices
+        feed, svc.settings.heartbeat_interval, release, svc.metrics.sse_deliveries.inc, notices=notices
     )
 
 
@@ -143,6 +154,7 @@ def _stream(
     feed: Feed,
     heartbeat: float,
     release: Callable[[], None],
+    delivered: Callable[[], None],
     *,
     with_ids: bool = False,
     notices: list[dict[str, object]] | None = None,
@@ -160,6 +172,7 @@ def _stream(
                 if item is None:
                     yield ": keepalive\n\n"
                 elif isinstance(item, Delivery):
+                    delivered()
                     # `<epoch>:<seq>`: what EventSource sends back as Last-Event-ID
                     head = (
                         f"id: {item.epoch}:{item.seq}\n"

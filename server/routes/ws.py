@@ -145,6 +145,7 @@ async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]]
     # An address over its limit is refused before the upgrade: the cheapest answer to a flood.
     address = ws.client.host if ws.client else "?"
     if not svc.connections.opening(address) or svc.connections.acquire(None, address) is not None:
+        svc.metrics.rejected.labels("address").inc()
         await ws.close(code=Close.TRY_AGAIN_LATER)
         return None
     opened = None
@@ -186,8 +187,10 @@ async def _authenticate(
         await _close(ws, Close.GOING_AWAY, "server shutting down; reconnect")
 
     svc.goodbyes.add(goodbye)
+    uncount = svc.metrics.connection("websocket")
 
     def release() -> None:
+        uncount()
         svc.goodbyes.discard(goodbye)
         svc.connections.release(user, address)
 
@@ -240,14 +243,21 @@ async def ws_multi(ws: WebSocket) -> None:
                 feed.post(exc.as_message())
 
     try:
-        pump = _pump(ws, feed, svc.settings.heartbeat_interval)
+        pump = _pump(ws, feed, svc.settings.heartbeat_interval, svc.metrics.ws_deliveries.inc)
         await _run_until_first_done(ws, read(), pump, _expire(ws, principal))
     finally:
         feed.close()
         release()
 
 
-async def _pump(ws: WebSocket, feed: Feed, heartbeat: float, *, close_after_final: bool = False) -> None:
+async def _pump(
+    ws: WebSocket,
+    feed: Feed,
+    heartbeat: float,
+    delivered: Callable[[], None],
+    *,
+    close_after_final: bool = False,
+) -> None:
     """The socket's only writer (so frames never interleave): the feed's events and
     replies, and a heartbeat when idle. A burst is drained without a wait per event."""
     while True:
@@ -256,6 +266,8 @@ async def _pump(ws: WebSocket, feed: Feed, heartbeat: float, *, close_after_fina
             item = {"type": Msg.HEARTBEAT, "ts": time.time()}
         while item is not None:
             await _send(ws, item)
+            if isinstance(item, (Delivery, FromAll)):
+                delivered()
             if close_after_final and isinstance(item, Delivery) and item.final:
                 await ws.close(Close.NORMAL, "job finished")
                 return
@@ -364,7 +376,9 @@ async def ws_job(ws: WebSocket) -> None:
                 except JobwireError:
                     pass
 
-        pump = _pump(ws, feed, svc.settings.heartbeat_interval, close_after_final=True)
+        pump = _pump(
+            ws, feed, svc.settings.heartbeat_interval, svc.metrics.ws_deliveries.inc, close_after_final=True
+        )
         await _run_until_first_done(ws, read(), pump, _expire(ws, principal))
     finally:
         feed.close()
