@@ -34,8 +34,12 @@ if redis.call('HGET', job, 'final') == '1' then
 end
 
 local seq = redis.call('HINCRBY', job, 'seq', 1)
-redis.call('HSETNX', job, 'epoch', new_epoch)
-local epoch = redis.call('HGET', job, 'epoch')
+local known = redis.call('HMGET', job, 'epoch', 'tenant')
+local epoch, tenant = known[1], known[2]
+if not epoch then
+  epoch = new_epoch
+  redis.call('HSET', job, 'epoch', epoch)
+end
 local event = head .. seq .. ',"epoch":"' .. epoch .. '"' .. tail
 redis.call('HSET', job, 'state', state, 'final', final, 'updated', ts, 'event', event, 'eid', event_id)
 -- progress is sticky (the last known step stays useful); result and error describe the
@@ -73,6 +77,8 @@ end
 
 redis.call('PUBLISH', chan_job, event)
 redis.call('PUBLISH', chan_all, event)
-local tenant = redis.call('HGET', job, 'tenant')
+if not tenant and owner_tenant ~= '' and redis.call('HGET', job, 'tenant') then
+  tenant = owner_tenant  -- recorded by this very event, which created the job
+end
 if tenant then redis.call('PUBLISH', tenant_chan .. tenant, event) end
 return seq
