@@ -207,3 +207,12 @@ async def wait_until(condition: Any, *, what: str, timeout: float = 15.0, interv
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting until {what}")
         await asyncio.sleep(interval)
+
+
+def wait_until_sync(condition: Any, *, what: str, timeout: float = 15.0, interval: float = 0.05) -> None:
+    """`wait_until` for synchronous code (fixtures outside the event loop)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting until {what}")
+        time.sleep(interval)

@@ -37,6 +37,7 @@ async def test_redis_restart_without_persistence_resets_every_client(
                     py_events.append(event)
 
             consumer = asyncio.create_task(python_client())
+            store, job_key = own_redis.client(), settings.keys.job(job_id)
             ws_seen: list[dict[str, Any]] = []
 
             async def ws_client() -> None:
@@ -52,8 +53,9 @@ async def test_redis_restart_without_persistence_resets_every_client(
                             async for frame in ws:
                                 msg = json.loads(frame)
                                 if msg["type"] == "error" and msg.get("code") == "job_not_found" and epoch:
-                                    # Seen before, gone now: its record was lost and may come back.
-                                    await asyncio.sleep(0.3)
+                                    # Seen before, gone now: its record was lost and comes back
+                                    # with the worker's next event. Ask again once it has.
+                                    await wait_until(lambda: store.exists(job_key), what="the record is back")
                                     await ws.send(json.dumps(sub))
                                 elif msg["type"] == "reset":
                                     ws_seen.append(msg)
@@ -64,7 +66,9 @@ async def test_redis_restart_without_persistence_resets_every_client(
                                     if msg["final"]:
                                         return
                     except (OSError, websockets.ConnectionClosed):
-                        await asyncio.sleep(0.2)
+                        await wait_until(
+                            lambda: srv.services.hub.connected, what="the server has Redis again"
+                        )
 
             ws_task = asyncio.create_task(ws_client())
             await wait_until(

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -25,7 +24,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from tests.support import RedisServer, Worker, free_port
+from tests.support import RedisServer, Worker, free_port, wait_until_sync
 from tests.test_auth import AUDIENCE, SECRET, token
 
 pytestmark = pytest.mark.timeout(300)
@@ -63,21 +62,23 @@ def fuzz_server(session_redis: RedisServer, worker: Worker) -> Iterator[Server]:
     proc = subprocess.Popen([sys.executable, "-m", "jobwire.cli", "serve", "--port", str(port)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
+
+        def ready() -> bool:
+            assert proc.poll() is None, "jobwire serve exited"
             try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
+                return httpx.get(f"{url}/readyz").status_code == 200
             except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "jobwire serve did not start"
-            time.sleep(0.1)
+                return False
+
+        wait_until_sync(ready, what="jobwire serve is ready", timeout=30)
         auth = {"Authorization": f"Bearer {GOOD}"}
         job_id = httpx.post(
             f"{url}/api/v1/jobs", json={"task": "long_running_task", "kwargs": {"delay": 0}}, headers=auth
         ).json()["job_id"]
-        while not httpx.get(f"{url}/api/v1/jobs/{job_id}", headers=auth).json()["final"]:
-            time.sleep(0.05)
+        wait_until_sync(
+            lambda: httpx.get(f"{url}/api/v1/jobs/{job_id}", headers=auth).json()["final"],
+            what="the job ends",
+        )
         client = session_redis.client()
         keys = sorted(client.keys(f"*{job_id}*"))
         snapshot = [client.dump(k) for k in keys]
