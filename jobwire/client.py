@@ -4,8 +4,9 @@
         print(event["state"], event["progress"])
 
 `watch()` reconnects by itself with capped exponential backoff and jitter, resuming from
-the last seq it yielded, so a dropped connection or a server restart costs no event and
-repeats none. It ends after the job's final event. If the job's history was lost and
+the last seq it yielded, so a dropped connection or a server restart costs no transition
+and repeats no event (progress the server coalesced for a slow reader comes as the newest
+event, with `coalesced: n`). It ends after the job's final event. If the job's history was lost and
 began again (Redis restarted without persistence), the new history's events follow: seq
 starts at 1 again, under a new `epoch`.
 """

@@ -21,6 +21,7 @@ the old one is told (`Msg.RESET`) and replayed from the start.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +166,7 @@ class JobNotFound(JobwireError):
 
 MAX_BODY_BYTES = 1 << 20  # a REST body: generous for task arguments and 1,000 ids
 MAX_IDS_PER_MESSAGE = 1000  # job ids in one /ws subscribe or unsubscribe
+MAX_GROUP_CHILDREN = 10_000  # tasks in one group or chord submit
 MAX_JOBS_PER_STREAM = 200  # jobs on one multiplexed SSE stream (they travel in the URL)
 SSE_RETRY_MS = 2000  # how soon EventSource reconnects after a drop
 
@@ -218,6 +220,22 @@ class Keys:
     def history(self, job_id: str) -> str:
         """Sorted set of the job's events scored by seq (bounded, newest kept)."""
         return f"{self.prefix}{{{job_id}}}:events"
+
+    def progress(self, job_id: str) -> str:
+        """Sorted set of the seqs in the history that are progress (the trimmable ones)."""
+        return f"{self.prefix}{{{job_id}}}:progress"
+
+    def event_ids(self, job_id: str) -> str:
+        """Sorted set of the last event ids recorded with dedupe (see `server.bridge`)."""
+        return f"{self.prefix}{{{job_id}}}:eids"
+
+    def children(self, job_id: str) -> str:
+        """List of a group's or chord's child job ids, in submit order."""
+        return f"{self.prefix}{{{job_id}}}:children"
+
+    def foreign_live(self, source: str) -> str:
+        """Set of the jobs of a followed foreign backend that are not final yet."""
+        return f"{self.prefix}foreign:{hashlib.sha1(source.encode()).hexdigest()[:12]}:live"
 
     @property
     def recent(self) -> str:
@@ -276,6 +294,19 @@ class Keys:
         if channel.startswith(head) and channel.endswith(tail):
             return channel[len(head) : -len(tail)]
         return None
+
+
+def error_from_celery(result: Any) -> dict[str, str]:
+    """A failure as jobwire reports it, `{"type", "message"}`, from what Celery stores: an
+    exception, or its JSON form `{"exc_type", "exc_message", ...}`."""
+    if isinstance(result, BaseException):
+        return {"type": type(result).__name__, "message": str(result)}
+    if isinstance(result, dict) and "exc_type" in result:
+        message = result.get("exc_message")
+        if isinstance(message, (list, tuple)):
+            message = " ".join(str(m) for m in message)
+        return {"type": str(result["exc_type"]), "message": str(message or "")}
+    return {"type": "Error", "message": str(result)}
 
 
 def dumps(value: Any) -> bytes:

@@ -25,6 +25,7 @@ DEFAULT_TASKS = (
     "send_push_notification",
     "generate_report",
     "export_rows",
+    "plain_sum",
 )
 TRANSPORTS = ("websocket", "sse", "polling")
 
@@ -46,16 +47,22 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = DEFAULT_REDIS_URL
+    # JOBWIRE_REDIS_URL names a node of a Redis Cluster: jobwire's keys and events live on
+    # the cluster (sharded pub/sub per job), Celery's results stay on its own Redis.
+    redis_cluster: bool = False
     broker_url: str = ""  # empty: same as redis_url
     key_prefix: Annotated[str, Field(min_length=1)] = "jobwire:"
     result_expires: Annotated[int, Field(ge=1)] = 86400
 
     # Limits
-    history_limit: Annotated[int, Field(ge=1)] = 1000  # events kept per job; older ones are trimmed
+    history_limit: Annotated[int, Field(ge=1)] = 1000  # events kept per job; past it, old progress goes
+    history_max: Annotated[int, Field(ge=1)] = 10000  # past it, old transitions go too (said as a gap)
     recent_limit: Annotated[int, Field(ge=1)] = 10000  # jobs kept in the recent-jobs index
     batch_max_ids: Annotated[int, Field(ge=1)] = 1000  # ids per batch-status call
     max_jobs_per_socket: Annotated[int, Field(ge=1)] = 1000
     client_queue_limit: Annotated[int, Field(ge=1)] = 1000  # events buffered per client before a resync
+    send_buffer_bytes: Annotated[int, Field(ge=1024)] = 1 << 20  # queued for one client before 1013
+    stall_timeout: Annotated[float, Field(gt=0)] = 30.0  # seconds a client may accept nothing before 1013
     redis_max_connections: Annotated[int, Field(ge=2)] = (
         64  # server's pool for reads; requests queue beyond it
     )
@@ -70,6 +77,9 @@ class Settings(BaseSettings):
     # Tasks `POST /api/v1/jobs` may submit. None: the demo's tasks for the demo app, and
     # none at all for an app of yours until you name them.
     allowed_tasks: Annotated[tuple[str, ...] | None, NoDecode] = None
+    # Result backends of Celery apps that never imported jobwire, followed through what
+    # Celery publishes: `redis://host:port/db#prefix=<global_keyprefix>&tenant=<owner>`.
+    celery_backends: CommaList = ()
     # Which push transports the server offers (polling always works). Turning websocket
     # off behaves like a proxy that refuses the upgrade: clients fall back.
     transports: CommaList = TRANSPORTS
@@ -121,7 +131,16 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("allowed_tasks", "transports", "allowed_origins", mode="before")
+    @field_validator("celery_backends")
+    @classmethod
+    def _backend_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from jobwire.foreign import ForeignBackend  # checks each one now, at start
+
+        for spec in value:
+            ForeignBackend.parse(spec)
+        return value
+
+    @field_validator("allowed_tasks", "transports", "allowed_origins", "celery_backends", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):

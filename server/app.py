@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -19,13 +19,16 @@ from jobwire.ratelimit import AsyncBuckets
 from jobwire.server import metrics as metrics_routes
 from jobwire.server import openapi
 from jobwire.server.auth import Auth, RedactTokens
+from jobwire.server.bridge import Bridge
 from jobwire.server.celery_app import load_celery_app
+from jobwire.server.cluster_hub import ClusterHub
 from jobwire.server.errors import EXCEPTION_HANDLERS
-from jobwire.server.hub import Hub
+from jobwire.server.hub import Fanout, Hub
 from jobwire.server.limits import Connections, HeaderLimit
 from jobwire.server.metrics import Metrics
 from jobwire.server.routes import admin, health, jobs, results, sse, ws
 from jobwire.server.services import Services
+from jobwire.server.stalls import StallWatch
 from jobwire.server.store import JobStore
 from jobwire.settings import Settings
 from jobwire.storage import store_for
@@ -52,24 +55,27 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # A blocking pool: under a burst (hundreds of sockets replaying history at once)
-        # requests queue for a connection instead of failing with "Too many connections".
-        pool = BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_max_connections,
-            timeout=settings.subscribe_timeout,
-            socket_timeout=5,
-            socket_connect_timeout=2,
-        )
-        redis = Redis(connection_pool=pool)
+        redis = _redis_client(settings)
         metrics = Metrics()
-        hub = Hub(settings.redis_url, subscribe_timeout=settings.subscribe_timeout, on_event=metrics.event)
+        options: dict[str, Any] = dict(subscribe_timeout=settings.subscribe_timeout, on_event=metrics.event)
+        hub: Fanout = (
+            ClusterHub(settings.redis_url, settings.keys, **options)
+            if settings.redis_cluster
+            else Hub(settings.redis_url, **options)
+        )
         await hub.start()
+        stalls = StallWatch(settings.stall_timeout)
+        await stalls.start()
+        store = JobStore(redis, settings.keys)
+        bridge = Bridge(redis, settings) if settings.celery_backends else None
+        if bridge is not None:
+            store.seed = bridge.seed
+            await bridge.start()
         app.state.jobwire = Services(
             settings,
             redis,
             hub,
-            JobStore(redis, settings.keys),
+            store,
             celery,
             auth,
             Connections(
@@ -80,10 +86,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             AsyncBuckets(redis, settings.keys),
             store_for(settings),
             metrics,
+            stalls,
         )
         try:
             yield
         finally:
+            if bridge is not None:
+                await bridge.stop()
+            await stalls.stop()
             await hub.stop()
             await redis.aclose()
 
@@ -112,3 +122,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(
         routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware
     )
+
+
+def _redis_client(settings: Settings) -> Redis | RedisCluster:
+    """The server's client for reads and small writes."""
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, socket_timeout=5
+        )
+    # A blocking pool: under a burst (hundreds of sockets replaying history at once)
+    # requests queue for a connection instead of failing with "Too many connections".
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.subscribe_timeout,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+    )
+    return Redis(connection_pool=pool)

@@ -33,6 +33,11 @@ class Delivery:
         )
 
     @cached_property
+    def message(self) -> dict[str, str]:
+        """The ASGI message that sends `frame`: built once, sent to every watcher."""
+        return {"type": "websocket.send", "text": self.frame}
+
+    @cached_property
     def all_frame(self) -> str:
         """The frame for the all-jobs stream, marked `"stream": "all"`.
 
@@ -48,6 +53,33 @@ class FromAll:
     """A delivery from the all-jobs stream (see `Delivery.all_frame`)."""
 
     delivery: Delivery
+
+
+@dataclass(frozen=True, slots=True)
+class Coalesced:
+    """A progress event delivered in place of the `skipped` events just before it.
+
+    A client that cannot keep up gets the newest progress rather than a backlog: events
+    of the same job and state still waiting to be sent are replaced by the latest one,
+    and history trims old progress (see `scripts/record.lua`). Transitions (a new state,
+    a final event) are never coalesced. The frame says so with `"coalesced": <skipped>`.
+    """
+
+    delivery: Delivery
+    skipped: int
+    from_all: bool = False
+
+    @property
+    def frame(self) -> str:
+        base = self.delivery.all_frame if self.from_all else self.delivery.frame
+        cut = base.index(",") + 1  # after '{"type":"event",' (and '"stream":"all",')
+        if self.from_all:
+            cut = base.index(",", cut) + 1
+        return f'{base[:cut]}"coalesced":{self.skipped},{base[cut:]}'
+
+    @property
+    def raw(self) -> bytes:
+        return b'{"coalesced":%d,' % self.skipped + self.delivery.raw[1:]
 
 
 @dataclass(frozen=True, slots=True)

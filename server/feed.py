@@ -9,11 +9,20 @@ published between the two is both in history and in the live queue; per-job `seq
 tracking drops the second copy. A live event whose seq jumps ahead (a gap) triggers a
 history read from the last seq delivered, so the client never skips one.
 
-Slow clients: live events wait in a bounded inbox. A client that falls `queue_limit`
-events behind has its inbox dropped and its jobs resynced from history: it loses no
-event and cannot make the server hold unbounded memory. (Coalescing progress for slow
-clients is a refinement of this point.) The all-jobs stream has no per-job history to
-replay, so there the client is told `{"type": "resync"}` and refetches the listing.
+Slow clients get every transition and the newest progress. Events wait in the client's
+queue until its socket takes them; a progress event still waiting there is replaced by a
+newer one of the same job and state (coalesced), so a slow client's queue holds about one
+event per job plus its transitions, and the event sent says how many it replaced. Events
+that need a history read (a gap, a resync) wait in a bounded inbox; a client that falls
+`queue_limit` of those behind has them dropped and its jobs resynced from history, which
+keeps every transition (see `scripts/record.lua`). The all-jobs stream has no per-job
+history to replay, so there the client is told `{"type": "resync"}` and refetches the
+listing.
+
+A client whose queue passes `max_bytes` as live events arrive, or whose socket accepts
+nothing for a while (see `StallWatch`), is `too_slow`: its transport closes it (1013) and
+it resumes by seq. (A history replay may pass the limit for a moment: it is bounded by the
+history's own size, and checking it there would refuse a client its own backlog.)
 """
 
 from __future__ import annotations
@@ -25,26 +34,55 @@ from typing import Any
 
 from jobwire.protocol import JobNotFound, JobwireError, Keys, Msg
 from jobwire.server.auth import Principal
-from jobwire.server.events import Delivery, FromAll, Resync
-from jobwire.server.hub import Hub
+from jobwire.server.events import Coalesced, Delivery, FromAll, Resync
+from jobwire.server.hub import Fanout
 from jobwire.server.store import JobStore, Stream
 
-#: What a feed yields: a watched job's event, an all-jobs-stream event, or a control
-#: message (a dict sent as JSON).
-Item = Delivery | FromAll | dict[str, Any]
+#: What a feed yields: a watched job's event, an all-jobs-stream event, either of those
+#: standing in for coalesced ones, or a control message (a dict sent as JSON).
+Item = Delivery | FromAll | Coalesced | dict[str, Any]
+
+_CONTROL_BYTES = 64  # what a queued control message is counted as
+
+
+class _Slot:
+    """A non-final event waiting in a client's queue. A newer event of the same job and
+    state takes its place (and `skipped` counts the ones it replaced), so a client that
+    cannot keep up gets the newest progress, not a backlog."""
+
+    __slots__ = ("delivery", "skipped", "from_all")
+
+    def __init__(self, delivery: Delivery, skipped: int, from_all: bool) -> None:
+        self.delivery, self.skipped, self.from_all = delivery, skipped, from_all
 
 
 class Feed:
     """The events of the jobs one client watches (see module docstring)."""
 
     def __init__(
-        self, hub: Hub, store: JobStore, keys: Keys, principal: Principal, *, queue_limit: int, max_jobs: int
+        self,
+        hub: Fanout,
+        store: JobStore,
+        keys: Keys,
+        principal: Principal,
+        *,
+        queue_limit: int,
+        max_jobs: int,
+        max_bytes: int = 1 << 20,
     ) -> None:
         self._hub, self._store, self._keys, self._principal = hub, store, keys, principal
-        self._queue_limit, self._max_jobs = queue_limit, max_jobs
+        self._queue_limit, self._max_jobs, self._max_bytes = queue_limit, max_jobs, max_bytes
         self._inbox: deque[tuple[bool, Delivery | Resync]] = deque()
-        self._out: deque[Item] = deque()
-        self._wake = asyncio.Event()
+        self._out: deque[Item | _Slot] = deque()
+        self._merge: dict[str, _Slot] = {}  # job -> its event waiting in _out, if replaceable
+        self._merge_all: dict[str, _Slot] = {}  # the same for the all-jobs stream
+        self._out_bytes = self._inbox_bytes = 0
+        self.too_slow: str | None = None  # why the client must be closed, once it must
+        self.on_too_slow: Callable[[str], None] | None = None  # the transport's, to close it
+        self.sending_since: float | None = None  # set by the transport while a send is blocked
+        # Set while the writer sleeps: a future per sleep, not an asyncio.Event per feed,
+        # because an idle connection should cost as little as possible.
+        self._waiter: asyncio.Future[None] | None = None
         self._last: dict[str, int] = {}  # watched job -> last seq delivered
         self._epoch: dict[str, str | None] = {}  # watched job -> the epoch `_last` counts in
         self._live: set[str] = set()  # watched jobs with a hub subscription (not final yet)
@@ -86,9 +124,9 @@ class Feed:
             self.unwatch(job_id)
             return False
         self._epoch[job_id] = stream.epoch
-        self._advance(job_id, stream.events)
-        self._out.append({"type": Msg.SUBSCRIBED, "job_id": job_id, "seq": self._last[job_id]})
-        self._wake.set()
+        self._advance(job_id, stream)
+        self.post({"type": Msg.SUBSCRIBED, "job_id": job_id, "seq": self._last[job_id]})
+        self._wake()
         return True
 
     async def watch_many(
@@ -138,8 +176,23 @@ class Feed:
 
     def post(self, message: dict[str, Any]) -> None:
         """Queue a control message (a reply to the client) in order with the events."""
-        self._out.append(message)
-        self._wake.set()
+        self._queue(message, _CONTROL_BYTES)
+        self._wake()
+
+    def mark_too_slow(self, reason: str) -> None:
+        """The client cannot keep up: stop queueing for it; its transport closes it (1013)."""
+        if self.too_slow is None:
+            self.too_slow = reason
+            self.closing = True  # the stream ends without `end`: the client resumes
+            self._wake()
+            self.close()
+            self._out.clear()
+            self._inbox.clear()
+            self._merge.clear()
+            self._merge_all.clear()
+            self._out_bytes = self._inbox_bytes = 0
+            if self.on_too_slow is not None:
+                self.on_too_slow(reason)
 
     @property
     def exhausted(self) -> bool:
@@ -152,7 +205,7 @@ class Feed:
         """The server is going away: end the stream now; the client reconnects and resumes."""
         self.closing = True
         self.close()
-        self._wake.set()
+        self._wake()
 
     def close(self) -> None:
         for job_id in list(self._last):
@@ -170,12 +223,12 @@ class Feed:
         """
         while True:
             if self._out:
-                return self._out.popleft()
+                return self._pop()
             if self._overflowed:
                 self._overflowed = False
                 await self._resync_everything()
             elif self._inbox:
-                from_all, item = self._inbox.popleft()
+                from_all, item = self._unqueue_inbox()
                 await self._handle(from_all, item)
             else:
                 if await self._sleep(idle):
@@ -189,31 +242,43 @@ class Feed:
         """
         while True:
             if self._out:
-                return self._out.popleft()
+                return self._pop()
             if self._overflowed or not self._inbox:
                 return None
             from_all, item = self._inbox[0]
             if not self._handle_now(from_all, item):
                 return None
-            self._inbox.popleft()
+            self._unqueue_inbox()
+
+    @property
+    def queued_bytes(self) -> int:
+        """What waits for this client, in bytes (events as sent, control messages as 64)."""
+        return self._out_bytes + self._inbox_bytes
 
     # -- internals -----------------------------------------------------------------------
 
     async def _sleep(self, idle: float | None) -> bool:
         """Wait for something to do; True if `idle` seconds passed with nothing.
 
-        A timer that sets the wake event, rather than `wait_for`: that costs a task per
+        A timer that wakes the waiter, rather than `wait_for`: that costs a task per
         wait (per event, at fan-out rates), and on Python 3.11 it can swallow a
-        cancellation that coincides with the event being set, which hangs shutdown.
+        cancellation that coincides with the waiter completing, which hangs shutdown.
         """
-        self._wake.clear()
-        timer = asyncio.get_running_loop().call_later(idle, self._wake.set) if idle else None
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(idle, self._wake) if idle else None
         try:
-            await self._wake.wait()
+            await waiter
         finally:
+            self._waiter = None
             if timer is not None:
                 timer.cancel()
         return not (self._out or self._inbox or self._overflowed)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _job_sink(self, item: Delivery | Resync) -> None:
         self._push(False, item)
@@ -222,12 +287,76 @@ class Feed:
         self._push(True, item)
 
     def _push(self, from_all: bool, item: Delivery | Resync) -> None:
-        if len(self._inbox) >= self._queue_limit:
+        """A live item from the hub. Handled at once when it needs no Redis read and
+        nothing waits before it (so the queue can coalesce it); else it waits in the inbox."""
+        if self.too_slow is not None:
+            return
+        if not self._inbox and not self._overflowed and self._handle_now(from_all, item):
+            pass
+        elif len(self._inbox) >= self._queue_limit:
             self._inbox.clear()
+            self._inbox_bytes = 0
             self._overflowed = True
         else:
             self._inbox.append((from_all, item))
-        self._wake.set()
+            if isinstance(item, Delivery):
+                self._inbox_bytes += len(item.raw)
+        if self._out_bytes + self._inbox_bytes > self._max_bytes:
+            self.mark_too_slow(f"client too slow: over {self._max_bytes} bytes queued; resume by seq")
+        self._wake()
+
+    def _unqueue_inbox(self) -> tuple[bool, Delivery | Resync]:
+        from_all, item = self._inbox.popleft()
+        if isinstance(item, Delivery):
+            self._inbox_bytes -= len(item.raw)
+        return from_all, item
+
+    def _queue(self, item: Item | _Slot, size: int) -> None:
+        self._out.append(item)
+        self._out_bytes += size
+
+    def _pop(self) -> Item:
+        item = self._out.popleft()
+        if type(item) is _Slot:
+            delivery = item.delivery
+            merge = self._merge_all if item.from_all else self._merge
+            if merge.get(delivery.job_id) is item:
+                del merge[delivery.job_id]
+            self._out_bytes -= len(delivery.raw)
+            if item.skipped:
+                return Coalesced(delivery, item.skipped, item.from_all)
+            return FromAll(delivery) if item.from_all else delivery
+        if isinstance(item, Delivery):
+            self._out_bytes -= len(item.raw)
+        elif isinstance(item, (FromAll, Coalesced)):
+            self._out_bytes -= len(item.delivery.raw)
+        else:
+            self._out_bytes -= _CONTROL_BYTES
+        return item
+
+    def _enqueue_event(self, event: Delivery, skipped: int, from_all: bool) -> None:
+        """Queue `event`, in place of the job's waiting event when that one is replaceable:
+        same state and epoch, not final (see `_Slot`)."""
+        merge = self._merge_all if from_all else self._merge
+        job_id = event.job_id
+        slot = merge.get(job_id)
+        if slot is not None and slot.delivery.state == event.state and slot.delivery.epoch == event.epoch:
+            if event.final:
+                del merge[job_id]  # a final event is never replaced: it gets its own place
+            else:
+                self._out_bytes += len(event.raw) - len(slot.delivery.raw)
+                slot.skipped += 1 + skipped
+                slot.delivery = event
+                return
+        if event.final:
+            merge.pop(job_id, None)
+            if skipped:
+                self._queue(Coalesced(event, skipped, from_all), len(event.raw))
+            else:
+                self._queue(FromAll(event) if from_all else event, len(event.raw))
+            return
+        slot = merge[job_id] = _Slot(event, skipped, from_all)
+        self._queue(slot, len(event.raw))
 
     async def _handle(self, from_all: bool, item: Delivery | Resync) -> None:
         if self._handle_now(from_all, item):
@@ -244,7 +373,8 @@ class Feed:
         if isinstance(item, Resync):
             if from_all:
                 self._all_last.clear()
-                self._out.append({"type": Msg.RESYNC, "scope": "all"})
+                self._merge_all.clear()
+                self.post({"type": Msg.RESYNC, "scope": "all"})
                 return True
             return self._keys.job_id_from_channel(item.channel) not in self._live
         job_id = item.job_id
@@ -255,7 +385,7 @@ class Feed:
                 self._all_last.pop(job_id, None)
             else:
                 self._all_last[job_id] = item.seq
-            self._out.append(FromAll(item))
+            self._enqueue_event(item, 0, True)
             return True
         last = self._last.get(job_id)
         if last is None:
@@ -280,35 +410,43 @@ class Feed:
             stream = await self._reset(job_id, stream.epoch)
             if stream is None:
                 return
-        self._advance(job_id, stream.events)
+        self._advance(job_id, stream)
 
     async def _reset(self, job_id: str, epoch: str | None) -> Stream | None:
         """The job's history was lost and began again (a Redis restart without persistence):
         tell the client, forget the seqs it had, and read the new history from the start."""
         self._last[job_id] = 0
         self._epoch[job_id] = epoch
-        self._out.append({"type": Msg.RESET, "job_id": job_id, "epoch": epoch})
+        self._merge.pop(job_id, None)
+        self.post({"type": Msg.RESET, "job_id": job_id, "epoch": epoch})
         if job_id not in self._live:  # it had ended in the old history: follow it again
             self._live.add(job_id)
             await self._hub.subscribe(self._keys.job_channel(job_id), self._job_sink)
         return await self._store.events_since(job_id, 0, self._principal)
 
-    def _advance(self, job_id: str, history: list[Delivery]) -> None:
-        """Emit the events of `history` the client has not had yet."""
-        for event in history:
+    def _advance(self, job_id: str, stream: Stream) -> None:
+        """Emit the events of `stream` the client has not had yet.
+
+        History is authoritative, and a seq missing from it was trimmed: progress (the
+        next event says how many it stands for, `coalesced`), or, past `history_max`,
+        anything (then a `gap` message says which seqs were lost).
+        """
+        for event in stream.events:
             last = self._last.get(job_id)
             if last is None:
                 return  # unwatched meanwhile
-            if event.seq > last + 1:
-                # History is authoritative: a gap there means events trimmed by the
-                # history limit. Say so rather than let the client guess.
-                self._out.append({"type": Msg.GAP, "job_id": job_id, "from": last + 1, "to": event.seq - 1})
-            if event.seq > last:
-                self._emit(event)
+            if event.seq <= last:
+                continue
+            skipped = event.seq - last - 1
+            if skipped and stream.lost > last:
+                self._merge.pop(job_id, None)
+                self.post({"type": Msg.GAP, "job_id": job_id, "from": last + 1, "to": event.seq - 1})
+                skipped = 0
+            self._emit(event, skipped)
 
-    def _emit(self, event: Delivery) -> None:
+    def _emit(self, event: Delivery, skipped: int = 0) -> None:
         self._last[event.job_id] = event.seq
-        self._out.append(event)
+        self._enqueue_event(event, skipped, False)
         if event.final and event.job_id in self._live:
             # Nothing follows a final event: free the subscription, keep the seq so that
             # a late duplicate is still recognised.
@@ -320,7 +458,8 @@ class Feed:
             await self._backfill(job_id)
         if self._all:
             self._all_last.clear()
-            self._out.append({"type": Msg.RESYNC, "scope": "all"})
+            self._merge_all.clear()
+            self.post({"type": Msg.RESYNC, "scope": "all"})
 
 
 def _all_channel(keys: Keys, principal: Principal) -> str | None:

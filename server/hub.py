@@ -38,6 +38,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -72,6 +73,19 @@ async def _send(pubsub: PubSub, *args: str) -> None:
     _honour_cancellation()
 
 
+class Fanout(Protocol):
+    """What clients need of a hub: `Hub` on one Redis, `ClusterHub` on a cluster."""
+
+    connected: bool
+    reconnects: int
+
+    async def subscribe(self, channel: str, sink: Sink) -> None: ...
+    def unsubscribe(self, channel: str, sink: Sink) -> None: ...
+    def subscribers(self, channel: str) -> int: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
 class HubUnavailable(RuntimeError):
     """Redis did not confirm a subscription in time (it is down or unreachable)."""
 
@@ -90,9 +104,16 @@ class Hub:
         reconnect_max: float = 5.0,
         # Observability
         on_event: Callable[[str], None] | None = None,
+        # Shard channels (SSUBSCRIBE) on one node of a Redis Cluster, see `ClusterHub`
+        sharded: bool = False,
     ) -> None:
         self._on_event = on_event
-        self._redis = Redis.from_url(redis_url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
+        # RESP2: pub/sub messages parse faster than RESP3 push frames (by hiredis too).
+        self._redis = Redis.from_url(
+            redis_url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2, protocol=2
+        )
+        self._sub, self._unsub = ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
+        self._message, self._subscribed = ("smessage", "ssubscribe") if sharded else ("message", "subscribe")
         self._subscribe_timeout = subscribe_timeout
         self._ping_interval = ping_interval
         self._reconnect_min, self._reconnect_max = reconnect_min, reconnect_max
@@ -107,6 +128,7 @@ class Hub:
         self._task: asyncio.Task[None] | None = None
         self.connected = False
         self.reconnects = 0
+        self._last_heard = 0.0  # loop time of the last message from Redis
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -258,6 +280,9 @@ class Hub:
                 timer.cancel()
             self._dirty.clear()
             if loop.time() >= next_ping:
+                # PINGs go out every ping_interval; three unanswered means a dead link.
+                if loop.time() - self._last_heard > 3 * self._ping_interval:
+                    raise ConnectionError("no reply from Redis to PING")
                 await _send(pubsub, "PING")
                 next_ping = loop.time() + self._ping_interval
             wanted = self._sinks.keys()
@@ -269,30 +294,30 @@ class Hub:
             for ch in new:
                 self._sent.add(ch)
                 self._waiters.setdefault(ch, deque()).append(self._ready.get(ch))
-            for i in range(0, len(gone), _CHUNK):
-                await _send(pubsub, "UNSUBSCRIBE", *gone[i : i + _CHUNK])
-            for i in range(0, len(new), _CHUNK):
-                await _send(pubsub, "SUBSCRIBE", *new[i : i + _CHUNK])
+            # One command per channel when sharded: SSUBSCRIBE takes channels of one slot only.
+            chunk = 1 if self._sub == "SSUBSCRIBE" else _CHUNK
+            for i in range(0, len(gone), chunk):
+                await _send(pubsub, self._unsub, *gone[i : i + chunk])
+            for i in range(0, len(new), chunk):
+                await _send(pubsub, self._sub, *new[i : i + chunk])
 
     async def _read_loop(self) -> None:
+        """Read messages as they come, with no timeout per read (a timer per message is
+        a real share of the per-event cost); `_sync_loop` watches for a dead link."""
         assert self._pubsub is not None
         pubsub = self._pubsub
         loop = asyncio.get_running_loop()
-        last_heard = loop.time()
+        self._last_heard = loop.time()
         while True:
-            msg = await pubsub.get_message(timeout=1.0)
+            msg = await pubsub.get_message(timeout=None)
             _honour_cancellation()
-            now = loop.time()
             if msg is None:
-                # PINGs go out every ping_interval; three unanswered means a dead link.
-                if now - last_heard > 3 * self._ping_interval:
-                    raise ConnectionError("no reply from Redis to PING")
                 continue
-            last_heard = now
+            self._last_heard = loop.time()
             kind = msg["type"]
-            if kind == "message":
+            if kind == self._message:
                 self._dispatch(msg["channel"].decode(), msg["data"])
-            elif kind == "subscribe":
+            elif kind == self._subscribed:
                 self._confirmed(msg["channel"].decode())
 
     def _confirmed(self, channel: str) -> None:

@@ -48,6 +48,17 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.coalesced = Counter(
+            "jobwire_coalesced_events",
+            "Progress events a slow client got only as a newer one (marked `coalesced`)",
+            registry=self.registry,
+        )
+        self.slow_closed = Counter(
+            "jobwire_slow_clients_closed",
+            "Clients closed (1013) for falling too far behind or accepting nothing",
+            ["transport"],
+            registry=self.registry,
+        )
         self._by_state: dict[str, Any] = {}
 
     def event(self, state: str) -> None:

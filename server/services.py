@@ -12,9 +12,10 @@ from starlette.requests import HTTPConnection
 from jobwire.ratelimit import AsyncBuckets
 from jobwire.server.auth import DEVELOPER, Auth, Principal
 from jobwire.server.feed import Feed
-from jobwire.server.hub import Hub
+from jobwire.server.hub import Fanout
 from jobwire.server.limits import Connections
 from jobwire.server.metrics import Metrics
+from jobwire.server.stalls import StallWatch
 from jobwire.server.store import JobStore
 from jobwire.settings import Settings
 from jobwire.storage import ResultStore
@@ -26,7 +27,7 @@ class Services:
 
     settings: Settings
     redis: Redis
-    hub: Hub
+    hub: Fanout
     store: JobStore
     celery: Celery
     auth: Auth
@@ -34,6 +35,7 @@ class Services:
     buckets: AsyncBuckets
     results: ResultStore
     metrics: Metrics
+    stalls: StallWatch
     # Open websockets and SSE streams, told when the server goes away.
     goodbyes: set[Callable[[], Awaitable[None]]] = field(default_factory=set)
 
@@ -43,14 +45,17 @@ class Services:
             await goodbye()
 
     def feed(self, principal: Principal) -> Feed:
-        return Feed(
+        feed = Feed(
             self.hub,
             self.store,
             self.settings.keys,
             principal,
             queue_limit=self.settings.client_queue_limit,
             max_jobs=self.settings.max_jobs_per_socket,
+            max_bytes=self.settings.send_buffer_bytes,
         )
+        self.stalls.add(feed)
+        return feed
 
 
 def services(conn: HTTPConnection) -> Services:

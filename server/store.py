@@ -7,12 +7,13 @@ exist, here, in one place.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from jobwire import scripts
 from jobwire.protocol import UNKNOWN, JobNotFound, JobwireError, Keys
@@ -27,20 +28,27 @@ class Stream:
     epoch: str | None
     seq: int
     events: list[Delivery]
+    lost: int = 0  # the highest seq trimmed although it was a transition (history_max)
 
 
 class JobStore:
     """Async reads of jobwire's Redis keys."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis | RedisCluster, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
         self._batch = redis.register_script(scripts.BATCH_STATUS)
+        # Set when foreign Celery backends are followed: ids jobwire has not seen are
+        # looked up there (and recorded) before they are called unknown.
+        self.seed: Callable[[Sequence[str]], Awaitable[None]] | None = None
 
     async def snapshot(self, job_id: str, principal: Principal) -> dict[str, Any] | None:
         """The job's current state for polling clients, or None if it was never seen (or
         `principal` may not see it)."""
         fields = await self.redis.hgetall(self.keys.job(job_id))
+        if not fields and self.seed is not None:
+            await self.seed([job_id])
+            fields = await self.redis.hgetall(self.keys.job(job_id))
         if not fields or not principal.may_see(job_id, _tenant(fields.get(b"tenant"))):
             return None
         return _snapshot(job_id, fields)
@@ -55,17 +63,33 @@ class JobStore:
     async def events_since(self, job_id: str, since: int, principal: Principal) -> Stream | None:
         """The job's stream after `since` (its epoch, latest seq and retained events with
         seq > `since`, in order); None if it does not exist for `principal`."""
+        stream = await self._events_since(job_id, since, principal)
+        if stream is None and self.seed is not None:
+            await self.seed([job_id])
+            stream = await self._events_since(job_id, since, principal)
+        return stream
+
+    async def _events_since(self, job_id: str, since: int, principal: Principal) -> Stream | None:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(self.keys.job(job_id), "created", "tenant", "epoch", "seq")
+            pipe.hmget(self.keys.job(job_id), "created", "tenant", "epoch", "seq", "lost")
             pipe.zrangebyscore(self.keys.history(job_id), f"({since}", "+inf")
-            (created, tenant, epoch, seq), raws = await pipe.execute()
+            (created, tenant, epoch, seq, lost), raws = await pipe.execute()
         if created is None or not principal.may_see(job_id, _tenant(tenant)):
             return None
-        return Stream(_tenant(epoch), int(seq or 0), [Delivery.parse(raw) for raw in raws])
+        events = [Delivery.parse(raw) for raw in raws]
+        return Stream(_tenant(epoch), int(seq or 0), events, int(float(lost or 0)))
 
     async def visible(self, job_ids: Sequence[str], principal: Principal) -> set[str]:
         """Which of `job_ids` exist for `principal`, in one round trip: lets a subscribe
         of many ids skip, cheaply, the ones it will never watch."""
+        found = await self._visible(job_ids, principal)
+        if self.seed is not None and len(found) < len(job_ids):
+            missing = [j for j in job_ids if j not in found]
+            await self.seed(missing)
+            found |= await self._visible(missing, principal)
+        return found
+
+    async def _visible(self, job_ids: Sequence[str], principal: Principal) -> set[str]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hmget(self.keys.job(job_id), "created", "tenant")
@@ -80,10 +104,14 @@ class JobStore:
         """Status of many jobs in one Redis command (a Lua script), whatever the count."""
         if not job_ids:
             return {}
-        flat = await self._batch(keys=[self.keys.job(j) for j in job_ids])
+        rows = await self._batch_rows(job_ids)
+        unseen = [j for j in job_ids if rows[j][0] is None]
+        if unseen and self.seed is not None:
+            await self.seed(unseen)
+            rows.update(await self._batch_rows(unseen))
         out: dict[str, dict[str, Any]] = {}
-        for i, job_id in enumerate(job_ids):
-            state, seq, final, tenant, epoch = flat[5 * i : 5 * i + 5]
+        for job_id in job_ids:
+            state, seq, final, tenant, epoch = rows[job_id]
             if state is None or not principal.may_see(job_id, _tenant(tenant)):
                 out[job_id] = {"status": UNKNOWN, "ready": False, "seq": 0}
             else:
@@ -95,6 +123,40 @@ class JobStore:
                     "epoch": _tenant(epoch),
                 }
         return out
+
+    async def _batch_rows(self, job_ids: Sequence[str]) -> dict[str, list[Any]]:
+        if isinstance(self.redis, RedisCluster):
+            return await self._batch_per_node(job_ids)
+        flat = await self._batch(args=[self.keys.job(j) for j in job_ids])
+        return {j: flat[5 * i : 5 * i + 5] for i, j in enumerate(job_ids)}
+
+    async def _batch_per_node(self, job_ids: Sequence[str]) -> dict[str, list[Any]]:
+        """The batch script once per cluster node, for the ids it holds, all at once: one
+        round trip per node, whatever the count."""
+        assert isinstance(self.redis, RedisCluster)
+        by_node: dict[str, tuple[Any, list[str]]] = {}
+        for job_id in job_ids:
+            node = self.redis.get_node_from_key(self.keys.job(job_id))
+            by_node.setdefault(node.name, (node, []))[1].append(job_id)
+
+        async def one(node: Any, ids: list[str]) -> dict[str, list[Any]]:
+            keys = [self.keys.job(j) for j in ids]
+            flat = await self.redis.execute_command("EVAL", scripts.BATCH_STATUS, 0, *keys, target_nodes=node)
+            return {j: flat[5 * i : 5 * i + 5] for i, j in enumerate(ids)}
+
+        rows: dict[str, list[Any]] = {}
+        for part in await asyncio.gather(*(one(node, ids) for node, ids in by_node.values())):
+            rows.update(part)
+        return rows
+
+    async def children(self, job_id: str, offset: int, limit: int) -> tuple[int, list[str]]:
+        """A group's child count and a page of its child ids (the caller checked the group)."""
+        key = self.keys.children(job_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(key)
+            pipe.lrange(key, offset, offset + limit - 1)
+            total, ids = await pipe.execute()
+        return int(total), [i.decode() for i in ids]
 
     async def recent(
         self, principal: Principal, *, limit: int, before: float | None = None
@@ -142,6 +204,8 @@ def _snapshot(job_id: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
         "updated_at": float(fields[b"updated"]),
         "progress": orjson.loads(fields[b"progress"]) if b"progress" in fields else None,
     }
+    if b"parent" in fields:
+        snap["parent"] = fields[b"parent"].decode()  # a group's or chord's child
     if b"result" in fields:
         snap["result"] = orjson.loads(fields[b"result"])
     if b"error" in fields:

@@ -2,7 +2,7 @@
 //
 //   import { JobwireClient } from "/jobwire.js";
 //   const client = new JobwireClient({
-//     onEvent: (event) => render(event),          // every event, in seq order per job, once
+//     onEvent: (event) => render(event),          // events in seq order per job, each once
 //     onStatus: ({ status, transport }) => show(status, transport),
 //   });
 //   client.subscribe(["4c7f…"]);
@@ -10,8 +10,10 @@
 // Transports, in order: WebSocket, then Server-Sent Events, then polling. The client moves
 // down when a transport cannot be opened `failuresBeforeFallback` times in a row, and says
 // which one it is on through onStatus. On every reconnect it resumes each job from the last
-// seq it delivered, so across drops, restarts and fallbacks no event is missed and none is
-// delivered twice.
+// seq it delivered, so across drops, restarts and fallbacks no transition is missed and no
+// event is delivered twice. When the client falls behind, the server coalesces progress:
+// an event with `coalesced: n` stands for itself and the n progress events before it, which
+// were never sent (its progress is the newest).
 
 const TRANSPORTS = ["websocket", "sse", "polling"];
 
@@ -38,7 +40,8 @@ export class JobwireClient {
    * @param {(event: object) => void} [options.onEvent]  a job event, ordered and deduplicated
    * @param {(s: {status: string, transport: string}) => void} [options.onStatus]
    *        status: "connecting" | "live" | "reconnecting" | "closed"
-   * @param {(jobId: string) => void} [options.onNewJob]  with subscribeAll(): a job appeared
+   * @param {(jobId: string, info: object) => void} [options.onNewJob]  with subscribeAll(): a
+   *   job appeared (`info`: its event or listing entry; `info.parent` marks a group's child)
    * @param {(error: object) => void} [options.onError]  {code, message, job_id?} from the server
    * @param {(jobId: string) => void} [options.onReset]  the job's history was lost and began
    *        again (Redis restarted without persistence): forget its events; they come again
@@ -157,10 +160,12 @@ export class JobwireClient {
     this.onReset(jobId);
   }
 
-  _announce(jobId) {
+  /** `info` is what announced the job: its event or listing entry (`parent` says it is a
+   * group's child). */
+  _announce(jobId, info = {}) {
     if (this._all && !this._jobs.has(jobId) && !this._known.has(jobId)) {
       this._known.add(jobId);
-      this.onNewJob(jobId);
+      this.onNewJob(jobId, info);
     }
   }
 
@@ -349,7 +354,7 @@ export class JobwireClient {
         return;
       }
       this._armWatchdog(data.heartbeat);
-      if (data.type === Msg.EVENT && data.stream === "all") this._announce(data.job_id);
+      if (data.type === Msg.EVENT && data.stream === "all") this._announce(data.job_id, data);
       else if (data.type === Msg.EVENT) this._deliver(data);
       else if (data.type === Msg.RESET) this._reset(data.job_id, data.epoch);
       else if (data.type === Msg.ERROR && this._lostForNow(data)) this._retryLost(data.job_id);
@@ -420,7 +425,10 @@ export class JobwireClient {
       this._opened();
     };
     es.onmessage = (msg) => this._deliver(JSON.parse(msg.data));
-    es.addEventListener("all", (msg) => this._announce(JSON.parse(msg.data).job_id));
+    es.addEventListener("all", (msg) => {
+      const event = JSON.parse(msg.data);
+      this._announce(event.job_id, event);
+    });
     es.addEventListener("control", (msg) => {
       const data = JSON.parse(msg.data);
       if (data.type === Msg.ERROR) this.onError(data);
@@ -466,7 +474,7 @@ export class JobwireClient {
       }
       if (this._all) {
         const listing = await this._fetchJson("/api/v1/jobs?limit=50");
-        for (const job of listing.jobs.reverse()) this._announce(job.job_id);
+        for (const job of listing.jobs.reverse()) this._announce(job.job_id, job);
       }
       this._opened();
       this._schedulePoll(this.pollInterval);

@@ -23,9 +23,18 @@ from celery.backends.redis import RedisBackend
 
 from jobwire import scripts
 from jobwire.backoff import backoff
-from jobwire.protocol import FINAL_STATES, check_job_id, dumps, event_parts, progress_from_meta
+from jobwire.protocol import (
+    FINAL_STATES,
+    PENDING,
+    SUCCESS,
+    check_job_id,
+    dumps,
+    event_parts,
+    progress_from_meta,
+)
 from jobwire.settings import Settings
 from jobwire.tasks import registry
+from jobwire.tasks.backend import JobwireBackendMixin
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +75,10 @@ class Recorder:
         self._record = client.register_script(scripts.RECORD)
         self._app = app
         # Decided once: Celery's result write can ride in our round trip only when its
-        # backend is this Redis (`for_app` then hands us the backend's own client).
-        self._celery = app if app is not None and isinstance(app.backend, RedisBackend) else None
+        # backend is this Redis (`for_app` then hands us the backend's own client), which
+        # a cluster never is: Celery's Redis backend does not support Redis Cluster.
+        same_redis = app is not None and isinstance(app.backend, RedisBackend) and not settings.redis_cluster
+        self._celery = app if same_redis else None
 
     @classmethod
     def for_app(cls, app: Celery) -> Recorder:
@@ -93,7 +104,13 @@ class Recorder:
         """
         celery_meta = self.celery_meta(job_id, state, meta, request)
         if celery_meta is None and self._app is not None:
-            self._app.backend.store_result(job_id, meta, state, request=request)
+            backend = self._app.backend
+            if isinstance(backend, JobwireBackendMixin):
+                # Celery's plain write (ours would come back here): its results live on
+                # another Redis than jobwire's cluster.
+                super(JobwireBackendMixin, backend)._store_result(job_id, meta, state, None, request)
+            else:
+                backend.store_result(job_id, meta, state, request=request)
         return self.record(
             job_id, state, progress=progress_from_meta(meta), task=task, celery_meta=celery_meta
         )
@@ -113,70 +130,98 @@ class Recorder:
         pipe: redis.client.Pipeline | None = None,
         event_id: str | None = None,
         owner: Owner | None = None,
+        parent: Parent | None = None,
     ) -> int | None:
         """Record one event; return its seq, or None if Redis refused it.
 
         With `pipe`, the event is queued on that pipeline instead (its `execute()` returns
-        the seqs), so a burst of events costs one round trip.
+        the replies), so a burst of events costs one round trip; pipelined events are for
+        jobs that exist already, and are not counted in a parent group.
 
         Refusals are deliberate: a job that is already final never changes again (so a
         late progress report cannot resurrect a revoked job), and `only_if_new` registers
         a job at publish time without clobbering one that already exists (retries).
-        `owner` is recorded only by the event that creates the job.
+        `owner` and `parent` are recorded only by the event that creates the job. A final
+        event of a job with a parent counts in the parent's aggregate (see `_count_in`).
         """
-        check_job_id(job_id)  # an id with braces would break the key layout's hash tag
-        ts = time.time()
-        final = state in FINAL_STATES
-        body: dict[str, Any] = {"state": state, "progress": progress, "ts": ts, "final": final}
-        if task:
-            body["task"] = task
-        if result is not _MISSING:
-            body["result"] = result
-        if error is not None:
-            body["error"] = error
-        if retry is not None:
-            body["retry"] = retry
-        head, tail = event_parts(job_id, body)
-        recent = self.keys.recent
-        keys = [self.keys.job(job_id), self.keys.history(job_id), recent]
-        keys.append(self.keys.tenant_recent(owner.tenant) if owner else recent)
-        args: list[Any] = [
+        call = build_call(
+            self.settings,
             job_id,
             state,
-            "1" if final else "0",
-            head,
-            tail,
-            dumps(progress) if progress is not None else "",
-            dumps(result) if result is not _MISSING else "",
-            dumps(error) if error is not None else "",
-            task or "",
-            repr(ts),
-            self.settings.history_limit,
-            self.settings.result_expires,
-            "1" if only_if_new else "0",
-            self.keys.job_channel(job_id),
-            self.keys.all_channel,
-            self.settings.recent_limit,
-            event_id or uuid.uuid4().hex,
-            owner.tenant if owner else "",
-            owner.subject if owner else "",
-            self.keys.tenant_channel_prefix,
-            uuid.uuid4().hex[:12],  # the epoch, if this event creates the job record
-        ]
-        if celery_meta is not None:
-            keys.append(celery_meta.key)  # type: ignore[arg-type]
-            args += [celery_meta.value, celery_meta.ttl or 0]
+            progress=progress,
+            result=result,
+            error=error,
+            retry=retry,
+            task=task,
+            only_if_new=only_if_new,
+            celery_meta=celery_meta,
+            event_id=event_id,
+            owner=owner,
+            parent=parent,
+        )
         if pipe is not None:
-            self._record(keys=keys, args=args, client=pipe)
+            self._record(keys=call.keys, args=call.args, client=pipe)
             return None
-        seq = self._with_retry(keys, args)
-        return int(seq) if seq else None
+        reply = self._with_retry(call.keys, call.args)
+        if not reply:
+            return None
+        seq, created, parent_id, role = int(reply[0]), int(reply[1]), _text(reply[2]), _text(reply[3])
+        if created:
+            self._index(job_id, call.ts, owner)
+        if parent_id:
+            self._count_in(parent_id, role, state, result, error)
+        return seq
+
+    def create_group(
+        self, group_id: str, kind: str, children: list[str], *, owner: Owner | None = None
+    ) -> int | None:
+        """Register a group or chord job before its children are sent: PENDING, with the
+        child count its aggregate counts against and the list its children endpoint reads."""
+        seq = self.record(group_id, PENDING, task=kind, only_if_new=True, owner=owner)
+        if seq is None:
+            return None
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hset(self.keys.job(group_id), mapping={"total": len(children), "kind": kind})
+            pipe.rpush(self.keys.children(group_id), *children)
+            pipe.expire(self.keys.children(group_id), self.settings.result_expires)
+            pipe.execute()
+        return seq
+
+    def _count_in(
+        self, parent_id: str, role: str, state: str, result: Any, error: dict[str, str] | None
+    ) -> None:
+        """A child ended: one more done or failed in its group's aggregate (one script call,
+        whatever the group's size). A chord's callback ends the chord with its own outcome."""
+        if role == CALLBACK_ROLE:
+            self.record(parent_id, state, result=result, error=error)
+            return
+        call = build_call(self.settings, parent_id, RUNNING, outcome="ok" if state == SUCCESS else "failed")
+        self._with_retry(call.keys, call.args)
+
+    def _index(self, job_id: str, ts: float, owner: Owner | None) -> None:
+        """Add a new job to the recent-jobs indexes (once per job, not per event).
+
+        Not in the record script: an index spans every job, so on a cluster it lives in
+        another slot than the job. A job whose indexing fails is still streamed and
+        readable by id; only listings miss it.
+        """
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                index_commands(pipe, self.settings, job_id, ts, owner)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("jobwire: could not index job %s for listings: %s", job_id, exc)
 
     def forget(self, job_id: str) -> None:
         """Remove every trace of a job (one that never left the publisher)."""
         tenant = self.client.hget(self.keys.job(job_id), "tenant")
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.job(job_id), self.keys.history(job_id))
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.delete(
+                self.keys.job(job_id),
+                self.keys.history(job_id),
+                self.keys.progress(job_id),
+                self.keys.event_ids(job_id),
+            )
             pipe.zrem(self.keys.recent, job_id)
             if tenant:
                 pipe.zrem(self.keys.tenant_recent(tenant.decode()), job_id)
@@ -201,11 +246,117 @@ class Recorder:
             try:
                 return self._record(keys=keys, args=args)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if time.monotonic() + delay > deadline:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise
+                delay = min(delay, remaining)  # the last try lands at the window's end, not before it
                 log.warning("jobwire: Redis unavailable (%s); retrying in %.2fs", exc, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable: backoff() never ends")
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The group or chord a job belongs to, and its part there (a child or the callback)."""
+
+    job_id: str
+    role: str = "child"
+
+
+CALLBACK_ROLE = "callback"
+PARENT_HEADER, ROLE_HEADER = "jobwire_parent", "jobwire_role"
+RUNNING = "RUNNING"  # a group's state while its children run
+
+
+@dataclass(frozen=True)
+class Call:
+    """One record-script call: its keys and arguments, and the event's timestamp."""
+
+    keys: list[Any]
+    args: list[Any]
+    ts: float
+
+
+def build_call(
+    settings: Settings,
+    job_id: str,
+    state: str,
+    *,
+    progress: dict[str, Any] | None = None,
+    result: Any = _MISSING,
+    error: dict[str, str] | None = None,
+    retry: dict[str, Any] | None = None,
+    task: str | None = None,
+    only_if_new: bool = False,
+    celery_meta: CeleryMeta | None = None,
+    event_id: str | None = None,
+    owner: Owner | None = None,
+    parent: Parent | None = None,
+    dedupe: bool = False,
+    outcome: str = "",
+) -> Call:
+    """The record script's call for one event (see `scripts/record.lua`), for the worker's
+    synchronous recorder and the server's asynchronous one alike."""
+    check_job_id(job_id)  # an id with braces would break the key layout's hash tag
+    keys_ = settings.keys
+    ts = time.time()
+    final = state in FINAL_STATES
+    body: dict[str, Any] = {"state": state, "progress": progress, "ts": ts, "final": final}
+    if task:
+        body["task"] = task
+    if result is not _MISSING:
+        body["result"] = result
+    if error is not None:
+        body["error"] = error
+    if retry is not None:
+        body["retry"] = retry
+    head, tail = event_parts(job_id, body)
+    keys = [keys_.job(job_id), keys_.history(job_id), keys_.progress(job_id), keys_.event_ids(job_id)]
+    args: list[Any] = [
+        job_id,
+        state,
+        "1" if final else "0",
+        head,
+        tail,
+        dumps(progress) if progress is not None else "",
+        dumps(result) if result is not _MISSING else "",
+        dumps(error) if error is not None else "",
+        task or "",
+        repr(ts),
+        settings.history_limit,
+        settings.result_expires,
+        "1" if only_if_new else "0",
+        keys_.job_channel(job_id),
+        keys_.all_channel,
+        event_id or uuid.uuid4().hex,
+        owner.tenant if owner else "",
+        owner.subject if owner else "",
+        keys_.tenant_channel_prefix,
+        uuid.uuid4().hex[:12],  # the epoch, if this event creates the job record
+        "1" if settings.redis_cluster else "0",
+        max(settings.history_max, settings.history_limit),
+        "1" if dedupe else "0",
+        parent.job_id if parent else "",
+        parent.role if parent else "",
+        outcome,
+    ]
+    if celery_meta is not None:
+        keys.append(celery_meta.key)
+        args += [celery_meta.value, celery_meta.ttl or 0]
+    return Call(keys, args, ts)
+
+
+def index_commands(pipe: Any, settings: Settings, job_id: str, ts: float, owner: Owner | None) -> None:
+    """Queue on `pipe` what adds a new job to the recent-jobs indexes (sync or async)."""
+    keys = settings.keys
+    indexes = [keys.recent] + ([keys.tenant_recent(owner.tenant)] if owner else [])
+    for index in indexes:
+        pipe.zadd(index, {job_id: ts})
+        pipe.zremrangebyrank(index, 0, -(settings.recent_limit + 1))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 def redis_client_for(app: Celery, settings: Settings) -> redis.Redis:
@@ -214,6 +365,8 @@ def redis_client_for(app: Celery, settings: Settings) -> redis.Redis:
     Sharing it keeps jobwire's keys in the same database as Celery's result keys (a Lua
     script can only touch one database) and costs no extra connection pool.
     """
+    if settings.redis_cluster:
+        return redis.RedisCluster.from_url(settings.redis_url)  # type: ignore[return-value]
     backend = app.backend
     if isinstance(backend, RedisBackend):
         return backend.client  # type: ignore[no-any-return]

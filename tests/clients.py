@@ -59,6 +59,22 @@ async def events_until_final(
                 return events
 
 
+async def ws_job_events(
+    url: str, *, frames_per_second: float | None = None, max_queue: int | None = 16
+) -> list[dict[str, Any]]:
+    """Every event on a /ws/jobs/{id} socket until the server closes it, read at most
+    `frames_per_second` (None: as fast as it can; a slower pace makes a slow client)."""
+    events = []
+    async with websockets.connect(url, max_queue=max_queue) as ws:
+        async for text in ws:
+            msg = json.loads(text)
+            if msg["type"] == "event":
+                events.append(msg)
+            if frames_per_second:
+                await asyncio.sleep(1 / frames_per_second)  # the reader's pace, not a wait
+    return events
+
+
 async def watch_ws(ws_url: str, job_id: str, since: int | None = None) -> list[dict[str, Any]]:
     async with websockets.connect(f"{ws_url}/ws") as ws:
         sub: dict[str, Any] = {"op": "subscribe", "job_ids": [job_id]}
@@ -68,9 +84,19 @@ async def watch_ws(ws_url: str, job_id: str, since: int | None = None) -> list[d
         return await events_until_final(ws, job_id)
 
 
+def transitions(events: list[dict[str, Any]]) -> list[str]:
+    """The states a client saw, with runs of the same state (progress) as one."""
+    return [e["state"] for i, e in enumerate(events) if i == 0 or events[i - 1]["state"] != e["state"]]
+
+
 def assert_gap_free(events: list[dict[str, Any]], first: int = 1) -> None:
-    seqs = [e["seq"] for e in events]
-    assert seqs == list(range(first, first + len(events))), seqs
+    """Every seq from `first` on is accounted for: delivered, or coalesced into the next
+    event delivered (`coalesced: n` stands for the n events before it)."""
+    expected = first
+    for event in events:
+        expected += event.get("coalesced", 0)
+        assert event["seq"] == expected, [(e["seq"], e.get("coalesced", 0)) for e in events]
+        expected += 1
 
 
 async def events_until_state(

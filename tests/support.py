@@ -35,9 +35,12 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server of our own on a free port, which a test may stop and restart."""
 
-    def __init__(self, *, persist: bool = False) -> None:
+    def __init__(
+        self, *, persist: bool = False, extra: tuple[str, ...] = (), port: int | None = None
+    ) -> None:
         self.persist = persist  # keep data across stop/start, as a production Redis would
-        self.port = free_port()
+        self.extra = extra
+        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="jobwire-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -52,20 +55,12 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
             + (["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"])
-            + ["--dir", self.dir, "--loglevel", "warning"],
+            + ["--dir", self.dir, "--loglevel", "warning", *self.extra],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on {self.port} did not start") from None
-                time.sleep(0.02)
+        wait_until_sync(lambda: _answers(client), what=f"redis-server on {self.port} answers", timeout=10)
         client.close()
 
     def stop(self) -> None:
@@ -93,8 +88,11 @@ class Worker:
         concurrency: int = 2,
         env: dict[str, str] | None = None,
         hostname: str = "celery@%h",
+        app: str = "jobwire.tasks.demo",
+        queues: str | None = None,
     ) -> None:
         self.hostname = hostname
+        self.app, self.queues = app, queues
         self.redis_url = redis_url
         self.log_path = log_path
         self.concurrency = concurrency
@@ -105,7 +103,8 @@ class Worker:
         env = {**os.environ, "JOBWIRE_REDIS_URL": self.redis_url, **self.env}
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "jobwire.tasks.demo", "worker", "--pool", "prefork"]
+            [sys.executable, "-m", "celery", "-A", self.app, "worker", "--pool", "prefork"]
+            + (["--queues", self.queues] if self.queues else [])
             + [
                 "--concurrency",
                 str(self.concurrency),
@@ -121,11 +120,14 @@ class Worker:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 30
-        while b"ready." not in self.log_path.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("celery worker did not start:\n" + self.log_path.read_text()[-3000:])
-            time.sleep(0.1)
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError("celery worker exited:\n" + self.log_path.read_text()[-3000:])
+            return b"ready." in self.log_path.read_bytes()
+
+        wait_until_sync(ready, what="the celery worker is ready", timeout=30, interval=0.1)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -167,11 +169,14 @@ async def run_server(settings: Settings, port: int | None = None) -> AsyncIterat
     )
     server = Server(config)  # as `jobwire serve` runs it
     task = asyncio.create_task(server.serve())
-    while not server.started:
+
+    def started() -> bool:
         if task.done():
             task.result()
             raise RuntimeError("uvicorn exited before it started")
-        await asyncio.sleep(0.01)
+        return bool(server.started)
+
+    await wait_until(started, what="uvicorn is serving", interval=0.01)
     try:
         yield RunningServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", app)
     finally:
@@ -195,6 +200,51 @@ def redis_server(*, persist: bool = False) -> Iterator[RedisServer]:
         server.close()
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port + 10000 > 65535:
+            port -= 30000  # ephemeral ports run high; look lower
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+
+
+@contextlib.contextmanager
+def redis_cluster(nodes: int = 3) -> Iterator[list[RedisServer]]:
+    """A real Redis Cluster of `nodes` primaries on free ports, slots spread by redis-cli."""
+    options = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+    servers = [RedisServer(extra=options, port=_cluster_port()) for _ in range(nodes)]
+    try:
+        for server in servers:
+            server.start()
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers)]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        wait_until_sync(
+            lambda: all(
+                b"cluster_state:ok" in s.client().execute_command("CLUSTER", "INFO") for s in servers
+            ),
+            what="the test cluster reaches cluster_state:ok",
+            timeout=30,
+        )
+        yield servers
+    finally:
+        for server in servers:
+            server.close()
+
+
 async def wait_until(condition: Any, *, what: str, timeout: float = 15.0, interval: float = 0.05) -> None:
     """Wait until `condition()` (sync or async) is true; fail naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -207,6 +257,13 @@ async def wait_until(condition: Any, *, what: str, timeout: float = 15.0, interv
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting until {what}")
         await asyncio.sleep(interval)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 def wait_until_sync(condition: Any, *, what: str, timeout: float = 15.0, interval: float = 0.05) -> None:

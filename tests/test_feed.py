@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 import redis
 from redis.asyncio import Redis
 
 from jobwire.server.auth import DEVELOPER
-from jobwire.server.events import Delivery
+from jobwire.server.events import Coalesced, Delivery, Resync
 from jobwire.server.feed import Feed
 from jobwire.server.hub import Hub
 from jobwire.server.store import JobStore
@@ -31,35 +32,90 @@ async def parts(own_redis: RedisServer) -> AsyncIterator[tuple[Hub, JobStore, Re
 
 
 async def drain(feed: Feed, job_id: str) -> list[int]:
+    """The seqs a client gets, each coalesced event preceded by the seqs it stands for."""
     seqs = []
     while True:
         item = await asyncio.wait_for(feed.next(idle=2.0), 5)
         assert item is not None, "feed went idle before the final event"
+        if isinstance(item, Coalesced) and item.delivery.job_id == job_id:
+            seqs += range(item.delivery.seq - item.skipped, item.delivery.seq)
+            item = item.delivery
         if isinstance(item, Delivery) and item.job_id == job_id:
             seqs.append(item.seq)
             if item.final:
                 return seqs
 
 
-async def test_slow_client_overflow_resyncs_from_history(parts) -> None:  # type: ignore[no-untyped-def]
-    """A client too far behind has its inbox dropped and gets everything from history, in order.
-
-    48 live events with room for 5: every 6th overflows the inbox and is dropped with it,
-    the final one included, so only the resync can deliver it.
-    """
+async def test_slow_reader_gets_newest_progress_and_every_transition(parts) -> None:  # type: ignore[no-untyped-def]
+    """While a client reads nothing, its queue keeps one event per run of progress: the
+    newest, marked with how many it replaced; transitions and the final event keep their
+    own places, in order."""
     hub, store, recorder, settings = parts
     recorder.record("slow", "PENDING")
     feed = Feed(hub, store, settings.keys, DEVELOPER, queue_limit=5, max_jobs=10)
     assert await feed.watch("slow")
     delivered: list[object] = []  # a second sink: the hub hands each event to both in turn
     await hub.subscribe(settings.keys.job_channel("slow"), delivered.append)
-    for step in range(47):  # nobody reads the feed meanwhile
+    for step in range(30):  # nobody reads the feed meanwhile
         recorder.record("slow", "WORKING", progress={"step": step})
+    for step in range(17):
+        recorder.record("slow", "VALIDATING", progress={"step": step})
     recorder.record("slow", "SUCCESS", result=None)
     await wait_until(lambda: len(delivered) == 48, what="the hub delivers every live event")
-    assert feed._overflowed and not feed._inbox  # the final event went with the inbox
-    assert await drain(feed, "slow") == list(range(1, 50))
+    items = []
+    while (item := feed.next_nowait()) is not None:
+        items.append(item)
+    events = [i for i in items if isinstance(i, (Delivery, Coalesced))]
+    assert [type(e).__name__ for e in events] == ["Delivery", "Coalesced", "Coalesced", "Delivery"]
+    working, validating, final = events[1], events[2], events[3]
+    assert isinstance(working, Coalesced) and isinstance(validating, Coalesced)
+    assert (working.delivery.seq, working.skipped, working.delivery.state) == (31, 29, "WORKING")
+    assert orjson.loads(working.delivery.raw)["progress"] == {"step": 29}
+    assert (validating.delivery.seq, validating.skipped) == (48, 16)
+    assert '"coalesced":16,' in validating.frame and orjson.loads(validating.raw)["coalesced"] == 16
+    assert isinstance(final, Delivery) and final.seq == 49 and feed.queued_bytes == 0
     feed.close()
+
+
+async def test_slow_client_overflow_resyncs_from_history(parts) -> None:  # type: ignore[no-untyped-def]
+    """Events that must wait for a history read queue in a bounded inbox; a client too far
+    behind has it dropped and gets everything again from history, in order.
+
+    A resync puts the job's events behind a history read: it and 47 live events with
+    room for 5, so every 6th overflows the inbox and is dropped with it, the final one
+    included, and only the resync can deliver it.
+    """
+    hub, store, recorder, settings = parts
+    recorder.record("slow", "PENDING")
+    feed = Feed(hub, store, settings.keys, DEVELOPER, queue_limit=5, max_jobs=10)
+    assert await feed.watch("slow")
+    feed._job_sink(Resync(settings.keys.job_channel("slow")))
+    delivered: list[object] = []
+    await hub.subscribe(settings.keys.job_channel("slow"), delivered.append)
+    for step in range(46):
+        recorder.record("slow", "WORKING", progress={"step": step})
+    recorder.record("slow", "SUCCESS", result=None)
+    await wait_until(lambda: len(delivered) == 47, what="the hub delivers every live event")
+    assert feed._overflowed and not feed._inbox  # the final event went with the inbox
+    assert await drain(feed, "slow") == list(range(1, 49))
+    feed.close()
+
+
+async def test_queue_past_its_byte_limit_marks_the_client_too_slow(parts) -> None:  # type: ignore[no-untyped-def]
+    """Transitions are never coalesced, so a client that reads nothing while they keep
+    coming passes its byte limit: it is marked too slow and holds nothing more."""
+    hub, store, recorder, settings = parts
+    recorder.record("chatty", "PENDING")
+    feed = Feed(hub, store, settings.keys, DEVELOPER, queue_limit=5, max_jobs=10, max_bytes=4096)
+    told: list[str] = []
+    feed.on_too_slow = told.append
+    assert await feed.watch("chatty")
+    for step in range(60):
+        recorder.record("chatty", "A" if step % 2 else "B", progress={"pad": "x" * 100})
+    await wait_until(lambda: told, what="the feed gives up on its client")
+    assert told == [feed.too_slow] and "4096 bytes" in told[0] and feed.closing and feed.exhausted
+    assert feed.queued_bytes == 0 and feed.next_nowait() is None
+    assert hub.subscribers(settings.keys.job_channel("chatty")) == 0
 
 
 async def test_live_gap_is_backfilled(parts) -> None:  # type: ignore[no-untyped-def]
@@ -82,20 +138,45 @@ async def test_live_gap_is_backfilled(parts) -> None:  # type: ignore[no-untyped
     feed.close()
 
 
-async def test_trimmed_history_is_announced_as_a_gap(parts) -> None:  # type: ignore[no-untyped-def]
-    """Resuming from before the retained history says which seqs are gone, then continues."""
+async def test_history_trims_progress_never_transitions(parts) -> None:  # type: ignore[no-untyped-def]
+    """Past history_limit the oldest progress goes, never a transition nor the newest
+    progress of a state; a client resuming from before gets those, the trimmed ones
+    accounted for as coalesced."""
     hub, store, _, settings = parts
     recorder = Recorder(
-        redis.Redis.from_url(settings.redis_url), settings.model_copy(update=dict(history_limit=3))
+        redis.Redis.from_url(settings.redis_url), settings.model_copy(update=dict(history_limit=4))
     )
-    recorder.record("trimmed", "PENDING")
-    for step in range(4):
-        recorder.record("trimmed", "WORKING", progress={"step": step})
-    recorder.record("trimmed", "SUCCESS", result=None)  # seq 6; history keeps 4, 5, 6
+    recorder.record("trimmed", "PENDING")  # 1
+    for step in range(5):
+        recorder.record("trimmed", "WORKING", progress={"step": step})  # 2-6
+    for step in range(3):
+        recorder.record("trimmed", "CHECKING", progress={"step": step})  # 7-9
+    recorder.record("trimmed", "SUCCESS", result=None)  # 10
+    kept = recorder.client.zrange(settings.keys.history("trimmed"), 0, -1, withscores=True)
+    assert [int(score) for _, score in kept] == [1, 2, 6, 7, 9, 10]
     feed = Feed(hub, store, settings.keys, DEVELOPER, queue_limit=100, max_jobs=10)
     assert await feed.watch("trimmed", since=1)
-    items = [feed.next_nowait() for _ in range(5)]
-    assert items[0] == {"type": "gap", "job_id": "trimmed", "from": 2, "to": 3}
-    assert [i.seq for i in items[1:4]] == [4, 5, 6]  # type: ignore[union-attr]
-    assert items[4]["type"] == "subscribed"  # type: ignore[index]
+    items = [feed.next_nowait() for _ in range(4)]
+    assert [(i.delivery.seq, i.skipped) for i in items[:2]] == [(6, 4), (9, 2)]  # type: ignore[union-attr]
+    assert items[2].seq == 10  # type: ignore[union-attr]
+    assert items[3]["type"] == "subscribed"  # type: ignore[index]
+    feed.close()
+
+
+async def test_transitions_past_history_max_are_announced_as_a_gap(parts) -> None:  # type: ignore[no-untyped-def]
+    """A job that changes state without end keeps history_max events; resuming from before
+    them says which seqs are gone (a real gap, not coalesced progress)."""
+    hub, store, _, settings = parts
+    recorder = Recorder(
+        redis.Redis.from_url(settings.redis_url),
+        settings.model_copy(update=dict(history_limit=2, history_max=3)),
+    )
+    recorder.record("flip", "PENDING")
+    for step in range(4):
+        recorder.record("flip", "A" if step % 2 else "B")  # 2-5, each a transition
+    feed = Feed(hub, store, settings.keys, DEVELOPER, queue_limit=100, max_jobs=10)
+    assert await feed.watch("flip", since=1)
+    items = [feed.next_nowait() for _ in range(4)]
+    assert items[0] == {"type": "gap", "job_id": "flip", "from": 2, "to": 2}
+    assert [i.seq for i in items[1:4]] == [3, 4, 5]  # type: ignore[union-attr]
     feed.close()

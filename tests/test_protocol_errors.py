@@ -142,8 +142,18 @@ async def test_idle_socket_gets_welcome_then_heartbeats(settings: Settings, work
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ([], "body must be an object: {task, args?, kwargs?}"),
-        ({}, "task must be a task name (string)"),
+        ([], "body must be an object: {task?, args?, kwargs?, group?, callback?}"),
+        ({}, 'send either "task" (one job) or "group" (a group or chord), not both'),
+        (
+            {"task": "plain_sum", "group": [{"task": "plain_sum"}]},
+            'send either "task" (one job) or "group" (a group or chord), not both',
+        ),
+        ({"group": []}, "group: List should have at least 1 item after validation, not 0"),
+        ({"group": [{"task": "plain_sum"}, {"task": 3}]}, "group[1].task: Input should be a valid string"),
+        (
+            {"task": "plain_sum", "callback": {"task": "plain_sum"}},
+            '"callback" needs a "group" (it makes a chord)',
+        ),
         ({"task": 5}, "task must be a task name (string), got int"),
         ({"task": ""}, "task must be a task name (string)"),
         ({"task": "long_running_task", "args": {}}, "args must be a list, got dict"),

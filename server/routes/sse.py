@@ -17,6 +17,7 @@ part of any job's ordered stream); control messages (`subscribed`, `error`, `res
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -29,7 +30,7 @@ from starlette.routing import Route
 from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, JobwireError, Msg
 from jobwire.server import validation
 from jobwire.server.auth import Principal
-from jobwire.server.events import Delivery, FromAll
+from jobwire.server.events import Coalesced, Delivery, FromAll
 from jobwire.server.feed import Feed, reply_refused
 from jobwire.server.hub import HubUnavailable
 from jobwire.server.routes.jobs import path_job_id
@@ -106,9 +107,7 @@ async def job_events(request: Request) -> Response:
             return Response(status_code=204)
         await feed.watch(job_id, since, epoch)
     release = _also(release, _goodbye(svc, feed))
-    return _stream(
-        feed, svc.settings.heartbeat_interval, release, svc.metrics.sse_deliveries.inc, with_ids=True
-    )
+    return _stream(feed, svc, release, with_ids=True)
 
 
 async def events(request: Request) -> Response:
@@ -133,9 +132,7 @@ async def events(request: Request) -> Response:
     notices: list[dict[str, object]] = []
     reply_refused(refused, notices.append)
     release = _also(release, _goodbye(svc, feed))
-    return _stream(
-        feed, svc.settings.heartbeat_interval, release, svc.metrics.sse_deliveries.inc, notices=notices
-    )
+    return _stream(feed, svc, release, notices=notices)
 
 
 def _also(*calls: Callable[[], None]) -> Callable[[], None]:
@@ -150,17 +147,30 @@ def _control(message: dict[str, object]) -> str:
     return f"event: control\ndata: {orjson.dumps(message).decode()}\n\n"
 
 
+def _frame(item: Delivery | Coalesced, with_ids: bool) -> str:
+    event = item if isinstance(item, Delivery) else item.delivery
+    # `<epoch>:<seq>`: what EventSource sends back as Last-Event-ID
+    if isinstance(item, Coalesced) and item.from_all:
+        return f"event: all\ndata: {item.raw.decode()}\n\n"
+    if not with_ids:
+        return f"data: {item.raw.decode()}\n\n"
+    tag = f"{event.epoch}:{event.seq}" if event.epoch else str(event.seq)
+    return f"id: {tag}\ndata: {item.raw.decode()}\n\n"
+
+
 def _stream(
     feed: Feed,
-    heartbeat: float,
+    svc: Services,
     release: Callable[[], None],
-    delivered: Callable[[], None],
     *,
     with_ids: bool = False,
     notices: list[dict[str, object]] | None = None,
 ) -> StreamingResponse:
     """The feed as SSE. A single-job stream (`with_ids`) ends after the job's final event;
-    a multiplexed one ends with `end` once the feed is exhausted."""
+    a multiplexed one ends with `end` once the feed is exhausted. A client too slow to
+    keep (see `Feed`) has its stream ended without `end`: it reconnects and resumes."""
+    heartbeat, metrics = svc.settings.heartbeat_interval, svc.metrics
+    loop = asyncio.get_running_loop()
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -170,25 +180,27 @@ def _stream(
             while not feed.exhausted:
                 item = await feed.next(idle=heartbeat)
                 if item is None:
-                    yield ": keepalive\n\n"
-                elif isinstance(item, Delivery):
-                    delivered()
-                    # `<epoch>:<seq>`: what EventSource sends back as Last-Event-ID
-                    head = (
-                        f"id: {item.epoch}:{item.seq}\n"
-                        if with_ids and item.epoch
-                        else f"id: {item.seq}\n"
-                        if with_ids
-                        else ""
-                    )
-                    yield f"{head}data: {item.raw.decode()}\n\n"
-                    if with_ids and item.final:
-                        return
+                    text = ": keepalive\n\n"
                 elif isinstance(item, FromAll):
-                    yield f"event: all\ndata: {item.delivery.raw.decode()}\n\n"
+                    text = f"event: all\ndata: {item.delivery.raw.decode()}\n\n"
+                elif isinstance(item, (Delivery, Coalesced)):
+                    metrics.sse_deliveries.inc()
+                    if isinstance(item, Coalesced):
+                        metrics.coalesced.inc(item.skipped)
+                    text = _frame(item, with_ids)
                 elif not with_ids or item.get("type") == Msg.RESET:  # a reset matters to all
-                    yield _control(item)
-            if not with_ids and not feed.closing:
+                    text = _control(item)
+                else:
+                    continue
+                feed.sending_since = loop.time()
+                yield text
+                feed.sending_since = None
+                event = item.delivery if isinstance(item, Coalesced) else item
+                if with_ids and isinstance(event, Delivery) and event.final:
+                    return
+            if feed.too_slow is not None:
+                metrics.slow_closed.labels("sse").inc()
+            elif not with_ids and not feed.closing:
                 yield _control({"type": Msg.END})
         except RedisError as exc:
             # Too late for a status: say so, and end; the client resumes from its seqs.

@@ -39,7 +39,7 @@ from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobwireError, Msg, Op
 from jobwire.server import validation
 from jobwire.server.auth import Principal
 from jobwire.server.errors import redis_unreachable
-from jobwire.server.events import Delivery, FromAll
+from jobwire.server.events import Coalesced, Delivery, FromAll
 from jobwire.server.feed import Feed, Item, reply_refused
 from jobwire.server.hub import HubUnavailable
 from jobwire.server.limits import Pace
@@ -48,25 +48,55 @@ from jobwire.server.services import Services, services, user_key
 log = logging.getLogger(__name__)
 
 
-async def _send(ws: WebSocket, item: Item) -> None:
+def _text(item: Item) -> str:
     if isinstance(item, Delivery):
-        text = item.frame
-    elif isinstance(item, FromAll):
-        text = item.delivery.all_frame
-    else:
-        text = orjson.dumps(item).decode()
-    await ws.send_text(text)
+        return item.frame
+    if isinstance(item, FromAll):
+        return item.delivery.all_frame
+    if isinstance(item, Coalesced):
+        return item.frame
+    return orjson.dumps(item).decode()
 
 
-async def _run_until_first_done(ws: WebSocket, *coros: Awaitable[None]) -> None:
+async def _run_until_first_done(
+    ws: WebSocket, svc: Services, feed: Feed, principal: Principal, *coros: Awaitable[None]
+) -> None:
     """Run the socket's reader and writer; when one ends (disconnect, close), stop both.
 
-    If Redis fails mid-stream the socket is closed with 1013: the client reconnects and
-    resumes from its last seq, which loses nothing, where limping on could.
+    Two more reasons stop them, without a task of their own (an idle connection should
+    cost little): the token expiring (closed 4401: come back with a new one) and the
+    client too slow to keep (1013, see `Feed`: resume by seq). If Redis fails mid-stream
+    the socket is closed with 1013 too: the client reconnects and resumes from its last
+    seq, which loses nothing, where limping on could.
     """
     tasks = [asyncio.ensure_future(c) for c in coros]
+    stopped: list[tuple[int, str]] = []
+
+    def stop(code: int, reason: str) -> None:
+        stopped.append((code, reason))
+        for task in tasks:
+            task.cancel()
+
+    feed.on_too_slow = lambda reason: stop(Close.TRY_AGAIN_LATER, reason)
+    expiry = None
+    if principal.expires is not None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + principal.expires - time.time()
+        expiry = loop.call_at(when, stop, Close.UNAUTHENTICATED, "token expired")
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        # Stop the others before closing: the writer may be blocked in a send to a client
+        # too slow to read, and the close must not wait behind it.
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if stopped:
+            code, reason = stopped[0]
+            if code == Close.TRY_AGAIN_LATER:
+                log.info("closing websocket: %s", reason)
+                svc.metrics.slow_closed.labels("websocket").inc()
+            await _close(ws, code, reason)
+            return
         for task in done:
             exc = task.exception()
             if isinstance(exc, RedisError) and redis_unreachable(exc):
@@ -79,6 +109,9 @@ async def _run_until_first_done(ws: WebSocket, *coros: Awaitable[None]) -> None:
             elif exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):
                 raise exc
     finally:
+        feed.on_too_slow = None
+        if expiry is not None:
+            expiry.cancel()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -204,15 +237,6 @@ def _cost(msg: Any) -> float:
     return 1 + len(ids) / 100 if isinstance(ids, list) else 1
 
 
-async def _expire(ws: WebSocket, principal: Principal) -> None:
-    """Close the socket when its token expires: a client must come back with a new one."""
-    if principal.expires is None:
-        await asyncio.Event().wait()
-        return
-    await asyncio.sleep(max(0.0, principal.expires - time.time()))
-    await _close(ws, Close.UNAUTHENTICATED, "token expired")
-
-
 # -- /ws ---------------------------------------------------------------------------------
 
 
@@ -243,31 +267,43 @@ async def ws_multi(ws: WebSocket) -> None:
                 feed.post(exc.as_message())
 
     try:
-        pump = _pump(ws, feed, svc.settings.heartbeat_interval, svc.metrics.ws_deliveries.inc)
-        await _run_until_first_done(ws, read(), pump, _expire(ws, principal))
+        await _run_until_first_done(ws, svc, feed, principal, read(), _pump(ws, feed, svc))
     finally:
         feed.close()
         release()
 
 
-async def _pump(
-    ws: WebSocket,
-    feed: Feed,
-    heartbeat: float,
-    delivered: Callable[[], None],
-    *,
-    close_after_final: bool = False,
-) -> None:
+async def _pump(ws: WebSocket, feed: Feed, svc: Services, *, close_after_final: bool = False) -> None:
     """The socket's only writer (so frames never interleave): the feed's events and
-    replies, and a heartbeat when idle. A burst is drained without a wait per event."""
+    replies, and a heartbeat when idle. A burst is drained without a wait per event.
+    While a send is blocked, `feed.sending_since` says since when (see `StallWatch`)."""
+    heartbeat, delivered, coalesced = (
+        svc.settings.heartbeat_interval,
+        svc.metrics.ws_deliveries.inc,
+        svc.metrics.coalesced.inc,
+    )
+    loop = asyncio.get_running_loop()
+    # The ASGI send itself: Starlette's WebSocket.send re-checks the socket's state on
+    # every call, a real share of the cost of a delivery. An event's message is built
+    # once and shared by every watcher (`Delivery.message`).
+    send = ws._send
     while True:
         item = await feed.next(idle=heartbeat)
         if item is None:
             item = {"type": Msg.HEARTBEAT, "ts": time.time()}
         while item is not None:
-            await _send(ws, item)
+            feed.sending_since = loop.time()
+            if isinstance(item, Delivery):
+                await send(item.message)
+            else:
+                await send({"type": "websocket.send", "text": _text(item)})
+            feed.sending_since = None
             if isinstance(item, (Delivery, FromAll)):
                 delivered()
+            elif isinstance(item, Coalesced):
+                delivered()
+                coalesced(item.skipped)
+                item = item.delivery
             if close_after_final and isinstance(item, Delivery) and item.final:
                 await ws.close(Close.NORMAL, "job finished")
                 return
@@ -376,10 +412,8 @@ async def ws_job(ws: WebSocket) -> None:
                 except JobwireError:
                     pass
 
-        pump = _pump(
-            ws, feed, svc.settings.heartbeat_interval, svc.metrics.ws_deliveries.inc, close_after_final=True
-        )
-        await _run_until_first_done(ws, read(), pump, _expire(ws, principal))
+        pump = _pump(ws, feed, svc, close_after_final=True)
+        await _run_until_first_done(ws, svc, feed, principal, read(), pump)
     finally:
         feed.close()
         release()
