@@ -21,7 +21,16 @@ from jobwire.server.schemas import (
     LimitRequest,
     ScaleRequest,
     SubmitRequest,
+    TaskCall,
 )
+
+_REF = "#/components/schemas/{model}"
+
+
+def _without_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's schema whose nested models are components of their own (see `_REF`)."""
+    schema.pop("$defs", None)
+    return schema
 
 
 def _path_param(name: str, **schema: Any) -> dict[str, Any]:
@@ -59,7 +68,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/tasks": {"get": _op("Tasks that may be submitted", 200, "{tasks: [{name, description}]}")},
     "/api/v1/jobs": {
         "post": _op(
-            "Submit an allow-listed task",
+            "Submit an allow-listed task, or a group or chord of them (one job)",
             202,
             "{job_id, status, task, links}",
             413,
@@ -95,6 +104,19 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/api/v1/jobs/{job_id}/history": {
         "get": _op("Events after `since`", 200, "{job_id, events}", 404, params=[_JOB_ID, _SINCE])
+    },
+    "/api/v1/jobs/{job_id}/children": {
+        "get": _op(
+            "A group's or chord's children, in submit order, with their status",
+            200,
+            "{job_id, total, offset, children: [{job_id, status, ready, seq, epoch}]}",
+            404,
+            params=[
+                _JOB_ID,
+                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+            ],
+        )
     },
     "/api/v1/jobs/{job_id}/result": {
         "get": _op(
@@ -246,7 +268,8 @@ def document() -> dict[str, Any]:
         "components": {
             "schemas": {
                 "Error": error,
-                "SubmitRequest": SubmitRequest.model_json_schema(),
+                "SubmitRequest": _without_defs(SubmitRequest.model_json_schema(ref_template=_REF)),
+                "TaskCall": TaskCall.model_json_schema(),
                 "BatchStatusRequest": BatchStatusRequest.model_json_schema(),
                 "LimitRequest": LimitRequest.model_json_schema(),
                 "CeleryLimitRequest": CeleryLimitRequest.model_json_schema(),

@@ -9,21 +9,59 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from jobwire.protocol import MAX_JSON_DEPTH, JobwireError
+from jobwire.protocol import MAX_GROUP_CHILDREN, MAX_JSON_DEPTH, JobwireError
 
 Model = TypeVar("Model", bound=BaseModel)
 
 
-class SubmitRequest(BaseModel):
-    """`POST /api/v1/jobs`: one allow-listed task with its arguments."""
+class TaskCall(BaseModel):
+    """One allow-listed task with its arguments."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     task: str = Field(min_length=1, description="an allow-listed task name (GET /api/v1/tasks)")
     args: list[Any] = Field(default_factory=list, description="positional arguments")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments")
+
+
+class SubmitRequest(BaseModel):
+    """`POST /api/v1/jobs`: one task, or a group of tasks (a chord, with a callback). A
+    group is one job whose progress is its children's: done, failed, total."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    task: str | None = Field(
+        default=None, min_length=1, description="an allow-listed task name (GET /api/v1/tasks)"
+    )
+    args: list[Any] = Field(default_factory=list, description="positional arguments")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments")
+    group: list[TaskCall] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_GROUP_CHILDREN,
+        description=f"tasks run in parallel as one job (at most {MAX_GROUP_CHILDREN})",
+    )
+    callback: TaskCall | None = Field(
+        default=None, description="with group: a chord's callback, given the children's results"
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SubmitRequest:
+        if (self.task is None) == (self.group is None):
+            raise ValueError('send either "task" (one job) or "group" (a group or chord), not both')
+        if self.callback is not None and self.group is None:
+            raise ValueError('"callback" needs a "group" (it makes a chord)')
+        if self.group is not None and (self.args or self.kwargs):
+            raise ValueError('with "group", give each task its own "args" and "kwargs"')
+        return self
+
+    def calls(self) -> list[TaskCall]:
+        """Every task this submit sends (for the allow-list check)."""
+        if self.group is None:
+            return [TaskCall(task=self.task or "", args=self.args, kwargs=self.kwargs)]
+        return [*self.group, *([self.callback] if self.callback else [])]
 
 
 class BatchStatusRequest(BaseModel):
@@ -89,6 +127,13 @@ def parse(model: type[Model], body: Any) -> Model:
         unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
         if unknown:
             raise JobwireError("invalid_request", f"unknown fields: {', '.join(unknown)}") from None
+        if errors[0]["type"] == "value_error" and not errors[0]["loc"]:
+            raise JobwireError("invalid_request", str(errors[0]["ctx"]["error"])) from None
+        if len(errors[0]["loc"]) > 1:  # inside a group: name the item, e.g. group[3].task
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in errors[0]["loc"][1:])
+            raise JobwireError(
+                "invalid_request", f"{errors[0]['loc'][0]}{path}: {errors[0]['msg']}"
+            ) from None
         field = str(errors[0]["loc"][0]) if errors[0]["loc"] else "body"
         if field in body and field in _EXPECTED and errors[0]["type"].endswith("_type"):
             got = type(body[field]).__name__

@@ -67,6 +67,7 @@ function trimRows() {
 }
 
 function apply(event) {
+  if (event.parent) return; // a group's child: shown under its group, not as a row
   const job = jobFor(event.job_id, { task: event.task, created: event.ts });
   if (job.events.has(event.seq)) return;
   job.events.set(event.seq, event);
@@ -135,8 +136,12 @@ function render(job) {
 
   const p = job.progress || {};
   const step = p.step != null && p.total != null ? ` (${p.step}/${p.total})` : "";
-  $(".description", el).textContent =
-    job.state === "SUCCESS" ? "Completed" : final ? "" : waitingText(job) || (p.description || "") + step;
+  const aggregate = p.done != null && p.total != null; // a group or chord: its children's count
+  $(".description", el).textContent = aggregate
+    ? `${p.done} of ${p.total} done` + (p.failed ? `, ${p.failed} failed` : "") +
+      (job.state === "CALLBACK" ? " · running the callback" : "")
+    : job.state === "SUCCESS" ? "Completed" : final ? "" : waitingText(job) || (p.description || "") + step;
+  renderChildren(job, aggregate ? p.total : 0);
   $(".elapsed", el).textContent = elapsed(job);
 
   const outcome = $(".outcome", el);
@@ -167,6 +172,51 @@ function render(job) {
 // The timeline shows transitions: a run of events in the same state (progress updates)
 // is one entry that keeps the latest detail and counts the updates. Only entries that
 // changed are touched, so thousands of progress events stay cheap to render.
+// A group's children sit under its aggregate bar, collapsed when there are many, and are
+// fetched when opened (a page of them: a group may have thousands).
+const CHILDREN_SHOWN = 50;
+
+function renderChildren(job, total) {
+  const box = $(".children", job.el);
+  box.hidden = total === 0;
+  if (total === 0) return;
+  $("summary", box).textContent = `${total} ${job.task === "chord" ? "chord tasks" : "children"}`;
+  if (!job.childrenWired) {
+    job.childrenWired = true;
+    if (total <= 10) box.open = true;
+    box.addEventListener("toggle", () => box.open && loadChildren(job));
+  }
+  const now = Date.now();
+  if (box.open && (FINAL.has(job.state) || !job.childrenAt || now - job.childrenAt > 1000)) loadChildren(job);
+}
+
+async function loadChildren(job) {
+  job.childrenAt = Date.now();
+  const box = $(".children", job.el);
+  let page;
+  try {
+    page = await api(`/api/v1/jobs/${encodeURIComponent(job.id)}/children?limit=${CHILDREN_SHOWN}`);
+  } catch {
+    return; // shown again on the next event
+  }
+  const items = page.children.map((child) => {
+    const li = document.createElement("li");
+    const id = document.createElement("code");
+    id.textContent = child.job_id;
+    const badge = document.createElement("span");
+    badge.className = "badge state";
+    badge.textContent = badge.dataset.state = child.status;
+    li.append(badge, id);
+    return li;
+  });
+  if (page.total > page.children.length) {
+    const more = document.createElement("li");
+    more.textContent = `… and ${page.total - page.children.length} more`;
+    items.push(more);
+  }
+  $(".child-list", box).replaceChildren(...items);
+}
+
 function renderTimeline(job, timeline) {
   const events = [...job.events.values()].sort((a, b) => a.seq - b.seq);
   const runs = [];
@@ -174,9 +224,9 @@ function renderTimeline(job, timeline) {
     const last = runs[runs.length - 1];
     if (last && last.state === e.state && e.state !== "RETRY" && e.state !== "STARTED") {
       last.latest = e;
-      last.count += 1;
+      last.count += 1 + (e.coalesced || 0); // it stands for the updates coalesced into it
     } else {
-      runs.push({ state: e.state, first: e, latest: e, count: 1 });
+      runs.push({ state: e.state, first: e, latest: e, count: 1 + (e.coalesced || 0) });
     }
   }
   const start = events.length ? events[0].ts : 0;
@@ -253,7 +303,8 @@ const client = new JobwireClient({
   upgradeInterval: params.get("upgrade") ? Number(params.get("upgrade")) : undefined,
   onEvent: apply,
   onStatus: showConnection,
-  onNewJob: (id) => {
+  onNewJob: (id, info) => {
+    if (info.parent) return; // a group's child: listed under its group
     jobFor(id);
     client.subscribe([id]);
   },
@@ -338,7 +389,8 @@ $("#submit-form").addEventListener("submit", async (e) => {
 });
 
 async function loadRecent() {
-  const { jobs: recent } = await api("/api/v1/jobs?limit=50");
+  const { jobs: listed } = await api("/api/v1/jobs?limit=50");
+  const recent = listed.filter((snap) => !snap.parent); // children show under their group
   for (const snap of recent.reverse()) {
     const job = jobFor(snap.job_id, { task: snap.task, created: snap.created_at });
     if (!job.seq) {

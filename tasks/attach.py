@@ -63,6 +63,8 @@ def _same_redis(app: Celery, settings: Settings, backend_url: str, explicit_url:
     """jobwire's Redis must be the backend's: one script writes both, and a script sees
     one database of one server."""
     params: dict[str, Any] = getattr(app.backend, "connparams", {})
+    if settings.redis_cluster:  # jobwire's events on a cluster, Celery's results beside it
+        return settings
     if "host" not in params:  # sentinel or a unix socket: trust the settings
         return settings
     if not explicit_url:

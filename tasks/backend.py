@@ -20,6 +20,8 @@ from typing import Any
 from celery import states
 from celery.backends.redis import RedisBackend, SentinelBackend
 
+from jobwire.protocol import error_from_celery
+
 #: Celery's own states; anything else a task stores is a custom (progress) state.
 CELERY_STATES = frozenset(states.ALL_STATES) | {states.IGNORED}
 
@@ -38,11 +40,28 @@ class JobwireBackendMixin:
             result = offload(self.app, task_id, result)  # type: ignore[attr-defined]
             if request is not None:
                 request.jobwire_result = result
+        same_job = request is not None and getattr(request, "id", None) == task_id
+        if same_job and state in (states.SUCCESS, states.FAILURE) and getattr(request, "chord", None):
+            # A chord's header task: its end must count in the chord before Celery, right
+            # after this write, runs the callback (or fails it). The signal, which records
+            # other tasks' ends, then knows it is done (`jobwire_final_recorded`).
+            from jobwire.tasks.recorder import Recorder
+
+            fields = {"result": result} if state == states.SUCCESS else {"error": error_from_celery(result)}
+            Recorder.for_app(self.app).record(task_id, state, task=getattr(request, "task", None), **fields)  # type: ignore[attr-defined]
+            request.jobwire_final_recorded = True
         if state in CELERY_STATES:
-            return super()._store_result(task_id, result, state, traceback, request, **kwargs)  # type: ignore[misc]
+            stored = super()._store_result(task_id, result, state, traceback, request, **kwargs)  # type: ignore[misc]
+            if state == states.FAILURE and not same_job:
+                # Celery failing a task that never ran: a chord's callback after a header
+                # task failed (ChordError). No signal tells of it; this write is the news.
+                from jobwire.tasks.recorder import Recorder
+
+                error = error_from_celery(result)
+                Recorder.for_app(self.app).record(task_id, state, error=error)  # type: ignore[attr-defined]
+            return stored
         from jobwire.tasks.recorder import Recorder
 
-        same_job = request is not None and getattr(request, "id", None) == task_id
         task = getattr(request, "task", None) if same_job else None
         Recorder.for_app(self.app).record_state(task_id, state, result, request, task=task)  # type: ignore[attr-defined]
         return result

@@ -19,7 +19,10 @@ def create_demo_app(settings: Settings | None = None) -> Celery:
     prefix, and `attach()`ed. `JOBWIRE_DEMO_QUEUE` names its queue (tests give each
     broker run a queue of its own)."""
     settings = settings or Settings.from_env()
-    app = Celery("jobwire-demo", broker=settings.effective_broker_url, backend=settings.redis_url)
+    # Celery's Redis backend does not support Redis Cluster: with jobwire's events on a
+    # cluster, the demo keeps Celery's results on its broker's (standalone) Redis.
+    backend = settings.effective_broker_url if settings.redis_cluster else settings.redis_url
+    app = Celery("jobwire-demo", broker=settings.effective_broker_url, backend=backend)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -37,9 +37,17 @@ from celery.signals import (
     worker_ready,
 )
 
-from jobwire.protocol import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS
+from jobwire.protocol import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, error_from_celery
 from jobwire.tasks import registry
-from jobwire.tasks.recorder import SUBJECT_HEADER, TENANT_HEADER, Owner, Recorder
+from jobwire.tasks.recorder import (
+    PARENT_HEADER,
+    ROLE_HEADER,
+    SUBJECT_HEADER,
+    TENANT_HEADER,
+    Owner,
+    Parent,
+    Recorder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +81,6 @@ def _user_task(name: str | None) -> bool:
     return bool(name) and not str(name).startswith("celery.")
 
 
-def _error(exc: BaseException) -> dict[str, str]:
-    """What clients learn of a failure: the type and message, never the traceback."""
-    return {"type": type(exc).__name__, "message": str(exc)}
-
-
 def _safely(fn: Callable[..., None]) -> Callable[..., None]:
     """Signal handlers must never break the task or the publish they observe."""
 
@@ -103,7 +106,8 @@ def _on_publish(sender: str | None = None, headers: dict[str, Any] | None = None
     recorder = Recorder.for_app(app)
     retries = int(headers.get("retries") or 0)
     if retries == 0:
-        recorder.record(job_id, PENDING, task=name, only_if_new=True, owner=_owner(headers))
+        owner, parent = _owner(headers), _parent(headers)
+        recorder.record(job_id, PENDING, task=name, only_if_new=True, owner=owner, parent=parent)
         return
     eta = headers.get("eta")
     countdown = None
@@ -119,8 +123,14 @@ def _on_publish(sender: str | None = None, headers: dict[str, Any] | None = None
         RETRY,
         task=name,
         retry={"attempt": retries, "countdown": countdown, "eta": eta},
-        error=_error(exc) if exc is not None else None,
+        error=error_from_celery(exc) if exc is not None else None,
     )
+
+
+def _parent(headers: dict[str, Any]) -> Parent | None:
+    """The group or chord the job was submitted in (the server's group submit sets it)."""
+    parent = headers.get(PARENT_HEADER)
+    return Parent(str(parent), str(headers.get(ROLE_HEADER) or "child")) if parent else None
 
 
 def _owner(headers: dict[str, Any]) -> Owner | None:
@@ -148,6 +158,8 @@ def _on_success(sender: Task | None = None, result: Any = None, **_: Any) -> Non
     if sender is None or not _tracked(sender) or sender.request.id is None:
         return
     # The reference, when the backend stored a big result in object storage.
+    if getattr(sender.request, "jobwire_final_recorded", False):
+        return  # a chord's header task: recorded when its result was stored
     result = getattr(sender.request, "jobwire_result", result)
     Recorder.for_app(sender.app).record(sender.request.id, SUCCESS, result=result, task=sender.name)
 
@@ -161,7 +173,9 @@ def _on_failure(
 ) -> None:
     if sender is None or task_id is None or not _tracked(sender):
         return
-    error = _error(exception) if exception is not None else {"type": "Error", "message": ""}
+    if getattr(sender.request, "jobwire_final_recorded", False):
+        return  # a chord's header task: recorded when its failure was stored
+    error = error_from_celery(exception) if exception is not None else {"type": "Error", "message": ""}
     Recorder.for_app(sender.app).record(task_id, FAILURE, error=error, task=sender.name)
 
 

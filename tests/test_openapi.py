@@ -19,6 +19,9 @@ async def test_openapi_describes_every_route(server: RunningServer) -> None:
     described = {path: set(ops) for path, ops in doc["paths"].items()}
     assert described == served
     submit = doc["paths"]["/api/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert doc["components"]["schemas"][submit["$ref"].rsplit("/", 1)[1]]["required"] == ["task"]
+    schema = doc["components"]["schemas"][submit["$ref"].rsplit("/", 1)[1]]
+    assert {"task", "group", "callback"} <= set(schema["properties"])
+    group_items = schema["properties"]["group"]["anyOf"][0]["items"]["$ref"]
+    assert doc["components"]["schemas"][group_items.rsplit("/", 1)[1]]["required"] == ["task"]
     codes = doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"]
     assert {"job_not_found", "unauthenticated", "rate_limited", "unsupported_media_type"} <= set(codes)

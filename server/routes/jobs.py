@@ -19,7 +19,7 @@ from jobwire.server import schemas, validation
 from jobwire.server.auth import Principal
 from jobwire.server.errors import JSON
 from jobwire.server.services import Services, services, user_key
-from jobwire.tasks.control import revoke_job, submit
+from jobwire.tasks.control import Call, revoke_job, submit, submit_group
 from jobwire.tasks.recorder import Owner
 
 
@@ -85,10 +85,12 @@ async def submit_job(request: Request) -> Response:
     svc, principal = caller(request)
     full_access(principal, "submit jobs")
     req = schemas.parse(schemas.SubmitRequest, await read_json(request))
-    name, args, kwargs = req.task, req.args, req.kwargs
-    if name not in svc.settings.submittable:
-        allowed = ", ".join(svc.settings.submittable) or "none"
-        raise JobwireError("task_not_allowed", f"task {name!r} is not submittable; allowed: {allowed}")
+    for call in req.calls():
+        if call.task not in svc.settings.submittable:
+            allowed = ", ".join(svc.settings.submittable) or "none"
+            raise JobwireError(
+                "task_not_allowed", f"task {call.task!r} is not submittable; allowed: {allowed}"
+            )
     per_minute = svc.settings.submits_per_minute
     user = user_key(principal) or "developer"
     taken = await svc.buckets.take(f"submit:{user}", rate=per_minute / 60, capacity=per_minute)
@@ -98,9 +100,19 @@ async def submit_job(request: Request) -> Response:
     job_id = str(uuid.uuid4())
     owner = Owner(principal.tenant, principal.subject) if principal.tenant else None
     try:
-        # The PENDING event (with its owner) is recorded by the publish signal, before the
-        # message leaves; submit() removes it again if the message does not leave.
-        await run_in_threadpool(submit, svc.celery, name, args, kwargs, job_id, owner)
+        if req.group is None:
+            name = req.task or ""
+            # The PENDING event (with its owner) is recorded by the publish signal, before
+            # the message leaves; submit() removes it again if the message does not leave.
+            await run_in_threadpool(submit, svc.celery, name, req.args, req.kwargs, job_id, owner)
+        else:
+            name = "chord" if req.callback else "group"
+            children = [Call(c.task, c.args, c.kwargs, str(uuid.uuid4())) for c in req.group]
+            callback = None
+            if req.callback is not None:
+                cb = req.callback
+                callback = Call(cb.task, cb.args, cb.kwargs, str(uuid.uuid4()))
+            await run_in_threadpool(submit_group, svc.celery, job_id, children, callback, owner)
     except OperationalError as exc:
         raise JobwireError("broker_unavailable", f"could not queue the job: {exc}") from None
     except (EncodeError, TypeError, ValueError) as exc:
@@ -180,6 +192,21 @@ async def revoke(request: Request) -> Response:
     raise JobwireError("job_finished", f"job {job_id!r} already finished with {snapshot['status']}")
 
 
+async def job_children(request: Request) -> Response:
+    """A group's or chord's children, in submit order, with their status: `?offset&limit`
+    (at most JOBWIRE_BATCH_MAX_IDS a page)."""
+    svc, principal = caller(request)
+    job_id = path_job_id(request)
+    await svc.store.require(job_id, principal)
+    offset = validation.seq(request.query_params.get("offset", "0"), field="offset")
+    limit = validation.seq(request.query_params.get("limit", "100"), field="limit")
+    limit = max(1, min(limit, svc.settings.batch_max_ids))
+    total, ids = await svc.store.children(job_id, offset, limit)
+    statuses = await svc.store.batch_status(ids, principal) if ids else {}
+    children = [{"job_id": child, **statuses[child]} for child in ids]
+    return JSON({"job_id": job_id, "total": total, "offset": offset, "children": children})
+
+
 async def link_token(request: Request) -> Response:
     """A short-lived token that may watch this one job: hand it to a browser."""
     svc, principal = caller(request)
@@ -199,5 +226,6 @@ routes = [
     Route("/api/v1/jobs/{job_id}", job_status, methods=["GET"], name="job_status"),
     Route("/api/v1/jobs/{job_id}", revoke, methods=["DELETE"]),
     Route("/api/v1/jobs/{job_id}/history", job_history, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id}/children", job_children, methods=["GET"]),
     Route("/api/v1/jobs/{job_id}/token", link_token, methods=["POST"]),
 ]
