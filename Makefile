@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test browser lint format bench clean
+.PHONY: install run test browser lint format bench bench-quick clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -49,8 +49,26 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: install
-	$(PY) -m benchmarks.fanout
+# The peers jobwire is compared with run in a virtualenv of their own, pinned to versions
+# that work together: broadcaster 0.3.1 delivers nothing to a lone first subscriber with
+# redis-py 8 (its asyncio PubSub records a channel only after subscribe() yields), so it
+# gets redis-py 5.2.1 there.
+PEERS := .venv-peers
+$(PEERS)/.installed-stamp:
+	python3 -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet "broadcaster==0.3.1" "redis==5.2.1" "python-socketio==5.18.1" \
+		"starlette==1.10.0" "uvicorn[standard]==0.54.0" "websockets==17.4"
+	touch $@
+
+# Not part of `make test`: jobwire and its peers in the same run; writes docs/benchmarks.json,
+# docs/benchmarks-compare.md and docs/bench-cpu.png. bench-quick: one short run.
+bench: install $(PEERS)/.installed-stamp
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) -m benchmarks.compare
+
+bench-quick: install $(PEERS)/.installed-stamp
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) -m benchmarks.compare --quick
 
 clean:
-	rm -rf $(VENV) .run .pytest_cache
+	rm -rf $(VENV) $(PEERS) .run .pytest_cache

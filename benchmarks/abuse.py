@@ -31,7 +31,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import orjson
 import redis
@@ -39,6 +38,7 @@ import websockets
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.procs import wait_ready
 from jobwire.settings import Settings
 from jobwire.tasks.recorder import Recorder
 from tests.support import free_port, redis_server
@@ -150,11 +150,7 @@ async def run(clients: int, seconds: float) -> None:
         )
         url = f"http://127.0.0.1:{port}"
         for base in (url, f"http://127.0.0.1:{other_port}"):
-            for _ in range(200):
-                with contextlib.suppress(OSError):
-                    if urllib.request.urlopen(f"{base}/readyz", timeout=1).status == 200:
-                        break
-                time.sleep(0.1)
+            wait_ready(f"{base}/readyz")
         stop_pub = threading.Event()
         pub = threading.Thread(target=publisher, args=(settings, stop_pub), daemon=True)
         pub.start()

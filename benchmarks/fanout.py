@@ -16,23 +16,16 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 
 import orjson
 import websockets
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.procs import cpu_seconds, wait_ready
 from jobwire.settings import Settings
 from jobwire.tasks.recorder import Recorder
 from tests.support import ROOT, free_port, redis_server
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
 async def client(url: str, job_id: str, expect: int, latencies: list[float]) -> int:
@@ -84,13 +77,7 @@ async def run(clients: int, events: int, rate: float) -> None:
             env=env,
         )
         try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(100):
-                try:
-                    urllib.request.urlopen(f"{url}/readyz", timeout=1)
-                    break
-                except OSError:
-                    time.sleep(0.1)
+            wait_ready(f"http://127.0.0.1:{port}/readyz")
             recorder = Recorder(redis.client(), settings)
             job_id = "bench"
             recorder.record(job_id, "PENDING")
