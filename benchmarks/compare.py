@@ -521,9 +521,10 @@ async def main_async(args: argparse.Namespace) -> None:
     results: list[Result] = []
     with redis_server() as server:
         for run in range(args.runs):
-            for key, scenario in SCENARIOS.items():
+            for key in args.scenarios:
+                scenario = SCENARIOS[key]
                 sc = Scenario(scenario.name, scenario.clients, scenario.jobs, scenario.rate, seconds)
-                for peer_cls in PEERS:
+                for peer_cls in (p for p in PEERS if p.name in args.peers):
                     result = await run_one(peer_cls, sc, server.url)
                     results.append(result)
                     print(f"run {run + 1} {key:9} {peer_cls.name:16} {result.summary()}", flush=True)
@@ -538,6 +539,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="3-second scenarios, one run (under 2 minutes)")
     p.add_argument("--runs", type=int, default=None)
     p.add_argument("--out", default="docs")
+    p.add_argument("--peers", nargs="+", default=[p.name for p in PEERS], choices=[p.name for p in PEERS])
+    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     args = p.parse_args()
     if args.runs is None:
         args.runs = 1 if args.quick else 3

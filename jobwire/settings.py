@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     client_queue_limit: Annotated[int, Field(ge=1)] = 1000  # events buffered per client before a resync
     send_buffer_bytes: Annotated[int, Field(ge=1024)] = 1 << 20  # queued for one client before 1013
     stall_timeout: Annotated[float, Field(gt=0)] = 30.0  # seconds a client may accept nothing before 1013
+    # The kernel's send buffer per websocket (SO_SNDBUF; 0 leaves it to the kernel, which
+    # grows it to megabytes): what a slow reader has not taken waits in jobwire's queue,
+    # where progress is coalesced, not in the kernel as a stale backlog.
+    socket_send_buffer: Annotated[int, Field(ge=0)] = 64 * 1024
     redis_max_connections: Annotated[int, Field(ge=2)] = (
         64  # server's pool for reads; requests queue beyond it
     )

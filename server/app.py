@@ -22,6 +22,7 @@ from jobwire.server.auth import Auth, RedactTokens
 from jobwire.server.bridge import Bridge
 from jobwire.server.celery_app import load_celery_app
 from jobwire.server.cluster_hub import ClusterHub
+from jobwire.server.direct import RawSend
 from jobwire.server.errors import EXCEPTION_HANDLERS
 from jobwire.server.hub import Fanout, Hub
 from jobwire.server.limits import Connections, HeaderLimit
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if STATIC_DIR.is_dir():
         routes.append(Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="static"))
     middleware = [
+        Middleware(RawSend),  # first: it must see the server's own send (see server.direct)
         Middleware(HeaderLimit, limit=settings.max_header_bytes),
         Middleware(
             CORSMiddleware,

@@ -38,6 +38,16 @@ class Delivery:
         return {"type": "websocket.send", "text": self.frame}
 
     @cached_property
+    def ws_frame(self) -> bytes:
+        """`frame` as a websocket frame on the wire, for `server.direct`: a server's frames
+        are not masked, so these bytes are the same for every watcher."""
+        return ws_frame(self.frame)
+
+    @cached_property
+    def all_ws_frame(self) -> bytes:
+        return ws_frame(self.all_frame)
+
+    @cached_property
     def all_frame(self) -> str:
         """The frame for the all-jobs stream, marked `"stream": "all"`.
 
@@ -89,3 +99,17 @@ class Resync:
     authoritative, so nothing is lost."""
 
     channel: str
+
+
+def ws_frame(text: str) -> bytes:
+    """An unmasked, unfragmented text frame (RFC 6455, section 5.2): FIN and opcode 1,
+    then the payload's length in 7, 16 or 64 bits."""
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, n))
+    elif n < 1 << 16:
+        head = b"\x81\x7e" + n.to_bytes(2, "big")
+    else:
+        head = b"\x81\x7f" + n.to_bytes(8, "big")
+    return head + payload

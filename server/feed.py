@@ -80,6 +80,10 @@ class Feed:
         self.too_slow: str | None = None  # why the client must be closed, once it must
         self.on_too_slow: Callable[[str], None] | None = None  # the transport's, to close it
         self.sending_since: float | None = None  # set by the transport while a send is blocked
+        # The transport's direct write of a ready-made frame (see `server.direct`), used
+        # only when nothing waits in the queue or is being sent, so the order holds.
+        self.write_now: Callable[[bytes, int], bool] | None = None
+        self.write_finals = True  # False: a final event goes through the queue (to close after it)
         # Set while the writer sleeps: a future per sleep, not an asyncio.Event per feed,
         # because an idle connection should cost as little as possible.
         self._waiter: asyncio.Future[None] | None = None
@@ -337,6 +341,15 @@ class Feed:
     def _enqueue_event(self, event: Delivery, skipped: int, from_all: bool) -> None:
         """Queue `event`, in place of the job's waiting event when that one is replaceable:
         same state and epoch, not final (see `_Slot`)."""
+        if (
+            self.write_now is not None
+            and not self._out
+            and self.sending_since is None
+            and not skipped
+            and (self.write_finals or not event.final)
+            and self.write_now(event.all_ws_frame if from_all else event.ws_frame, 1)
+        ):
+            return
         merge = self._merge_all if from_all else self._merge
         job_id = event.job_id
         slot = merge.get(job_id)

@@ -123,6 +123,7 @@ class Hub:
         self._sent: set[str] = set()  # SUBSCRIBE sent on the current connection
         self._waiters: dict[str, deque[asyncio.Future[None] | None]] = {}  # per SUBSCRIBE sent
         self._resync: set[str] = set()  # channels to resync once re-confirmed
+        self._changed: set[str] = set()  # channels gained or lost since the last sync
         self._dirty = asyncio.Event()
         self._pubsub: PubSub | None = None
         self._task: asyncio.Task[None] | None = None
@@ -169,6 +170,7 @@ class Hub:
                 else:
                     ready.set_result(None)
             else:
+                self._changed.add(channel)
                 self._dirty.set()
         sinks.add(sink)
         ready = self._ready[channel]
@@ -199,6 +201,7 @@ class Hub:
             if not ready.done():
                 ready.cancel()
             self._resync.discard(channel)
+            self._changed.add(channel)
             self._dirty.set()
 
     def subscribers(self, channel: str) -> int:
@@ -248,6 +251,7 @@ class Hub:
         """After a disconnect nothing is subscribed: re-arm every channel."""
         self._sent.clear()
         self._waiters.clear()
+        self._changed.update(self._sinks)
         loop = asyncio.get_running_loop()
         for channel, ready in list(self._ready.items()):
             if ready.done():
@@ -285,9 +289,12 @@ class Hub:
                     raise ConnectionError("no reply from Redis to PING")
                 await _send(pubsub, "PING")
                 next_ping = loop.time() + self._ping_interval
-            wanted = self._sinks.keys()
-            gone = [ch for ch in self._sent if ch not in wanted]
-            new = [ch for ch in wanted if ch not in self._sent]
+            # Only what changed since the last pass: a job ending costs O(1) here, not a
+            # scan of every channel (a thousand jobs ending would be quadratic).
+            changed, self._changed = self._changed, set()
+            wanted, sent = self._sinks, self._sent
+            gone = [ch for ch in changed if ch in sent and ch not in wanted]
+            new = [ch for ch in changed if ch in wanted and ch not in sent]
             # State changes before the await: concurrent changes then see them, and a
             # failed send is undone wholesale by _forget_connection().
             self._sent.difference_update(gone)

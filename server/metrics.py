@@ -18,6 +18,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 
+class Tally:
+    """A count on the hottest path (a frame written straight to a socket, see
+    `server.direct`): a plain int, added to its Counter at scrape time, because a
+    prometheus-client Counter takes a lock per increment."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def take(self) -> int:
+        n, self.n = self.n, 0
+        return n
+
+
 class Metrics:
     """The server's metrics (see module docstring)."""
 
@@ -31,6 +46,12 @@ class Metrics:
         )
         self.ws_deliveries = deliveries.labels("websocket")
         self.sse_deliveries = deliveries.labels("sse")
+        self.ws_written = Tally()  # websocket deliveries written directly, not yet counted below
+        self.direct_writes = Counter(
+            "jobwire_direct_writes",
+            "Websocket deliveries written as ready-made frames (from the hub's dispatch, or joined)",
+            registry=self.registry,
+        )
         self._events = Counter(
             "jobwire_events", "Job events received from Redis, by state", ["state"], registry=self.registry
         )
@@ -61,6 +82,12 @@ class Metrics:
         )
         self._by_state: dict[str, Any] = {}
 
+    def flush(self) -> None:
+        """Add the plain counts to their Counters (at scrape time)."""
+        written = self.ws_written.take()
+        self.ws_deliveries.inc(written)
+        self.direct_writes.inc(written)
+
     def event(self, state: str) -> None:
         counter = self._by_state.get(state)
         if counter is None:
@@ -76,6 +103,7 @@ class Metrics:
 
 async def metrics(request: Request) -> Response:
     svc = request.app.state.jobwire
+    svc.metrics.flush()
     svc.metrics.hub_reconnects.set(svc.hub.reconnects)
     started = time.perf_counter()
     try:

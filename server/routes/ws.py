@@ -38,8 +38,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobwireError, Msg, Op
 from jobwire.server import validation
 from jobwire.server.auth import Principal
+from jobwire.server.direct import Send, bound_kernel_buffer, frame_writer, raw_send
 from jobwire.server.errors import redis_unreachable
-from jobwire.server.events import Coalesced, Delivery, FromAll
+from jobwire.server.events import Coalesced, Delivery, FromAll, ws_frame
 from jobwire.server.feed import Feed, Item, reply_refused
 from jobwire.server.hub import HubUnavailable
 from jobwire.server.limits import Pace
@@ -275,39 +276,103 @@ async def ws_multi(ws: WebSocket) -> None:
 
 async def _pump(ws: WebSocket, feed: Feed, svc: Services, *, close_after_final: bool = False) -> None:
     """The socket's only writer (so frames never interleave): the feed's events and
-    replies, and a heartbeat when idle. A burst is drained without a wait per event.
-    While a send is blocked, `feed.sending_since` says since when (see `StallWatch`)."""
+    replies, and a heartbeat when idle. A burst is drained without a wait per event, and
+    events waiting together go out in one write. While a send is blocked,
+    `feed.sending_since` says since when (see `StallWatch`)."""
     heartbeat, delivered, coalesced = (
         svc.settings.heartbeat_interval,
         svc.metrics.ws_deliveries.inc,
         svc.metrics.coalesced.inc,
     )
     loop = asyncio.get_running_loop()
-    # The ASGI send itself: Starlette's WebSocket.send re-checks the socket's state on
-    # every call, a real share of the cost of a delivery. An event's message is built
-    # once and shared by every watcher (`Delivery.message`).
-    send = ws._send
+    # The server's own ASGI send: Starlette's WebSocket.send re-checks the socket's state
+    # and its wrappers add a call per layer, a real share of the cost of a delivery. An
+    # event's message is built once and shared by every watcher (`Delivery.message`), and
+    # when the socket can take it at once, the hub's dispatch writes its frame directly.
+    send = raw_send(ws)
+    bound_kernel_buffer(send, svc.settings.socket_send_buffer)
+    write = feed.write_now = frame_writer(send, svc.metrics.ws_written)
+    feed.write_finals = not close_after_final
     while True:
-        item = await feed.next(idle=heartbeat)
+        item: Item | None = await feed.next(idle=heartbeat)
         if item is None:
             item = {"type": Msg.HEARTBEAT, "ts": time.time()}
         while item is not None:
-            feed.sending_since = loop.time()
-            if isinstance(item, Delivery):
-                await send(item.message)
-            else:
-                await send({"type": "websocket.send", "text": _text(item)})
-            feed.sending_since = None
-            if isinstance(item, (Delivery, FromAll)):
-                delivered()
-            elif isinstance(item, Coalesced):
-                delivered()
-                coalesced(item.skipped)
-                item = item.delivery
-            if close_after_final and isinstance(item, Delivery) and item.final:
+            if write is not None and isinstance(item, _EVENTS):
+                batch, item = _take_events(feed, item)
+                if write(b"".join(_ws_frame(e) for e in batch), len(batch)):
+                    for event in batch:
+                        if isinstance(event, Coalesced):
+                            coalesced(event.skipped)
+                    if close_after_final and _final(batch[-1]):
+                        await ws.close(Close.NORMAL, "job finished")
+                        return
+                    continue
+                for event in batch:  # the socket is full: ASGI sends wait until it drains
+                    if await _send_one(send, feed, loop, event, delivered, coalesced, close_after_final):
+                        await ws.close(Close.NORMAL, "job finished")
+                        return
+                continue
+            if await _send_one(send, feed, loop, item, delivered, coalesced, close_after_final):
                 await ws.close(Close.NORMAL, "job finished")
                 return
             item = feed.next_nowait()
+
+
+_EVENTS = (Delivery, FromAll, Coalesced)
+_BATCH = 64  # events joined into one write, at most
+
+
+def _take_events(feed: Feed, first: Item) -> tuple[list[Item], Item | None]:
+    """`first` and the events ready after it (up to `_BATCH`, stopping after a final
+    one); also the next item, not an event or not taken, if one was popped."""
+    batch = [first]
+    if _final(first):
+        return batch, feed.next_nowait()
+    nxt = feed.next_nowait()
+    while isinstance(nxt, _EVENTS) and len(batch) < _BATCH:
+        batch.append(nxt)
+        if _final(nxt):
+            return batch, feed.next_nowait()
+        nxt = feed.next_nowait()
+    return batch, nxt
+
+
+def _final(item: Item) -> bool:
+    delivery = item if isinstance(item, Delivery) else getattr(item, "delivery", None)
+    return bool(delivery is not None and delivery.final)
+
+
+def _ws_frame(item: Item) -> bytes:
+    if isinstance(item, Delivery):
+        return item.ws_frame
+    if isinstance(item, FromAll):
+        return item.delivery.all_ws_frame
+    return ws_frame(_text(item))
+
+
+async def _send_one(
+    send: Send,
+    feed: Feed,
+    loop: asyncio.AbstractEventLoop,
+    item: Item,
+    delivered: Callable[[], None],
+    coalesced: Callable[[int], None],
+    close_after_final: bool,
+) -> bool:
+    """Send one item through ASGI; True if the socket must now close (its job ended)."""
+    feed.sending_since = loop.time()
+    if isinstance(item, Delivery):
+        await send(item.message)
+    else:
+        await send({"type": "websocket.send", "text": _text(item)})
+    feed.sending_since = None
+    if isinstance(item, (Delivery, FromAll)):
+        delivered()
+    elif isinstance(item, Coalesced):
+        delivered()
+        coalesced(item.skipped)
+    return close_after_final and _final(item)
 
 
 async def _handle(msg: Any, feed: Feed) -> None:

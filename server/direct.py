@@ -1,0 +1,83 @@
+"""Writing an event's websocket frame straight to the socket, from the hub's dispatch.
+
+Why: at fan-out rates a delivery is mostly machinery around one `transport.write`: waking
+the socket's writer task, the ASGI send with Starlette's wrappers around it, and
+websockets encoding the same frame again for every watcher. A server's frames are not
+masked, so an event's frame is the same bytes for every client: `Delivery.ws_frame` is
+built once per event, and written as is to each socket that can take it at once.
+
+This needs uvicorn's websockets-sansio protocol (its default when `websockets` is
+installed) without compression; it is found through the raw ASGI `send`, which
+`RawSend` keeps in the scope. Elsewhere, and whenever a socket is not open and writable
+(its buffer is full: a slow reader), the feed queues the event and the socket's writer
+sends it through ASGI as before. The feed writes directly only when nothing of its own
+waits or is being sent, so the order holds (see `Feed`).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from jobwire.server.metrics import Tally
+
+try:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    from websockets.protocol import State
+except ImportError:  # pragma: no cover - another server or an older uvicorn: ASGI only
+    WebSocketsSansIOProtocol = None  # type: ignore[assignment,misc]
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+RAW_SEND = "jobwire.raw_send"  # the scope key
+
+
+class RawSend:
+    """ASGI middleware, outermost: keeps the server's own `send` in a websocket's scope,
+    before Starlette wraps it (its wrappers only matter for HTTP responses)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope[RAW_SEND] = send
+        await self.app(scope, receive, send)
+
+
+def raw_send(ws: WebSocket) -> Send:
+    """The ASGI send with nothing in between (Starlette's, when the middleware is absent)."""
+    return ws.scope.get(RAW_SEND) or ws._send  # type: ignore[no-any-return]
+
+
+def bound_kernel_buffer(send: Send, size: int) -> None:
+    """Cap the socket's kernel send buffer at `size` bytes (see `Settings.socket_send_buffer`)."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if size and sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def frame_writer(send: Send, written: Tally) -> Callable[[bytes, int], bool] | None:
+    """A function that writes ready-made frames (`n` of them, joined) to the socket behind
+    `send`, counts them in `written`, and says whether it did; None when that socket
+    cannot be written to directly."""
+    proto = getattr(send, "__self__", None)
+    if WebSocketsSansIOProtocol is None or not isinstance(proto, WebSocketsSansIOProtocol):
+        return None
+    conn, transport, writable = proto.conn, proto.transport, proto.writable
+    if conn.extensions:  # per-message deflate: each socket compresses in its own context
+        return None
+    opened = State.OPEN
+
+    def write(frames: bytes, n: int = 1) -> bool:
+        # `writable` is cleared while the transport's buffer is over its high-water mark.
+        if not writable.is_set() or conn.state is not opened or proto.close_sent or transport.is_closing():
+            return False
+        transport.write(frames)
+        written.n += n
+        return True
+
+    return write

@@ -1,0 +1,87 @@
+"""Frames written straight from the hub's dispatch (`server.direct`) keep every guarantee:
+a client keeping up gets its events that way, in order and gap-free, mixed with what the
+socket's writer sends (replies, replayed history), and a final event still closes
+`/ws/jobs/{id}`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import pytest
+import websockets
+from websockets.frames import Frame, Opcode
+
+from jobwire.server.direct import frame_writer
+from jobwire.server.events import ws_frame
+from jobwire.server.metrics import Tally
+from jobwire.tasks.recorder import Recorder
+from tests.clients import assert_gap_free, events_until_final, until_subscribed
+from tests.support import RedisServer, run_server, settings_for
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+async def test_a_client_keeping_up_gets_frames_written_directly(own_redis: RedisServer) -> None:
+    settings = settings_for(own_redis.url)
+    recorder = Recorder(own_redis.client(), settings)
+    recorder.record("direct", "PENDING")
+    recorder.record("direct", "STARTED")  # both replayed from history, through the writer
+    async with run_server(settings) as srv, httpx.AsyncClient(base_url=srv.url) as http:
+        async with (
+            websockets.connect(f"{srv.ws_url}/ws") as ws,
+            websockets.connect(
+                f"{srv.ws_url}/ws/jobs/direct",
+                max_queue=None,  # read only at the end, and lose no frame
+            ) as single,
+        ):
+            await ws.send(json.dumps({"op": "subscribe", "job_ids": ["direct"]}))
+            replayed = await until_subscribed(ws, "direct")
+
+            async def emit() -> None:
+                for i in range(300):
+                    recorder.record("direct", "WORKING", progress={"i": i})
+                    if i % 50 == 0:
+                        await ws.send(json.dumps({"op": "ping"}))  # replies interleave with events
+                    await asyncio.sleep(0)
+                recorder.record("direct", "SUCCESS", result=300)
+
+            emitting = asyncio.create_task(emit())
+            events = await events_until_final(ws, "direct", events=replayed)
+            await emitting
+            single_events = [json.loads(m) async for m in single]
+            assert single.close_code == 1000  # the final event still closes the single-job socket
+        text = (await http.get("/metrics")).text
+
+    for got in (events, [e for e in single_events if e.get("type") == "event"]):
+        assert [e["seq"] for e in got] == list(range(1, 304)), "every event, in order, none coalesced"
+        assert_gap_free(got)
+        assert got[-1]["state"] == "SUCCESS" and got[-1]["result"] == 300
+    direct = _metric(text, "jobwire_direct_writes_total")
+    delivered = _metric(text, 'jobwire_deliveries_total{transport="websocket"}')
+    assert delivered == 2 * 303
+    # Live progress on both sockets goes direct; the replayed history, and the final event
+    # of the single-job socket, go through the writer.
+    assert direct >= 2 * 300 * 0.9, f"only {direct} of {delivered} deliveries were written directly"
+
+
+async def test_a_socket_of_another_server_is_not_written_directly() -> None:
+    """Only uvicorn's websockets-sansio protocol is known: anything else gets the ASGI path."""
+
+    async def send(message: dict[str, object]) -> None:  # an ASGI send of some other server
+        pass
+
+    assert frame_writer(send, Tally()) is None
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536, 70001])
+def test_ready_made_frames_are_what_websockets_would_send(length: int) -> None:
+    """Every length encoding of RFC 6455 (7, 16 and 64 bits), with multi-byte characters."""
+    text = "é" * (length // 2) + "a" * (length % 2)
+    assert ws_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
