@@ -86,7 +86,7 @@ class Feed:
         self.write_finals = True  # False: a final event goes through the queue (to close after it)
         # Set while the writer sleeps: a future per sleep, not an asyncio.Event per feed,
         # because an idle connection should cost as little as possible.
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None  # its result: the idle timer fired
         self._last: dict[str, int] = {}  # watched job -> last seq delivered
         self._epoch: dict[str, str | None] = {}  # watched job -> the epoch `_last` counts in
         self._live: set[str] = set()  # watched jobs with a hub subscription (not final yet)
@@ -270,19 +270,19 @@ class Feed:
         """
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(idle, self._wake) if idle else None
+        timer = loop.call_later(idle, self._wake, True) if idle else None
         try:
-            await waiter
+            timed_out = await waiter
         finally:
             self._waiter = None
             if timer is not None:
                 timer.cancel()
-        return not (self._out or self._inbox or self._overflowed)
+        return timed_out and not (self._out or self._inbox or self._overflowed)
 
-    def _wake(self) -> None:
+    def _wake(self, timed_out: bool = False) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(timed_out)
 
     def _job_sink(self, item: Delivery | Resync) -> None:
         self._push(False, item)
@@ -307,7 +307,8 @@ class Feed:
                 self._inbox_bytes += len(item.raw)
         if self._out_bytes + self._inbox_bytes > self._max_bytes:
             self.mark_too_slow(f"client too slow: over {self._max_bytes} bytes queued; resume by seq")
-        self._wake()
+        elif self._out or self._inbox or self._overflowed:  # not when it was written directly
+            self._wake()
 
     def _unqueue_inbox(self) -> tuple[bool, Delivery | Resync]:
         from_all, item = self._inbox.popleft()
