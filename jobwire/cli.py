@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 from typing import Any
@@ -127,6 +128,12 @@ def cmd_serve(host: str, port: int) -> int:
         ws_max_size=settings.max_frame_bytes,
         log_level=os.environ.get("JOBWIRE_LOG_LEVEL", "info").lower(),
     )
+    # The cyclic GC walks every tracked object in its older generations, and a server with
+    # thousands of sockets has hundreds of thousands of them, long-lived: a collection per
+    # 700 new containers cost ~9% of the CPU at 50,000 deliveries/s. Freeze what startup
+    # built and collect the young generation less often (a server, not a library, decides).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     Server(config).run()  # closes jobwire's clients with 1001 before uvicorn shuts down
     return 0
 

@@ -234,9 +234,8 @@ class Feed:
             elif self._inbox:
                 from_all, item = self._unqueue_inbox()
                 await self._handle(from_all, item)
-            else:
-                if await self._sleep(idle):
-                    return None
+            elif await self._sleep(idle) or self.exhausted:
+                return None  # idle (time for a heartbeat), or nothing more will come
 
     def next_nowait(self) -> Item | None:
         """The next item if it is ready without reading Redis, else None.

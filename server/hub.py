@@ -40,37 +40,17 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from jobwire.backoff import backoff
 from jobwire.server.events import Delivery, Resync
+from jobwire.server.pubsub_conn import PubSubConnection, open_pubsub
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[Delivery | Resync], None]
 
 _CHUNK = 500  # channels per SUBSCRIBE/UNSUBSCRIBE command
-
-
-def _honour_cancellation() -> None:
-    """Raise if this task was cancelled during the last redis-py call.
-
-    redis-py 8 can return normally from a pub/sub call whose task was cancelled during it
-    (seen in tests: an UNSUBSCRIBE in flight at shutdown), and a hub loop that swallows
-    its cancellation never stops. Called after every redis-py await in the hub's loops.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
-async def _send(pubsub: PubSub, *args: str) -> None:
-    await pubsub.execute_command(*args)
-    _honour_cancellation()
 
 
 class Fanout(Protocol):
@@ -108,12 +88,10 @@ class Hub:
         sharded: bool = False,
     ) -> None:
         self._on_event = on_event
-        # RESP2: pub/sub messages parse faster than RESP3 push frames (by hiredis too).
-        self._redis = Redis.from_url(
-            redis_url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2, protocol=2
-        )
+        self._url = redis_url
         self._sub, self._unsub = ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
-        self._message, self._subscribed = ("smessage", "ssubscribe") if sharded else ("message", "subscribe")
+        self._message = b"smessage" if sharded else b"message"
+        self._subscribed = b"ssubscribe" if sharded else b"subscribe"
         self._subscribe_timeout = subscribe_timeout
         self._ping_interval = ping_interval
         self._reconnect_min, self._reconnect_max = reconnect_min, reconnect_max
@@ -125,7 +103,7 @@ class Hub:
         self._resync: set[str] = set()  # channels to resync once re-confirmed
         self._changed: set[str] = set()  # channels gained or lost since the last sync
         self._dirty = asyncio.Event()
-        self._pubsub: PubSub | None = None
+        self._conn: PubSubConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self.connected = False
         self.reconnects = 0
@@ -142,8 +120,7 @@ class Hub:
             # wait(), not `await task` in try/except CancelledError: that would also
             # swallow a cancellation of stop() itself.
             await asyncio.wait({self._task})
-        await self._close_pubsub()
-        await self._redis.aclose()
+        self._close_connection()
         for fut in self._ready.values():
             if not fut.done():
                 fut.cancel()
@@ -213,8 +190,8 @@ class Hub:
         delays = backoff(self._reconnect_min, self._reconnect_max)
         while True:
             try:
-                self._pubsub = self._redis.pubsub()
-                await self._pubsub.connect()
+                self._conn = await open_pubsub(self._url, self._on_reply)
+                self._last_heard = asyncio.get_running_loop().time()
                 if self.reconnects:
                     log.warning("jobwire hub: reconnected to Redis")
                 self.connected = True
@@ -228,24 +205,23 @@ class Hub:
                     log.warning("jobwire hub: lost Redis (%s); reconnecting", exc)
             self.connected = False
             self.reconnects += 1
-            await self._close_pubsub()
+            self._close_connection()
             self._forget_connection()
             await asyncio.sleep(next(delays))
 
     async def _serve(self) -> None:
-        """Read and write on the connection until either side fails."""
-        tasks = [
-            asyncio.create_task(self._read_loop(), name="jobwire-hub-read"),
-            asyncio.create_task(self._sync_loop(), name="jobwire-hub-sync"),
-        ]
+        """Keep the subscriptions in sync until the connection ends (or the sync fails)."""
+        assert self._conn is not None
+        closed = self._conn.closed
+        sync = asyncio.create_task(self._sync_loop(self._conn), name="jobwire-hub-sync")
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # re-raise the failure
+            await asyncio.wait({sync, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if sync.done():
+                sync.result()  # re-raise the failure
+            closed.result()  # why the connection ended
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            sync.cancel()
+            await asyncio.gather(sync, return_exceptions=True)
 
     def _forget_connection(self) -> None:
         """After a disconnect nothing is subscribed: re-arm every channel."""
@@ -260,18 +236,13 @@ class Hub:
                 self._resync.add(channel)
                 self._ready[channel] = loop.create_future()
 
-    async def _close_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            try:
-                await pubsub.aclose()
-            except (RedisError, OSError):
-                pass
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
-    async def _sync_loop(self) -> None:
+    async def _sync_loop(self, conn: PubSubConnection) -> None:
         """Send SUBSCRIBE/UNSUBSCRIBE for the difference between wanted and sent, and PING."""
-        assert self._pubsub is not None
-        pubsub = self._pubsub
         loop = asyncio.get_running_loop()
         next_ping = loop.time() + self._ping_interval
         while True:
@@ -287,7 +258,7 @@ class Hub:
                 # PINGs go out every ping_interval; three unanswered means a dead link.
                 if loop.time() - self._last_heard > 3 * self._ping_interval:
                     raise ConnectionError("no reply from Redis to PING")
-                await _send(pubsub, "PING")
+                conn.send("PING")
                 next_ping = loop.time() + self._ping_interval
             # Only what changed since the last pass: a job ending costs O(1) here, not a
             # scan of every channel (a thousand jobs ending would be quadratic).
@@ -295,8 +266,7 @@ class Hub:
             wanted, sent = self._sinks, self._sent
             gone = [ch for ch in changed if ch in sent and ch not in wanted]
             new = [ch for ch in changed if ch in wanted and ch not in sent]
-            # State changes before the await: concurrent changes then see them, and a
-            # failed send is undone wholesale by _forget_connection().
+            # A failed send is undone wholesale by _forget_connection().
             self._sent.difference_update(gone)
             for ch in new:
                 self._sent.add(ch)
@@ -304,28 +274,18 @@ class Hub:
             # One command per channel when sharded: SSUBSCRIBE takes channels of one slot only.
             chunk = 1 if self._sub == "SSUBSCRIBE" else _CHUNK
             for i in range(0, len(gone), chunk):
-                await _send(pubsub, self._unsub, *gone[i : i + chunk])
+                conn.send(self._unsub, *gone[i : i + chunk])
             for i in range(0, len(new), chunk):
-                await _send(pubsub, self._sub, *new[i : i + chunk])
+                conn.send(self._sub, *new[i : i + chunk])
 
-    async def _read_loop(self) -> None:
-        """Read messages as they come, with no timeout per read (a timer per message is
-        a real share of the per-event cost); `_sync_loop` watches for a dead link."""
-        assert self._pubsub is not None
-        pubsub = self._pubsub
-        loop = asyncio.get_running_loop()
-        self._last_heard = loop.time()
-        while True:
-            msg = await pubsub.get_message(timeout=None)
-            _honour_cancellation()
-            if msg is None:
-                continue
-            self._last_heard = loop.time()
-            kind = msg["type"]
-            if kind == self._message:
-                self._dispatch(msg["channel"].decode(), msg["data"])
-            elif kind == self._subscribed:
-                self._confirmed(msg["channel"].decode())
+    def _on_reply(self, reply: list[bytes]) -> None:
+        """Every reply on the connection, from its read callback (see `pubsub_conn`)."""
+        self._last_heard = asyncio.get_running_loop().time()
+        kind = reply[0]
+        if kind == self._message:
+            self._dispatch(reply[1].decode(), reply[2])
+        elif kind == self._subscribed:
+            self._confirmed(reply[1].decode())
 
     def _confirmed(self, channel: str) -> None:
         waiters = self._waiters.get(channel)
