@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +36,7 @@ import orjson
 import redis
 import websockets
 
-from benchmarks.procs import cpu_seconds, rss_kib, wait_ready
+from benchmarks.procs import cpu_seconds, rss_kib, system_seconds, wait_ready
 from jobwire.settings import Settings
 from jobwire.tasks.recorder import Recorder
 from tests.support import ROOT, free_port, redis_server
@@ -60,6 +62,7 @@ class Scenario:
     jobs: int
     rate: float  # events per second, all jobs together
     seconds: float
+    stalled: float = 0.0  # the share of clients that connect, then never read
 
 
 @dataclass
@@ -71,11 +74,13 @@ class Result:
     wall: float
     complete: int  # clients that got their job's last event
     server_cpu: float
+    server_sys: float  # of server_cpu, in the kernel
     client_cpu: float
     rss_idle_kib: int
     rss_connected_kib: int
     clients: int
     latencies_ms: list[float] = field(repr=False)
+    rss_end_kib: int = 0
 
     @property
     def us_per_delivery(self) -> float:
@@ -96,11 +101,13 @@ class Result:
             "cpu_us_per_event_watcher": round(self.server_cpu / max(1, self.expected) * 1e6, 2),
             "deliveries_per_s": round(self.deliveries / self.wall),
             "server_core": round(self.server_cpu / self.wall, 2),
+            "server_kernel_share": round(self.server_sys / max(self.server_cpu, 1e-9), 2),
             "client_core": round(self.client_cpu / self.wall, 2),
             "p50_ms": round(pick(0.5), 2),
             "p99_ms": round(pick(0.99), 2),
             "p999_ms": round(pick(0.999), 2),
             "rss_kib_per_connection": round((self.rss_connected_kib - self.rss_idle_kib) / self.clients, 1),
+            "rss_growth_mib": round((self.rss_end_kib - self.rss_connected_kib) / 1024, 1),
         }
 
 
@@ -141,7 +148,8 @@ class Peer:
                 self.proc.kill()
                 self.proc.wait()
 
-    async def connect(self, job: str) -> Any:
+    async def connect(self, job: str, **kw: Any) -> Any:
+        """A client watching `job`; `kw` goes to `websockets.connect` (a stalled client's socket)."""
         raise NotImplementedError
 
     def timestamp(self, frame: str | bytes) -> tuple[float, bool] | None:
@@ -160,8 +168,8 @@ class JobwirePeer(Peer):
     def command(self) -> list[str]:
         return [sys.executable, "-m", "jobwire.cli", "serve", "--port", str(self.port)]
 
-    async def connect(self, job: str) -> Any:
-        ws = await websockets.connect(f"ws://127.0.0.1:{self.port}/ws", max_queue=None)
+    async def connect(self, job: str, **kw: Any) -> Any:
+        ws = await websockets.connect(f"ws://127.0.0.1:{self.port}/ws", **{"max_queue": None, **kw})
         await ws.send(orjson.dumps({"op": "subscribe", "job_ids": [job]}).decode())
         while b'"subscribed"' not in await ws.recv(decode=False):
             pass
@@ -197,8 +205,8 @@ class RelayPeer(Peer):
             *UVICORN,
         ]
 
-    async def connect(self, job: str) -> Any:
-        ws = await websockets.connect(f"ws://127.0.0.1:{self.port}/ws/{job}", max_queue=None)
+    async def connect(self, job: str, **kw: Any) -> Any:
+        ws = await websockets.connect(f"ws://127.0.0.1:{self.port}/ws/{job}", **{"max_queue": None, **kw})
         await ws.recv()  # {"type":"subscribed"}
         return ws
 
@@ -230,9 +238,9 @@ class SocketIOPeer(Peer):
             *UVICORN,
         ]
 
-    async def connect(self, job: str) -> Any:
+    async def connect(self, job: str, **kw: Any) -> Any:
         url = f"ws://127.0.0.1:{self.port}/socket.io/?EIO=4&transport=websocket&job={job}"
-        ws = await websockets.connect(url, max_queue=None)
+        ws = await websockets.connect(url, **{"max_queue": None, **kw})
         await ws.recv()  # 0{"sid":…}: the Engine.IO handshake
         await ws.send("40")  # join the default namespace
         while not (await ws.recv()).startswith("40"):
@@ -307,15 +315,20 @@ async def run_one(peer_cls: type[Peer], scenario: Scenario, redis_url: str) -> R
             recorder = Recorder(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url))
             for job in jobs:
                 recorder.record(job, "PENDING")
-        sockets = []
+        sockets, stalled = [], []
+        every = round(1 / scenario.stalled) if scenario.stalled else 0
         for i in range(scenario.clients):
-            sockets.append(await peer.connect(jobs[i % scenario.jobs]))
+            if every and i % every == 0:
+                stalled.append(await peer.connect(jobs[i % scenario.jobs], **_stalled_socket(peer.port)))
+            else:
+                sockets.append(await peer.connect(jobs[i % scenario.jobs]))
         await asyncio.sleep(1.0)
         rss_connected = rss_kib(peer.proc.pid)  # type: ignore[union-attr]
         events = int(scenario.rate * scenario.seconds)
         per_client = [
             events // scenario.jobs + (1 if i % scenario.jobs < events % scenario.jobs else 0)
             for i in range(scenario.clients)
+            if not (every and i % every == 0)
         ]
         latencies: list[float] = []
         counters = [[0, 0] for _ in sockets]  # events received, saw the last
@@ -332,15 +345,18 @@ async def run_one(peer_cls: type[Peer], scenario: Scenario, redis_url: str) -> R
                 if delay > 0:
                     time.sleep(delay)
 
-        cpu0, client0, t0 = cpu_seconds(peer.proc.pid), _self_cpu(), time.perf_counter()  # type: ignore[union-attr]
+        pid = peer.proc.pid  # type: ignore[union-attr]
+        cpu0, sys0, client0, t0 = cpu_seconds(pid), system_seconds(pid), _self_cpu(), time.perf_counter()
         await asyncio.to_thread(publish_all)
         await asyncio.wait(readers, timeout=60)
         wall = time.perf_counter() - t0
-        cpu, client = cpu_seconds(peer.proc.pid) - cpu0, _self_cpu() - client0  # type: ignore[union-attr]
+        cpu, client = cpu_seconds(pid) - cpu0, _self_cpu() - client0
+        sys_cpu = system_seconds(pid) - sys0
+        rss_end = rss_kib(peer.proc.pid)  # type: ignore[union-attr]
         for task in readers:
             task.cancel()
-        for ws in sockets:
-            await ws.close()
+        for ws in sockets + stalled:
+            ws.transport.abort()
         return Result(
             peer=peer.name,
             scenario=scenario.name,
@@ -349,14 +365,49 @@ async def run_one(peer_cls: type[Peer], scenario: Scenario, redis_url: str) -> R
             complete=sum(c[1] for c in counters),
             wall=wall,
             server_cpu=cpu,
+            server_sys=sys_cpu,
             client_cpu=client,
             rss_idle_kib=rss_idle,
             rss_connected_kib=rss_connected,
-            clients=scenario.clients,
+            clients=len(sockets),
             latencies_ms=latencies,
+            rss_end_kib=rss_end,
         )
     finally:
         peer.stop()
+
+
+def _stalled_socket(port: int) -> dict[str, Any]:
+    """What makes a client stall: a tiny receive window, and a client that takes one
+    frame into its queue and then never reads again."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    return {"sock": sock, "max_queue": 1}
+
+
+async def idle_rss(peer_cls: type[Peer], redis_url: str, counts: tuple[int, ...]) -> dict[str, float]:
+    """Server RSS per connected, subscribed, idle client, at each of `counts` clients."""
+    peer = peer_cls(redis_url)
+    peer.start()
+    sockets: list[Any] = []
+    out = {}
+    try:
+        await asyncio.sleep(0.5)
+        base = rss_kib(peer.proc.pid)  # type: ignore[union-attr]
+        if isinstance(peer, JobwirePeer):
+            Recorder(redis.Redis.from_url(redis_url), Settings(redis_url=redis_url)).record("idle", "PENDING")
+        for n in counts:
+            while len(sockets) < n:
+                batch = min(200, n - len(sockets))
+                sockets += await asyncio.gather(*(peer.connect("idle") for _ in range(batch)))
+            await asyncio.sleep(1.0)
+            out[str(n)] = round((rss_kib(peer.proc.pid) - base) / n, 1)  # type: ignore[union-attr]
+    finally:
+        for ws in sockets:
+            ws.transport.abort()
+        peer.stop()
+    return out
 
 
 def _self_cpu() -> float:
@@ -430,7 +481,9 @@ def _script_calls(client: Any) -> int:
 # -- the report -------------------------------------------------------------------------
 
 
-def report(results: list[Result], celery: dict[str, Any], out: Path, runs: int) -> None:
+def report(
+    results: list[Result], celery: dict[str, Any], idle: dict[str, dict[str, float]], out: Path, runs: int
+) -> None:
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
         rows.setdefault((r.scenario, r.peer), []).append(r.summary())
@@ -439,7 +492,9 @@ def report(results: list[Result], celery: dict[str, Any], out: Path, runs: int) 
         cpu = [s["cpu_us_per_delivery"] for s in runs_]
         med = runs_[sorted(range(len(cpu)), key=cpu.__getitem__)[len(cpu) // 2]]
         table.append({**med, "cpu_us_spread": [min(cpu), max(cpu)], "runs": len(runs_)})
-    (out / "benchmarks.json").write_text(json.dumps({"scenarios": table, "celery": celery}, indent=2))
+    (out / "benchmarks.json").write_text(
+        json.dumps({"scenarios": table, "celery": celery, "idle_rss_kib_per_connection": idle}, indent=2)
+    )
     lines = [
         "# jobwire and its peers, same run",
         "",
@@ -449,9 +504,10 @@ def report(results: list[Result], celery: dict[str, Any], out: Path, runs: int) 
         "server and of the load generator (clients and publisher), to say which saturated.",
         "",
         "| scenario | server | CPU per delivery (µs) | per event × watcher (µs) | deliveries/s "
-        "| p50 / p99 / p99.9 (ms) | frames / published | clients complete | server core | load core "
-        "| RSS per connection (KiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| p50 / p99 / p99.9 (ms) | frames / published | clients complete | server core (kernel share) "
+        "| load core "
+        "| RSS per connection (KiB) | RSS growth in the run (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in table:
         spread = f"{s['cpu_us_spread'][0]}–{s['cpu_us_spread'][1]}"
@@ -461,8 +517,20 @@ def report(results: list[Result], celery: dict[str, Any], out: Path, runs: int) 
             f"| {s['cpu_us_per_event_watcher']} | {s['deliveries_per_s']:,} | {latency} "
             f"| {s['deliveries']:,} / {s['published']:,} "
             f"| {s['complete']} "
-            f"| {s['server_core']} | {s['client_core']} | {s['rss_kib_per_connection']} |"
+            f"| {s['server_core']} ({s['server_kernel_share']:.0%}) | {s['client_core']} "
+            f"| {s['rss_kib_per_connection']} "
+            f"| {s['rss_growth_mib']} |"
         )
+    counts = sorted({n for per in idle.values() for n in per}, key=int)
+    lines += [
+        "",
+        "Server RSS per idle connection (connected and subscribed to one job), KiB:",
+        "",
+        "| server | " + " | ".join(f"{int(n):,} connections" for n in counts) + " |",
+        "|---|" + "---|" * len(counts),
+    ]
+    for name, per in idle.items():
+        lines.append(f"| {name} | " + " | ".join(str(per.get(n, "")) for n in counts) + " |")
     lines += [
         "",
         "Celery's own way against jobwire's:",
@@ -511,7 +579,9 @@ def _charts(table: list[dict[str, Any]], out: Path) -> None:
 SCENARIOS = {
     "many-jobs": Scenario("1,000 clients, 1,000 jobs, 1,000 events/s", 1000, 1000, 1000, 10),
     "one-job": Scenario("1,000 clients on 1 job, 50 events/s", 1000, 1, 50, 10),
+    "stalled": Scenario("1,000 clients on 1 job, 50 events/s, 5% stalled", 1000, 1, 50, 10, stalled=0.05),
 }
+QUICK_SCENARIOS = ["many-jobs", "one-job"]
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -522,15 +592,19 @@ async def main_async(args: argparse.Namespace) -> None:
     with redis_server() as server:
         for run in range(args.runs):
             for key in args.scenarios:
-                scenario = SCENARIOS[key]
-                sc = Scenario(scenario.name, scenario.clients, scenario.jobs, scenario.rate, seconds)
+                sc = dataclasses.replace(SCENARIOS[key], seconds=seconds)
                 for peer_cls in (p for p in PEERS if p.name in args.peers):
                     result = await run_one(peer_cls, sc, server.url)
                     results.append(result)
                     print(f"run {run + 1} {key:9} {peer_cls.name:16} {result.summary()}", flush=True)
                     server.client().flushall()
         celery = await asyncio.to_thread(celery_comparisons, server.url, 3 if args.quick else 10)
-    report(results, celery, out, args.runs)
+        idle: dict[str, dict[str, float]] = {}
+        for peer_cls in (p for p in PEERS if p.name in args.peers):
+            idle[peer_cls.name] = await idle_rss(peer_cls, server.url, args.idle)
+            print(f"idle     {peer_cls.name:16} KiB per connection {idle[peer_cls.name]}", flush=True)
+            server.client().flushall()
+    report(results, celery, idle, out, args.runs)
     print((out / "benchmarks-compare.md").read_text())
 
 
@@ -540,10 +614,15 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=None)
     p.add_argument("--out", default="docs")
     p.add_argument("--peers", nargs="+", default=[p.name for p in PEERS], choices=[p.name for p in PEERS])
-    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    p.add_argument("--scenarios", nargs="+", default=None, choices=list(SCENARIOS))
+    p.add_argument("--idle", nargs="+", type=int, default=None, help="idle connections to measure RSS at")
     args = p.parse_args()
     if args.runs is None:
         args.runs = 1 if args.quick else 3
+    if args.scenarios is None:
+        args.scenarios = QUICK_SCENARIOS if args.quick else list(SCENARIOS)
+    if args.idle is None:
+        args.idle = (1000,) if args.quick else (1000, 10_000)
     if not PEERS_PY.exists():
         sys.exit(
             "benchmarks.compare: the peers' virtualenv is missing; run `make bench` (it creates .venv-peers)"

@@ -26,7 +26,6 @@ from jobwire.server.metrics import Tally
 
 try:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-    from websockets.protocol import State
 except ImportError:  # pragma: no cover - another server or an older uvicorn: ASGI only
     WebSocketsSansIOProtocol = None  # type: ignore[assignment,misc]
 
@@ -70,11 +69,12 @@ def frame_writer(send: Send, written: Tally) -> Callable[[bytes, int], bool] | N
     conn, transport, writable = proto.conn, proto.transport, proto.writable
     if conn.extensions:  # per-message deflate: each socket compresses in its own context
         return None
-    opened = State.OPEN
 
     def write(frames: bytes, n: int = 1) -> bool:
         # `writable` is cleared while the transport's buffer is over its high-water mark.
-        if not writable.is_set() or conn.state is not opened or proto.close_sent or transport.is_closing():
+        # Every way out of the OPEN state either sets `close_sent` (we closed) or closes
+        # the transport (the client closed, a failed keepalive, a protocol error).
+        if not writable.is_set() or proto.close_sent or transport.is_closing():
             return False
         transport.write(frames)
         written.n += n

@@ -284,6 +284,26 @@ class Feed:
             waiter.set_result(timed_out)
 
     def _job_sink(self, item: Delivery | Resync) -> None:
+        # The common case inline, since it runs once per event and watcher: the next
+        # progress event of a watched job, nothing waiting, and the socket takes it now.
+        # (The same decisions as `_push` → `_handle_now` → `_enqueue_event`, spelled out.)
+        if (
+            type(item) is Delivery
+            and self.write_now is not None
+            and not (self._out or self._inbox or self._overflowed or item.final)
+            and self.sending_since is None
+            and self.too_slow is None
+        ):
+            job_id = item.job_id
+            last = self._last.get(job_id)
+            if (
+                last is not None
+                and item.seq == last + 1
+                and item.epoch == self._epoch.get(job_id)
+                and self.write_now(item.ws_frame, 1)
+            ):
+                self._last[job_id] = item.seq
+                return
         self._push(False, item)
 
     def _all_sink(self, item: Delivery | Resync) -> None:

@@ -10,6 +10,7 @@ import json
 import re
 
 import httpx
+import orjson
 import pytest
 import websockets
 from websockets.frames import Frame, Opcode
@@ -91,3 +92,26 @@ def test_ready_made_frames_are_what_websockets_would_send(length: int) -> None:
     """Every length encoding of RFC 6455 (7, 16 and 64 bits), with multi-byte characters."""
     text = "é" * (length // 2) + "a" * (length % 2)
     assert ws_frame(text) == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+
+
+async def test_direct_writes_skip_nothing_and_repeat_nothing(own_redis: RedisServer) -> None:
+    """A live event that repeats one already sent, or jumps past one never seen, is not
+    written directly: the duplicate is dropped, the jump is checked against history."""
+    settings = settings_for(own_redis.url)
+    client = own_redis.client()
+    recorder = Recorder(client, settings)
+    recorder.record("strict", "PENDING")
+    recorder.record("strict", "STARTED")
+    async with run_server(settings) as srv, websockets.connect(f"{srv.ws_url}/ws") as ws:
+        await ws.send(json.dumps({"op": "subscribe", "job_ids": ["strict"]}))
+        events = await until_subscribed(ws, "strict")
+        second = orjson.loads(client.zrange(settings.keys.history("strict"), 1, 1)[0])
+        channel = settings.keys.job_channel("strict")
+        client.publish(channel, orjson.dumps(second))  # seq 2 again
+        client.publish(channel, orjson.dumps({**second, "seq": 5}))  # seq 5, never recorded
+        recorder.record("strict", "SUCCESS", result="ok")  # seq 3
+        while not events[-1]["final"]:
+            msg = await recv_json(ws, 10)
+            if msg["type"] == "event":
+                events.append(msg)
+    assert [e["seq"] for e in events] == [1, 2, 3]
