@@ -43,6 +43,7 @@ from jobwire.server.store import JobStore, Stream
 Item = Delivery | FromAll | Coalesced | dict[str, Any]
 
 _CONTROL_BYTES = 64  # what a queued control message is counted as
+_NONE: Any = ()  # an empty queue not made yet (see `Feed.__init__`)
 
 
 class _Slot:
@@ -72,8 +73,10 @@ class Feed:
     ) -> None:
         self._hub, self._store, self._keys, self._principal = hub, store, keys, principal
         self._queue_limit, self._max_jobs, self._max_bytes = queue_limit, max_jobs, max_bytes
-        self._inbox: deque[tuple[bool, Delivery | Resync]] = deque()
-        self._out: deque[Item | _Slot] = deque()
+        # Queues made on first use: most connections never queue (their events are written
+        # directly, see `server.direct`), and an empty deque is ~600 bytes.
+        self._inbox: deque[tuple[bool, Delivery | Resync]] = _NONE
+        self._out: deque[Item | _Slot] = _NONE
         self._merge: dict[str, _Slot] = {}  # job -> its event waiting in _out, if replaceable
         self._merge_all: dict[str, _Slot] = {}  # the same for the all-jobs stream
         self._out_bytes = self._inbox_bytes = 0
@@ -190,8 +193,7 @@ class Feed:
             self.closing = True  # the stream ends without `end`: the client resumes
             self._wake()
             self.close()
-            self._out.clear()
-            self._inbox.clear()
+            self._out = self._inbox = _NONE
             self._merge.clear()
             self._merge_all.clear()
             self._out_bytes = self._inbox_bytes = 0
@@ -317,10 +319,12 @@ class Feed:
         if not self._inbox and not self._overflowed and self._handle_now(from_all, item):
             pass
         elif len(self._inbox) >= self._queue_limit:
-            self._inbox.clear()
+            self._inbox = _NONE
             self._inbox_bytes = 0
             self._overflowed = True
         else:
+            if not self._inbox:
+                self._inbox = deque()
             self._inbox.append((from_all, item))
             if isinstance(item, Delivery):
                 self._inbox_bytes += len(item.raw)
@@ -336,6 +340,8 @@ class Feed:
         return from_all, item
 
     def _queue(self, item: Item | _Slot, size: int) -> None:
+        if not self._out:
+            self._out = deque()
         self._out.append(item)
         self._out_bytes += size
 
