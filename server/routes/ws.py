@@ -38,7 +38,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobwireError, Msg, Op
 from jobwire.server import validation
 from jobwire.server.auth import Principal
-from jobwire.server.direct import Send, bound_kernel_buffer, frame_writer, raw_send
+from jobwire.server.direct import bound_kernel_buffer, frame_writer, raw_send
 from jobwire.server.errors import redis_unreachable
 from jobwire.server.events import Coalesced, Delivery, FromAll, ws_frame
 from jobwire.server.feed import Feed, Item, reply_refused
@@ -293,6 +293,20 @@ async def _pump(ws: WebSocket, feed: Feed, svc: Services, *, close_after_final: 
     bound_kernel_buffer(send, svc.settings.socket_send_buffer)
     write = feed.write_now = frame_writer(send, svc.metrics.ws_written)
     feed.write_finals = not close_after_final
+
+    async def send_one(item: Item) -> None:
+        """Through ASGI, which waits while the socket is full (`sending_since` says since when)."""
+        feed.sending_since = loop.time()
+        if isinstance(item, Delivery):
+            await send(item.message)
+        else:
+            await send({"type": "websocket.send", "text": _text(item)})
+        feed.sending_since = None
+        if isinstance(item, _EVENTS):
+            delivered()
+            if isinstance(item, Coalesced):
+                coalesced(item.skipped)
+
     while True:
         item: Item | None = await feed.next(idle=heartbeat)
         if item is None:
@@ -300,23 +314,20 @@ async def _pump(ws: WebSocket, feed: Feed, svc: Services, *, close_after_final: 
         while item is not None:
             if write is not None and isinstance(item, _EVENTS):
                 batch, item = _take_events(feed, item)
-                if write(b"".join(_ws_frame(e) for e in batch), len(batch)):
+                if write(b"".join(map(_ws_frame, batch)), len(batch)):
                     for event in batch:
                         if isinstance(event, Coalesced):
                             coalesced(event.skipped)
-                    if close_after_final and _final(batch[-1]):
-                        await ws.close(Close.NORMAL, "job finished")
-                        return
-                    continue
-                for event in batch:  # the socket is full: ASGI sends wait until it drains
-                    if await _send_one(send, feed, loop, event, delivered, coalesced, close_after_final):
-                        await ws.close(Close.NORMAL, "job finished")
-                        return
-                continue
-            if await _send_one(send, feed, loop, item, delivered, coalesced, close_after_final):
+                else:
+                    for event in batch:
+                        await send_one(event)
+                last = batch[-1]
+            else:
+                await send_one(item)
+                last, item = item, feed.next_nowait()
+            if close_after_final and _final(last):
                 await ws.close(Close.NORMAL, "job finished")
                 return
-            item = feed.next_nowait()
 
 
 _EVENTS = (Delivery, FromAll, Coalesced)
@@ -324,16 +335,12 @@ _BATCH = 64  # events joined into one write, at most
 
 
 def _take_events(feed: Feed, first: Item) -> tuple[list[Item], Item | None]:
-    """`first` and the events ready after it (up to `_BATCH`, stopping after a final
-    one); also the next item, not an event or not taken, if one was popped."""
+    """`first` and the events ready after it, up to `_BATCH` and up to a final one; and
+    the item popped after them, if any."""
     batch = [first]
-    if _final(first):
-        return batch, feed.next_nowait()
     nxt = feed.next_nowait()
-    while isinstance(nxt, _EVENTS) and len(batch) < _BATCH:
+    while isinstance(nxt, _EVENTS) and not _final(batch[-1]) and len(batch) < _BATCH:
         batch.append(nxt)
-        if _final(nxt):
-            return batch, feed.next_nowait()
         nxt = feed.next_nowait()
     return batch, nxt
 
@@ -349,30 +356,6 @@ def _ws_frame(item: Item) -> bytes:
     if isinstance(item, FromAll):
         return item.delivery.all_ws_frame
     return ws_frame(_text(item))
-
-
-async def _send_one(
-    send: Send,
-    feed: Feed,
-    loop: asyncio.AbstractEventLoop,
-    item: Item,
-    delivered: Callable[[], None],
-    coalesced: Callable[[int], None],
-    close_after_final: bool,
-) -> bool:
-    """Send one item through ASGI; True if the socket must now close (its job ended)."""
-    feed.sending_since = loop.time()
-    if isinstance(item, Delivery):
-        await send(item.message)
-    else:
-        await send({"type": "websocket.send", "text": _text(item)})
-    feed.sending_since = None
-    if isinstance(item, (Delivery, FromAll)):
-        delivered()
-    elif isinstance(item, Coalesced):
-        delivered()
-        coalesced(item.skipped)
-    return close_after_final and _final(item)
 
 
 async def _handle(msg: Any, feed: Feed) -> None:
