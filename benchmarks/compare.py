@@ -579,7 +579,8 @@ def _charts(table: list[dict[str, Any]], out: Path) -> None:
 SCENARIOS = {
     "many-jobs": Scenario("1,000 clients, 1,000 jobs, 1,000 events/s", 1000, 1000, 1000, 10),
     "one-job": Scenario("1,000 clients on 1 job, 50 events/s", 1000, 1, 50, 10),
-    "stalled": Scenario("1,000 clients on 1 job, 50 events/s, 5% stalled", 1000, 1, 50, 10, stalled=0.05),
+    # At 20 events/s the load generator keeps up, so healthy clients' latency is the server's.
+    "stalled": Scenario("1,000 clients on 1 job, 20 events/s, 5% stalled", 1000, 1, 20, 10, stalled=0.05),
 }
 QUICK_SCENARIOS = ["many-jobs", "one-job"]
 
