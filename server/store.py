@@ -105,30 +105,30 @@ class JobStore:
         if not job_ids:
             return {}
         rows = await self._batch_rows(job_ids)
-        unseen = [j for j in job_ids if rows[j][0] is None]
+        unseen = [j for j in job_ids if not rows[j][0]]
         if unseen and self.seed is not None:
             await self.seed(unseen)
             rows.update(await self._batch_rows(unseen))
         out: dict[str, dict[str, Any]] = {}
         for job_id in job_ids:
             state, seq, final, tenant, epoch = rows[job_id]
-            if state is None or not principal.may_see(job_id, _tenant(tenant)):
+            if not state or not principal.may_see(job_id, tenant or None):
                 out[job_id] = {"status": UNKNOWN, "ready": False, "seq": 0}
             else:
-                ready = final == b"1"
-                out[job_id] = {
-                    "status": state.decode(),
-                    "ready": ready,
-                    "seq": int(seq),
-                    "epoch": _tenant(epoch),
-                }
+                ready, epoch = final == "1", epoch or None
+                out[job_id] = {"status": state, "ready": ready, "seq": int(seq), "epoch": epoch}
         return out
 
     async def _batch_rows(self, job_ids: Sequence[str]) -> dict[str, list[Any]]:
+        """Each id's [state, seq, final, tenant, epoch] (str, or False where unset)."""
         if isinstance(self.redis, RedisCluster):
             return await self._batch_per_node(job_ids)
-        flat = await self._batch(args=[self.keys.job(j) for j in job_ids])
-        return {j: flat[5 * i : 5 * i + 5] for i, j in enumerate(job_ids)}
+        rows = orjson.loads(await self._batch(args=self._batch_args(job_ids)))
+        return dict(zip(job_ids, rows, strict=True))
+
+    def _batch_args(self, job_ids: Sequence[str]) -> list[str]:
+        head, tail = self.keys.job("\0").split("\0")
+        return [head, tail, " ".join(job_ids)]
 
     async def _batch_per_node(self, job_ids: Sequence[str]) -> dict[str, list[Any]]:
         """The batch script once per cluster node, for the ids it holds, all at once: one
@@ -140,9 +140,10 @@ class JobStore:
             by_node.setdefault(node.name, (node, []))[1].append(job_id)
 
         async def one(node: Any, ids: list[str]) -> dict[str, list[Any]]:
-            keys = [self.keys.job(j) for j in ids]
-            flat = await self.redis.execute_command("EVAL", scripts.BATCH_STATUS, 0, *keys, target_nodes=node)
-            return {j: flat[5 * i : 5 * i + 5] for i, j in enumerate(ids)}
+            args = self._batch_args(ids)
+            eval_ = self.redis.execute_command
+            reply = await eval_("EVAL", scripts.BATCH_STATUS, 0, *args, target_nodes=node)
+            return dict(zip(ids, orjson.loads(reply), strict=True))
 
         rows: dict[str, list[Any]] = {}
         for part in await asyncio.gather(*(one(node, ids) for node, ids in by_node.values())):
