@@ -124,12 +124,19 @@ class FilesystemStore:
             self._file(key).parent.rmdir()  # the job's folder, once empty
 
     def list(self) -> Iterator[Stored]:
-        if not self.root.is_dir():
-            return
-        for path in self.root.glob("*/*"):
-            with suppress(OSError):
-                stat = path.stat()
-                yield Stored(str(path.relative_to(self.root)), stat.st_size, stat.st_mtime)
+        # scandir, not glob: a job's folder removed meanwhile by another cleanup must be
+        # skipped, and glob raises when a folder it listed is gone before it looks inside.
+        with suppress(FileNotFoundError, NotADirectoryError):
+            jobs = [entry for entry in os.scandir(self.root) if entry.is_dir()]
+            for job in jobs:
+                try:
+                    files = list(os.scandir(job.path))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                for file in files:
+                    with suppress(OSError):
+                        stat = file.stat()
+                        yield Stored(f"{job.name}/{file.name}", stat.st_size, stat.st_mtime)
 
 
 class S3Store:

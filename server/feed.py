@@ -255,6 +255,14 @@ class Feed:
                 return None
             self._unqueue_inbox()
 
+    def next_queued_event(self) -> Item | None:
+        """The next queued item if it is an event, else None: for joining events into one
+        write. It never handles the inbox, so nothing is written directly meanwhile, while
+        the transport holds events it has taken but not sent."""
+        if self._out and type(self._out[0]) is not dict:
+            return self._pop()
+        return None
+
     @property
     def queued_bytes(self) -> int:
         """What waits for this client, in bytes (events as sent, control messages as 64)."""

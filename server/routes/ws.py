@@ -313,7 +313,7 @@ async def _pump(ws: WebSocket, feed: Feed, svc: Services, *, close_after_final: 
             item = {"type": Msg.HEARTBEAT, "ts": time.time()}
         while item is not None:
             if write is not None and isinstance(item, _EVENTS):
-                batch, item = _take_events(feed, item)
+                batch = _take_events(feed, item)
                 if write(b"".join(map(_ws_frame, batch)), len(batch)):
                     for event in batch:
                         if isinstance(event, Coalesced):
@@ -324,25 +324,23 @@ async def _pump(ws: WebSocket, feed: Feed, svc: Services, *, close_after_final: 
                 last = batch[-1]
             else:
                 await send_one(item)
-                last, item = item, feed.next_nowait()
+                last = item
             if close_after_final and _final(last):
                 await ws.close(Close.NORMAL, "job finished")
                 return
+            item = feed.next_nowait()
 
 
 _EVENTS = (Delivery, FromAll, Coalesced)
 _BATCH = 64  # events joined into one write, at most
 
 
-def _take_events(feed: Feed, first: Item) -> tuple[list[Item], Item | None]:
-    """`first` and the events ready after it, up to `_BATCH` and up to a final one; and
-    the item popped after them, if any."""
+def _take_events(feed: Feed, first: Item) -> list[Item]:
+    """`first` and the queued events after it, up to `_BATCH` and up to a final one."""
     batch = [first]
-    nxt = feed.next_nowait()
-    while isinstance(nxt, _EVENTS) and not _final(batch[-1]) and len(batch) < _BATCH:
+    while not _final(batch[-1]) and len(batch) < _BATCH and (nxt := feed.next_queued_event()) is not None:
         batch.append(nxt)
-        nxt = feed.next_nowait()
-    return batch, nxt
+    return batch
 
 
 def _final(item: Item) -> bool:
