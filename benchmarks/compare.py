@@ -6,7 +6,8 @@ Peers (in `.venv-peers`, see `make bench`): a Starlette + broadcaster relay (one
 subscription per socket) and python-socketio with AsyncRedisManager (events emitted by a
 write-only manager in another process). Every server runs on uvicorn with uvloop and
 httptools, without per-message deflate. The load generator (this process) speaks each
-one's protocol over the same `websockets` client.
+one's protocol over the same minimal websocket client (`benchmarks/rawws.py`), cheap
+enough per frame that the servers, not the clients, are what is measured.
 
 Measured per scenario: server CPU per delivery (from /proc, the figure that survives a
 noisy machine), deliveries per second, publish-to-receive latency (p50/p99/p99.9), server
@@ -34,9 +35,10 @@ from typing import Any
 
 import orjson
 import redis
-import websockets
 
+from benchmarks import rawws
 from benchmarks.procs import cpu_seconds, rss_kib, system_seconds, wait_ready
+from benchmarks.rawws import RawWS
 from jobwire.settings import Settings
 from jobwire.tasks.recorder import Recorder
 from tests.support import ROOT, free_port, redis_server
@@ -148,8 +150,8 @@ class Peer:
                 self.proc.kill()
                 self.proc.wait()
 
-    async def connect(self, job: str, **kw: Any) -> Any:
-        """A client watching `job`; `kw` goes to `websockets.connect` (a stalled client's socket)."""
+    async def connect(self, job: str, sock: socket.socket | None = None) -> RawWS:
+        """A client watching `job` (on `sock`, if given: a stalled client's)."""
         raise NotImplementedError
 
     def timestamp(self, frame: str | bytes) -> tuple[float, bool] | None:
@@ -168,10 +170,10 @@ class JobwirePeer(Peer):
     def command(self) -> list[str]:
         return [sys.executable, "-m", "jobwire.cli", "serve", "--port", str(self.port)]
 
-    async def connect(self, job: str, **kw: Any) -> Any:
-        ws = await websockets.connect(f"ws://127.0.0.1:{self.port}/ws", **{"max_queue": None, **kw})
-        await ws.send(orjson.dumps({"op": "subscribe", "job_ids": [job]}).decode())
-        while b'"subscribed"' not in await ws.recv(decode=False):
+    async def connect(self, job: str, sock: socket.socket | None = None) -> RawWS:
+        ws = await rawws.connect(self.port, "/ws", sock=sock)
+        ws.send_text(orjson.dumps({"op": "subscribe", "job_ids": [job]}).decode())
+        while b'"subscribed"' not in await ws.recv():
             pass
         return ws
 
@@ -205,8 +207,8 @@ class RelayPeer(Peer):
             *UVICORN,
         ]
 
-    async def connect(self, job: str, **kw: Any) -> Any:
-        ws = await websockets.connect(f"ws://127.0.0.1:{self.port}/ws/{job}", **{"max_queue": None, **kw})
+    async def connect(self, job: str, sock: socket.socket | None = None) -> RawWS:
+        ws = await rawws.connect(self.port, f"/ws/{job}", sock=sock)
         await ws.recv()  # {"type":"subscribed"}
         return ws
 
@@ -238,12 +240,11 @@ class SocketIOPeer(Peer):
             *UVICORN,
         ]
 
-    async def connect(self, job: str, **kw: Any) -> Any:
-        url = f"ws://127.0.0.1:{self.port}/socket.io/?EIO=4&transport=websocket&job={job}"
-        ws = await websockets.connect(url, **{"max_queue": None, **kw})
+    async def connect(self, job: str, sock: socket.socket | None = None) -> RawWS:
+        ws = await rawws.connect(self.port, f"/socket.io/?EIO=4&transport=websocket&job={job}", sock=sock)
         await ws.recv()  # 0{"sid":…}: the Engine.IO handshake
-        await ws.send("40")  # join the default namespace
-        while not (await ws.recv()).startswith("40"):
+        ws.send_text("40")  # join the default namespace
+        while not (await ws.recv()).startswith(b"40"):
             pass
         return ws
 
@@ -286,22 +287,29 @@ PEERS: list[type[Peer]] = [JobwirePeer, RelayPeer, SocketIOPeer]
 # -- one run ----------------------------------------------------------------------------
 
 
-async def _reader(peer: Peer, ws: Any, latencies: list[float], got: list[int]) -> None:
-    """Read events until the job's last one; count them (jobwire may send fewer than were
-    published, coalescing progress for a client behind, so the last one, not a count,
-    says the client is done)."""
-    async for frame in ws:
-        if isinstance(frame, str) and frame == "2":  # Engine.IO ping
-            await ws.send("3")
-            continue
+def _read(peer: Peer, ws: RawWS, latencies: list[float], got: list[int]) -> asyncio.Future[None]:
+    """Count a client's events until its job's last one, from the socket's read callback
+    (jobwire may send fewer than were published, coalescing progress for a client behind,
+    so the last event, not a count, says the client is done)."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_text(frame: bytes) -> None:
+        if frame == b"2":  # Engine.IO ping
+            ws.send_text("3")
+            return
         event = peer.timestamp(frame)
         if event is None:
-            continue
+            return
         latencies.append((time.time() - event[0]) * 1000)
         got[0] += 1
-        if event[1]:
+        if event[1] and not done.done():
             got[1] = 1
-            return
+            done.set_result(None)
+
+    ws.on_text = on_text
+    while not ws.inbox.empty():
+        on_text(ws.inbox.get_nowait())
+    return done
 
 
 async def run_one(peer_cls: type[Peer], scenario: Scenario, redis_url: str) -> Result:
@@ -319,7 +327,10 @@ async def run_one(peer_cls: type[Peer], scenario: Scenario, redis_url: str) -> R
         every = round(1 / scenario.stalled) if scenario.stalled else 0
         for i in range(scenario.clients):
             if every and i % every == 0:
-                stalled.append(await peer.connect(jobs[i % scenario.jobs], **_stalled_socket(peer.port)))
+                ws = await peer.connect(jobs[i % scenario.jobs], sock=_stalled_socket(peer.port))
+                assert ws.transport is not None
+                ws.transport.pause_reading()
+                stalled.append(ws)
             else:
                 sockets.append(await peer.connect(jobs[i % scenario.jobs]))
         await asyncio.sleep(1.0)
@@ -332,9 +343,7 @@ async def run_one(peer_cls: type[Peer], scenario: Scenario, redis_url: str) -> R
         ]
         latencies: list[float] = []
         counters = [[0, 0] for _ in sockets]  # events received, saw the last
-        readers = [
-            asyncio.create_task(_reader(peer, ws, latencies, counters[i])) for i, ws in enumerate(sockets)
-        ]
+        readers = [_read(peer, ws, latencies, counters[i]) for i, ws in enumerate(sockets)]
         publish = peer.publisher()
 
         def publish_all() -> None:
@@ -353,10 +362,8 @@ async def run_one(peer_cls: type[Peer], scenario: Scenario, redis_url: str) -> R
         cpu, client = cpu_seconds(pid) - cpu0, _self_cpu() - client0
         sys_cpu = system_seconds(pid) - sys0
         rss_end = rss_kib(peer.proc.pid)  # type: ignore[union-attr]
-        for task in readers:
-            task.cancel()
         for ws in sockets + stalled:
-            ws.transport.abort()
+            ws.abort()
         return Result(
             peer=peer.name,
             scenario=scenario.name,
@@ -377,13 +384,14 @@ async def run_one(peer_cls: type[Peer], scenario: Scenario, redis_url: str) -> R
         peer.stop()
 
 
-def _stalled_socket(port: int) -> dict[str, Any]:
-    """What makes a client stall: a tiny receive window, and a client that takes one
-    frame into its queue and then never reads again."""
+def _stalled_socket(port: int) -> socket.socket:
+    """What makes a client stall: a tiny receive window (and, once connected, a client
+    that never reads again)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
-    return {"sock": sock, "max_queue": 1}
+    sock.setblocking(False)
+    return sock
 
 
 async def idle_rss(peer_cls: type[Peer], redis_url: str, counts: tuple[int, ...]) -> dict[str, float]:
@@ -405,7 +413,7 @@ async def idle_rss(peer_cls: type[Peer], redis_url: str, counts: tuple[int, ...]
             out[str(n)] = round((rss_kib(peer.proc.pid) - base) / n, 1)  # type: ignore[union-attr]
     finally:
         for ws in sockets:
-            ws.transport.abort()
+            ws.abort()
         peer.stop()
     return out
 
@@ -579,6 +587,7 @@ def _charts(table: list[dict[str, Any]], out: Path) -> None:
 SCENARIOS = {
     "many-jobs": Scenario("1,000 clients, 1,000 jobs, 1,000 events/s", 1000, 1000, 1000, 10),
     "one-job": Scenario("1,000 clients on 1 job, 50 events/s", 1000, 1, 50, 10),
+    "throughput": Scenario("1,000 clients on 1 job, 100 events/s", 1000, 1, 100, 10),
     # At 20 events/s the load generator keeps up, so healthy clients' latency is the server's.
     "stalled": Scenario("1,000 clients on 1 job, 20 events/s, 5% stalled", 1000, 1, 20, 10, stalled=0.05),
 }
