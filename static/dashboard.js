@@ -308,6 +308,9 @@ const client = new JobwireClient({
     jobFor(id);
     client.subscribe([id]);
   },
+  // Subscribe, then list: a job created before the all-jobs stream was live is in the
+  // listing, one created after arrives on the stream.
+  onAllSync: () => loadRecent().catch((err) => console.warn("jobwire: could not load recent jobs", err)),
   onError: (err) => console.warn("jobwire:", err.code, err.message),
   // The job's history was lost (a Redis restart) and begins again: drop what was shown.
   onReset: (id) => {

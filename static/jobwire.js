@@ -20,7 +20,14 @@ const TRANSPORTS = ["websocket", "sse", "polling"];
 // The protocol's names, mirrored from jobwire/protocol.py (the one contract module; change
 // them there first). Only what this client reads is here.
 const Op = { SUBSCRIBE: "subscribe", UNSUBSCRIBE: "unsubscribe", SUBSCRIBE_ALL: "subscribe_all", AUTH: "auth" };
-const Msg = { EVENT: "event", ERROR: "error", END: "end", RESET: "reset" };
+const Msg = {
+  EVENT: "event",
+  ERROR: "error",
+  END: "end",
+  RESET: "reset",
+  SUBSCRIBED_ALL: "subscribed_all",
+  RESYNC: "resync",
+};
 const Close = { UNAUTHENTICATED: 4401, FORBIDDEN: 4403 };
 
 /** Exponential backoff with jitter (as jobwire/backoff.py): the delay in ms for `attempt`. */
@@ -42,6 +49,9 @@ export class JobwireClient {
    *        status: "connecting" | "live" | "reconnecting" | "closed"
    * @param {(jobId: string, info: object) => void} [options.onNewJob]  with subscribeAll(): a
    *   job appeared (`info`: its event or listing entry; `info.parent` marks a group's child)
+   * @param {() => void} [options.onAllSync]  with subscribeAll(): the all-jobs stream is live
+   *        (again); jobs created before that were not announced, so list them now (the
+   *        dashboard reloads its listing). Called on every (re)subscription and resync.
    * @param {(error: object) => void} [options.onError]  {code, message, job_id?} from the server
    * @param {(jobId: string) => void} [options.onReset]  the job's history was lost and began
    *        again (Redis restarted without persistence): forget its events; they come again
@@ -56,6 +66,7 @@ export class JobwireClient {
     this.onEvent = options.onEvent || (() => {});
     this.onStatus = options.onStatus || (() => {});
     this.onNewJob = options.onNewJob || (() => {});
+    this.onAllSync = options.onAllSync || (() => {});
     this.onError = options.onError || (() => {});
     this.onReset = options.onReset || (() => {});
     this.pollInterval = options.pollInterval || 1000;
@@ -102,7 +113,7 @@ export class JobwireClient {
   subscribeAll() {
     if (this._all) return;
     this._all = true;
-    this._changed([]);
+    this._changed([], true);
   }
 
   /** The last seq delivered for a job (0 if none). */
@@ -169,10 +180,10 @@ export class JobwireClient {
     }
   }
 
-  _changed(added) {
+  _changed(added, all = false) {
     if (this.transport === "websocket") {
       if (added.length) this._wsSubscribe(added);
-      if (this._all) this._wsSend({ op: Op.SUBSCRIBE_ALL });
+      if (all) this._wsSend({ op: Op.SUBSCRIBE_ALL });
     } else if (this.transport === "sse") {
       this._restart();
     } else if (this.transport === "polling") {
@@ -357,6 +368,7 @@ export class JobwireClient {
       if (data.type === Msg.EVENT && data.stream === "all") this._announce(data.job_id, data);
       else if (data.type === Msg.EVENT) this._deliver(data);
       else if (data.type === Msg.RESET) this._reset(data.job_id, data.epoch);
+      else if (data.type === Msg.SUBSCRIBED_ALL || data.type === Msg.RESYNC) this.onAllSync();
       else if (data.type === Msg.ERROR && this._lostForNow(data)) this._retryLost(data.job_id);
       else if (data.type === Msg.ERROR) this.onError(data);
     };
@@ -423,6 +435,7 @@ export class JobwireClient {
     es.onopen = () => {
       opened = true;
       this._opened();
+      if (this._all) this.onAllSync(); // the server subscribed before it answered
     };
     es.onmessage = (msg) => this._deliver(JSON.parse(msg.data));
     es.addEventListener("all", (msg) => {
@@ -433,6 +446,7 @@ export class JobwireClient {
       const data = JSON.parse(msg.data);
       if (data.type === Msg.ERROR) this.onError(data);
       else if (data.type === Msg.RESET) this._reset(data.job_id, data.epoch);
+      else if (data.type === Msg.RESYNC) this.onAllSync();
       else if (data.type === Msg.END) this._teardown(); // every job ended: do not reconnect
     });
     // EventSource would reconnect to the same URL with stale `since`; resume ourselves.

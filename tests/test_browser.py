@@ -275,6 +275,41 @@ async def test_dashboard_with_a_token_sees_its_tenant_only(
         assert not page.errors  # type: ignore[attr-defined]
 
 
+async def test_dashboard_lists_a_job_created_before_its_all_jobs_stream_was_live(
+    browser: Browser, settings: Settings
+) -> None:
+    """Subscribe, then list: a job created after the dashboard loaded its listing but before
+    its all-jobs subscription was confirmed reaches no live stream; the dashboard lists it
+    again once the subscription is confirmed. (The dashboard's subscribe_all is held back
+    at the socket until the job exists.)"""
+    async with run_server(settings) as srv:
+        held: list[str] = []
+        sockets: list[object] = []
+
+        async def hold_subscribe_all(ws) -> None:  # type: ignore[no-untyped-def]
+            server = ws.connect_to_server()
+            sockets.append(server)
+
+            def from_page(message: str | bytes) -> None:
+                if isinstance(message, str) and '"subscribe_all"' in message:
+                    held.append(message)
+                else:
+                    server.send(message)
+
+            ws.on_message(from_page)
+            server.on_message(lambda message: ws.send(message))
+
+        page = await browser.new_page()
+        await page.route_web_socket(re.compile(r"/ws$"), hold_subscribe_all)
+        async with page.expect_response(lambda r: "/api/v1/jobs?limit=" in r.url):
+            await page.goto(srv.url)
+        await wait_until(lambda: bool(held), what="the dashboard asks for the all-jobs stream")
+        job_id = f"early-{uuid.uuid4().hex[:8]}"
+        Recorder(redis.Redis.from_url(settings.redis_url), settings).record(job_id, "PENDING")
+        sockets[0].send(held[0])  # type: ignore[attr-defined]
+        await expect(row(page, job_id)).to_be_visible(timeout=10000)
+
+
 async def test_dashboard_shows_waiting_for_quota_and_the_limits(
     browser: Browser, settings: Settings, worker: object
 ) -> None:
