@@ -91,11 +91,16 @@ async def test_foreign_jobs_stream_like_native_ones(
     servers: list[RunningServer], foreign_worker: Worker, own_redis: RedisServer
 ) -> None:
     one, two = servers
-    job_id = await asyncio.to_thread(_send, own_redis.url, "shop.crunch", steps=3, delay=0.3)
+    job_id = await asyncio.to_thread(_send, own_redis.url, "shop.crunch", steps=3, gated=True)
     await _known(one, job_id)
-    streams = await asyncio.wait_for(
-        asyncio.gather(_ws(one, job_id), _sse(two, job_id), _poll(two, job_id), _ws(two, job_id)), 30
+    watching = asyncio.gather(_ws(one, job_id), _sse(two, job_id), _poll(two, job_id), _ws(two, job_id))
+    channel = one.services.settings.keys.job_channel(job_id)
+    await wait_until(
+        lambda: one.services.hub.subscribers(channel) == 1 and two.services.hub.subscribers(channel) == 2,
+        what="three streaming watchers attached",
     )
+    own_redis.client().rpush(f"shop:gate:{job_id}", *["go"] * 4)  # the job runs while they watch
+    streams = await asyncio.wait_for(watching, 30)
     for events in streams:
         assert_gap_free(events)
         assert transitions(events) == ["STARTED", "PROCESSING", "UPLOADING", "SUCCESS"]
@@ -126,7 +131,7 @@ async def test_a_server_started_late_reads_the_current_state(
     settings: Settings, foreign_worker: Worker, own_redis: RedisServer
 ) -> None:
     """Publishes nobody heard: the job's state comes from Celery's result key on demand."""
-    job_id = await asyncio.to_thread(_send, own_redis.url, "shop.crunch", steps=1, delay=0.0)
+    job_id = await asyncio.to_thread(_send, own_redis.url, "shop.crunch", steps=1)
     key = f"shop:celery-task-meta-{job_id}"
     await wait_until(
         lambda: b"SUCCESS" in (own_redis.client().get(key) or b""), what="the foreign job finishes"

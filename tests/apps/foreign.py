@@ -2,7 +2,6 @@
 backend only (JOBWIRE_CELERY_BACKENDS). Its own key prefix, its own Redis."""
 
 import os
-import time
 
 from celery import Celery
 
@@ -17,13 +16,20 @@ app.conf.update(
 )
 
 
+def _work(task, gated):
+    """The task's own work. Gated, each step waits until the test lets it go (a token on
+    `shop:gate:<id>`), so watchers the test attached meanwhile provably see it live."""
+    if gated:
+        task.backend.client.blpop(f"shop:gate:{task.request.id}", timeout=30)
+
+
 @app.task(bind=True, name="shop.crunch")
-def crunch(self, steps=3, delay=0.2):
+def crunch(self, steps=3, gated=False):
     for step in range(1, steps + 1):
         self.update_state(state="PROCESSING", meta={"current": step, "total": steps})
-        time.sleep(delay)  # the task's own work, so watchers see it live
+        _work(self, gated)
     self.update_state(state="UPLOADING", meta={"current": 1, "total": 1})
-    time.sleep(delay)
+    _work(self, gated)
     return {"rows": steps * 10}
 
 
