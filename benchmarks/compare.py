@@ -193,19 +193,19 @@ class JobwirePeer(Peer):
         return publish
 
 
-class RelayPeer(Peer):
-    name = "broadcaster"
+class UvicornPeer(Peer):
+    """A peer served by uvicorn from the peers' virtualenv."""
+
+    app = ""
 
     def command(self) -> list[str]:
-        return [
-            str(PEERS_PY),
-            "-m",
-            "uvicorn",
-            "benchmarks.peers.relay:app",
-            "--port",
-            str(self.port),
-            *UVICORN,
-        ]
+        return [str(PEERS_PY), "-m", "uvicorn", self.app, "--port", str(self.port), *UVICORN]
+
+
+class RelayPeer(UvicornPeer):
+    name = "broadcaster"
+
+    app = "benchmarks.peers.relay:app"
 
     async def connect(self, job: str, sock: socket.socket | None = None) -> RawWS:
         ws = await rawws.connect(self.port, f"/ws/{job}", sock=sock)
@@ -225,20 +225,11 @@ class RelayPeer(Peer):
         return publish
 
 
-class SocketIOPeer(Peer):
+class SocketIOPeer(UvicornPeer):
     name = "python-socketio"
     probe = "/socket.io/?EIO=4&transport=polling"
 
-    def command(self) -> list[str]:
-        return [
-            str(PEERS_PY),
-            "-m",
-            "uvicorn",
-            "benchmarks.peers.sio:app",
-            "--port",
-            str(self.port),
-            *UVICORN,
-        ]
+    app = "benchmarks.peers.sio:app"
 
     async def connect(self, job: str, sock: socket.socket | None = None) -> RawWS:
         ws = await rawws.connect(self.port, f"/socket.io/?EIO=4&transport=websocket&job={job}", sock=sock)
