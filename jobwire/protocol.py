@@ -21,7 +21,11 @@ the old one is told (`Msg.RESET`) and replayed from the start.
 
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
+import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -173,22 +177,55 @@ SSE_RETRY_MS = 2000  # how soon EventSource reconnects after a drop
 MAX_SEQ = 2**63 - 1  # Redis integers are signed 64-bit
 MAX_JSON_DEPTH = 32  # nesting of task arguments: Celery's encoders fail far deeper than any real use
 
-# Job ids are usually Celery UUIDs, but other services may pick their own
-# (`apply_async(task_id=...)`): printable ASCII without spaces, and without `{` or `}`,
-# which would break the per-job hash tag of the key layout (see `Keys`).
-_JOB_ID = re.compile(r"^[\x21-\x7a|~]{1,200}$")
+# Job ids are usually Celery UUIDs, but Celery takes any string (`apply_async(task_id=...)`),
+# and every id it takes must work: the worker side never checks ids, and Redis keys and
+# object-store paths carry an encoded form (`key_id`). What clients send is checked, for
+# sanity only: 1-1024 characters, none of them a control character.
+MAX_JOB_ID_CHARS = 1024
+_CLIENT_JOB_ID = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{MAX_JOB_ID_CHARS}}}$")
 _SEQ = re.compile(r"^[0-9]{1,19}$")  # ASCII digits only: str.isdigit() also takes '²'
+
+# Ids made of these characters (the usual UUIDs and slugs) are used as they are in keys;
+# any other id is written as `~` + its base64url form, which no plain id can equal (a plain
+# id never starts with `~`), so no two ids share a key. Dots may not lead: `..` would be a
+# folder of its own in an object-store path.
+_PLAIN_KEY_ID = re.compile(r"^[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,199}$")
+_ENCODED = "~"
 
 
 def check_job_id(value: object) -> str:
-    """Return `value` if it is a well-formed job id, else raise `JobwireError` (invalid_job_id)."""
-    if not isinstance(value, str) or not _JOB_ID.match(value):
+    """Return `value` if it is an acceptable job id from a client, else raise `JobwireError`
+    (invalid_job_id)."""
+    if not isinstance(value, str) or not _CLIENT_JOB_ID.match(value):
         raise JobwireError(
             "invalid_job_id",
-            "job id must be 1-200 printable ASCII characters without spaces, '{' or '}', "
-            f"got {value!r:.80}",
+            f"job id must be 1-{MAX_JOB_ID_CHARS} characters without control characters, got {value!r:.80}",
         )
     return value
+
+
+@functools.lru_cache(maxsize=65536)  # per event and per key: ids repeat
+def key_id(job_id: str) -> str:
+    """The form of `job_id` used in Redis keys, channels and object-store paths: the id
+    itself when it is plain, else `~<base64url>` (collision-free and reversible)."""
+    if _PLAIN_KEY_ID.match(job_id):
+        return job_id
+    raw = job_id.encode("utf-8", "surrogatepass")
+    return _ENCODED + base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+@functools.lru_cache(maxsize=65536)
+def id_from_key(encoded: str) -> str | None:
+    """The job id a `key_id` stands for; None if `encoded` is not one."""
+    if not encoded.startswith(_ENCODED):
+        return encoded if _PLAIN_KEY_ID.match(encoded) else None
+    body = encoded[1:]
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        job_id = raw.decode("utf-8", "surrogatepass")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return job_id if key_id(job_id) == encoded else None
 
 
 def parse_seq(value: object, *, field: str) -> int:
@@ -204,34 +241,35 @@ def parse_seq(value: object, *, field: str) -> int:
 class Keys:
     """Every Redis key and channel jobwire uses, under one prefix.
 
-    A job's keys are `<prefix>{<id>}:job` and `<prefix>{<id>}:events`: the braces make the
-    id a hash tag, so one job's keys share a cluster slot (the record script touches one
-    slot), and since ids cannot contain braces, no id can produce another job's key (an id
-    `x:events` once answered for job `x`'s history). The prefix is the one handed to Celery
-    as `global_keyprefix`, so jobwire data and Celery results sit side by side.
+    A job's keys are `<prefix>{<id>}:job` and `<prefix>{<id>}:events`, with the id in its
+    `key_id` form: the braces make it a hash tag, so one job's keys share a cluster slot
+    (the record script touches one slot), and since the key form has no braces, no id can
+    produce another job's key (an id `x}:events` would otherwise answer for job `x`). The
+    prefix is the one handed to Celery as `global_keyprefix`, so jobwire data and Celery
+    results sit side by side.
     """
 
     prefix: str = "jobwire:"
 
     def job(self, job_id: str) -> str:
         """Hash with the job's latest state, seq, progress, result/error, owner and metadata."""
-        return f"{self.prefix}{{{job_id}}}:job"
+        return f"{self.prefix}{{{key_id(job_id)}}}:job"
 
     def history(self, job_id: str) -> str:
         """Sorted set of the job's events scored by seq (bounded, newest kept)."""
-        return f"{self.prefix}{{{job_id}}}:events"
+        return f"{self.prefix}{{{key_id(job_id)}}}:events"
 
     def progress(self, job_id: str) -> str:
         """Sorted set of the seqs in the history that are progress (the trimmable ones)."""
-        return f"{self.prefix}{{{job_id}}}:progress"
+        return f"{self.prefix}{{{key_id(job_id)}}}:progress"
 
     def event_ids(self, job_id: str) -> str:
         """Sorted set of the last event ids recorded with dedupe (see `server.bridge`)."""
-        return f"{self.prefix}{{{job_id}}}:eids"
+        return f"{self.prefix}{{{key_id(job_id)}}}:eids"
 
     def children(self, job_id: str) -> str:
         """List of a group's or chord's child job ids, in submit order."""
-        return f"{self.prefix}{{{job_id}}}:children"
+        return f"{self.prefix}{{{key_id(job_id)}}}:children"
 
     def foreign_live(self, source: str) -> str:
         """Set of the jobs of a followed foreign backend that are not final yet."""
@@ -248,7 +286,7 @@ class Keys:
 
     def job_channel(self, job_id: str) -> str:
         """Pub/sub channel carrying one job's events."""
-        return f"{self.prefix}{{{job_id}}}:live"
+        return f"{self.prefix}{{{key_id(job_id)}}}:live"
 
     @property
     def all_channel(self) -> str:
@@ -292,7 +330,7 @@ class Keys:
     def job_id_from_channel(self, channel: str) -> str | None:
         head, tail = f"{self.prefix}{{", "}:live"
         if channel.startswith(head) and channel.endswith(tail):
-            return channel[len(head) : -len(tail)]
+            return id_from_key(channel[len(head) : -len(tail)])
         return None
 
 
@@ -310,8 +348,47 @@ def error_from_celery(result: Any) -> dict[str, str]:
 
 
 def dumps(value: Any) -> bytes:
-    """JSON-encode like every jobwire component does (compact, UTF-8, non-JSON as str)."""
-    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
+    """JSON-encode like every jobwire component does (compact, UTF-8, non-JSON as str).
+
+    Never fails on what a task returns: orjson refuses integers past 64 bits, tuple keys
+    and nesting past 254 levels, all of which Celery stores; those values take a slower
+    path that keeps big integers exact, writes other keys as `str(key)` and cuts nesting
+    at `MAX_EVENT_DEPTH`.
+    """
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:
+        return json.dumps(_plain(value, MAX_EVENT_DEPTH), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+MAX_EVENT_DEPTH = 200  # nesting kept in an event's JSON; deeper values become a marker string
+
+
+def _plain(value: Any, depth: int) -> Any:
+    """`value` as what the stdlib's JSON encoder takes (see `dumps`)."""
+    if isinstance(value, str) or value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None  # as orjson writes NaN and infinities
+    if depth <= 0:
+        return f"<nested deeper than {MAX_EVENT_DEPTH} levels>"
+    if isinstance(value, dict):
+        return {_key(k): _plain(v, depth - 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth - 1) for v in value]
+    try:
+        return orjson.loads(orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS))
+    except orjson.JSONEncodeError:
+        return str(value)
+
+
+def _key(key: Any) -> str:
+    """A dict key as orjson's OPT_NON_STR_KEYS writes it on the fast path, else `str(key)`."""
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, (bool, float)) or (isinstance(key, int) and abs(key) < 2**63):
+        return orjson.dumps(key).decode()
+    return str(key)
 
 
 def event_parts(job_id: str, body: dict[str, Any]) -> tuple[bytes, bytes]:

@@ -16,7 +16,7 @@ import orjson
 from redis.asyncio import Redis, RedisCluster
 
 from jobwire import scripts
-from jobwire.protocol import UNKNOWN, JobNotFound, JobwireError, Keys
+from jobwire.protocol import UNKNOWN, JobNotFound, JobwireError, Keys, key_id
 from jobwire.server.auth import Principal
 from jobwire.server.events import Delivery
 
@@ -127,8 +127,8 @@ class JobStore:
         return dict(zip(job_ids, rows, strict=True))
 
     def _batch_args(self, job_ids: Sequence[str]) -> list[str]:
-        head, tail = self.keys.job("\0").split("\0")
-        return [head, tail, " ".join(job_ids)]
+        head, tail = self.keys.job("-").split("-")  # "-" is its own key form
+        return [head, tail, " ".join(key_id(j) for j in job_ids)]  # key forms hold no spaces
 
     async def _batch_per_node(self, job_ids: Sequence[str]) -> dict[str, list[Any]]:
         """The batch script once per cluster node, for the ids it holds, all at once: one

@@ -55,7 +55,7 @@ async def test_bad_since_on_websockets_gets_a_reason(server: RunningServer, sinc
 
 async def test_ids_that_look_like_another_jobs_keys(server: RunningServer) -> None:
     """`<id>:events` is just an unknown id (404, UNKNOWN, 4404), never "Redis unreachable";
-    ids with braces are refused as malformed."""
+    ids with braces are ids like any other; control characters are refused as malformed."""
     job_id = await _finished_job(server)
     twin = f"{job_id}:events"
     async with httpx.AsyncClient(base_url=server.url) as http:
@@ -66,8 +66,10 @@ async def test_ids_that_look_like_another_jobs_keys(server: RunningServer) -> No
         assert batch.status_code == 200
         assert batch.json()["jobs"][twin]["status"] == "UNKNOWN"
         assert batch.json()["jobs"][job_id]["status"] == "SUCCESS"
-        braces = await http.get("/api/v1/jobs/a%7Bb%7D")
-        assert braces.status_code == 422 and braces.json()["error"]["code"] == "invalid_job_id"
+        braces = await http.get(f"/api/v1/jobs/{job_id}%7D:events")
+        assert braces.status_code == 404 and braces.json()["error"]["code"] == "job_not_found"
+        control = await http.get("/api/v1/jobs/a%0Ab")
+        assert control.status_code == 422 and control.json()["error"]["code"] == "invalid_job_id"
     async with websockets.connect(f"{server.ws_url}/ws/jobs/{twin}") as ws:
         with pytest.raises(ConnectionClosed):
             await ws.recv()

@@ -54,7 +54,7 @@ async def test_batch_status_accepts_bare_array_and_caps_ids(server: RunningServe
         over = await http.post("/api/v1/jobs/batch-status", json=[f"j{i}" for i in range(limit + 1)])
         assert over.status_code == 413
         assert over.json()["error"]["code"] == "too_many_ids"
-        bad = await http.post("/api/v1/jobs/batch-status", json={"job_ids": ["ok", "has space"]})
+        bad = await http.post("/api/v1/jobs/batch-status", json={"job_ids": ["ok", "has\nnewline"]})
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_job_id"
         notalist = await http.post("/api/v1/jobs/batch-status", json={"job_ids": "abc"})
         assert notalist.status_code == 422

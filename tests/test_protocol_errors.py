@@ -23,7 +23,7 @@ from tests.support import RunningServer, run_server
         ('{"op": "explode"}', "unknown_op"),
         ('{"op": "subscribe"}', "invalid_request"),
         ('{"op": "subscribe", "job_ids": "abc"}', "invalid_request"),
-        ('{"op": "subscribe", "job_ids": ["has space"]}', "invalid_job_id"),
+        ('{"op": "subscribe", "job_ids": ["has\\u0000nul"]}', "invalid_job_id"),
         ('{"op": "subscribe", "job_ids": ["a"], "since": {"a": -1}}', "invalid_request"),
         ('{"op": "subscribe", "job_ids": ["a"], "since": [1]}', "invalid_request"),
     ],

@@ -3,9 +3,9 @@
 -- tenant and epoch (false where unset; a false state = never seen), as one JSON array of
 -- five-element arrays, in the order asked.
 --
--- ARGV: the job hash's name before and after the id, then the ids separated by spaces
--- (ids never hold one). One argument and one JSON reply, not a thousand of each: packing
--- and parsing those was most of a large batch's cost.
+-- ARGV: the job hash's name before and after the id, then the ids' key forms (`key_id`)
+-- separated by spaces (they never hold one). One argument and one JSON reply, not a
+-- thousand of each: packing and parsing those was most of a large batch's cost.
 --
 -- The hashes are not declared as KEYS: on a cluster they span many slots of one node,
 -- which Redis refuses for declared keys but allows a script flagged allow-cross-slot-keys

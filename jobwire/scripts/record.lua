@@ -97,7 +97,11 @@ if aggregate then
 else
   -- A group's child says so in every event: dashboards list the group, not its children.
   local of = ''
-  if known[7] then of = ',"parent":"' .. string.gsub(known[7], '[\\"]', '\\%0') .. '"' end
+  if known[7] then
+    -- any id Celery takes: quotes, backslashes and control characters escaped for JSON
+    local escaped = string.gsub(known[7], '[%c"\\]', function(c) return string.format('\\u%04x', string.byte(c)) end)
+    of = ',"parent":"' .. escaped .. '"'
+  end
   event = head .. seq .. ',"epoch":"' .. epoch .. '"' .. of .. tail
 end
 if dedupe == '1' then
