@@ -139,12 +139,14 @@ def cmd_serve(host: str, port: int) -> int:
 
 
 def cmd_cleanup_results() -> int:
-    """Delete stored results whose job expired (or never existed): safe in several
-    processes at once (run it from cron, or a Celery beat task)."""
+    """Delete stored results that nothing refers to any more (see `jobwire.storage.cleanup`):
+    safe in several processes at once (run it from cron, or a Celery beat task)."""
     import redis
 
+    from jobwire.server.celery_app import load_celery_app
     from jobwire.settings import Settings
     from jobwire.storage import cleanup, store_for
+    from jobwire.tasks.results import result_exists_in
 
     settings = Settings.from_env()
     client = redis.Redis.from_url(settings.redis_url)
@@ -152,6 +154,7 @@ def cmd_cleanup_results() -> int:
         store_for(settings),
         lambda job_id: bool(client.exists(settings.keys.job(job_id))),
         max_age=settings.result_expires,
+        result_exists=result_exists_in(load_celery_app(settings)),
     )
     out.print(f"deleted {deleted} stored result(s)")
     return 0

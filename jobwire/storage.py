@@ -17,12 +17,13 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from jobwire.protocol import id_from_key, key_id
 from jobwire.settings import Settings
 
 REF_TYPE = "stored_result"
@@ -36,10 +37,24 @@ def is_reference(value: Any) -> bool:
     return isinstance(value, dict) and value.get("type") == REF_TYPE and isinstance(value.get("key"), str)
 
 
+#: The longest folder name an object key holds: a long id's key form is split over several.
+_SEGMENT = 200
+
+
 def object_key(job_id: str, filename: str) -> str:
-    """`<job id>/<filename>`: one folder per job, so a job's objects go with it."""
+    """`<job id>/<filename>`: one folder per job, so a job's objects go with it. The id is
+    in its `key_id` form (any id Celery takes is a safe path), split into folders of at
+    most 200 characters, which every filesystem and S3 take."""
     safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in filename)[:120] or "result"
-    return f"{job_id}/{safe}"
+    folder = key_id(job_id)
+    folder = "/".join(folder[i : i + _SEGMENT] for i in range(0, len(folder), _SEGMENT))
+    return f"{folder}/{safe}"
+
+
+def job_of(key: str) -> str | None:
+    """The job id an object key belongs to (see `object_key`); None for a foreign object."""
+    folder = key.rpartition("/")[0]
+    return id_from_key(folder.replace("/", "")) if folder else None
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,9 @@ class ResultStore(Protocol):
     name: str
 
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; `StorageError` when it is gone or cannot be read."""
 
     def path(self, key: str) -> Path | None:
         """A local file to stream, for stores that have one."""
@@ -108,6 +126,12 @@ class FilesystemStore:
         except OSError as exc:
             raise StorageError(f"could not write {key!r} under {self.root}: {exc}") from exc
 
+    def get(self, key: str) -> bytes:
+        try:
+            return self._file(key).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"could not read {key!r} under {self.root}: {exc}") from exc
+
     def path(self, key: str) -> Path | None:
         path = self._file(key)
         return path if path.is_file() else None
@@ -120,23 +144,25 @@ class FilesystemStore:
             self._file(key).unlink()
         except FileNotFoundError:
             pass  # another cleanup got there first
-        with suppress(OSError):
-            self._file(key).parent.rmdir()  # the job's folder, once empty
+        folder = self._file(key).parent
+        while folder != self.root:  # the job's folders, once empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+            folder = folder.parent
 
     def list(self) -> Iterator[Stored]:
-        # scandir, not glob: a job's folder removed meanwhile by another cleanup must be
-        # skipped, and glob raises when a folder it listed is gone before it looks inside.
-        with suppress(FileNotFoundError, NotADirectoryError):
-            jobs = [entry for entry in os.scandir(self.root) if entry.is_dir()]
-            for job in jobs:
-                try:
-                    files = list(os.scandir(job.path))
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-                for file in files:
-                    with suppress(OSError):
-                        stat = file.stat()
-                        yield Stored(f"{job.name}/{file.name}", stat.st_size, stat.st_mtime)
+        # os.walk, not glob: a job's folder removed meanwhile by another cleanup must be
+        # skipped (walk ignores it), and glob raises when a folder it listed is gone.
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                path = os.path.join(folder, name)
+                with suppress(OSError):
+                    stat = os.stat(path)
+                    key = os.path.relpath(path, self.root).replace(os.sep, "/")
+                    if "/" in key:  # objects live in a job's folder; anything else is not ours
+                        yield Stored(key, stat.st_size, stat.st_mtime)
 
 
 class S3Store:
@@ -167,6 +193,16 @@ class S3Store:
             )
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not store {key!r} in s3://{self.bucket}/{self.prefix}: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"]
+            return bytes(body.read())
+        except (BotoCoreError, ClientError) as exc:
+            where = f"s3://{self.bucket}/{self.prefix}"
+            raise StorageError(f"could not read {key!r} from {where}: {exc}") from exc
 
     def path(self, key: str) -> Path | None:
         return None
@@ -202,14 +238,27 @@ def store_for(settings: Settings) -> ResultStore:
     return FilesystemStore(settings.result_dir)
 
 
-def cleanup(store: ResultStore, job_exists: Any, *, max_age: float) -> int:
-    """Delete objects whose job has expired (or never existed), and any older than
-    `max_age` seconds. Safe to run in several processes at once: a delete of an object
-    that another cleanup already deleted is a no-op. Returns how many it deleted."""
+def cleanup(
+    store: ResultStore,
+    job_exists: Callable[[str], bool],
+    *,
+    max_age: float,
+    result_exists: Callable[[str], bool] = lambda _job_id: False,
+) -> int:
+    """Delete the objects nothing refers to any more; return how many.
+
+    An object lives as long as Celery's result for its job does (`result_exists`: Celery's
+    `result_expires`, "never" included), since `AsyncResult.get()` reads it back from
+    there. Without one, it lives while jobwire's record of the job exists and it is at
+    most `max_age` seconds old. Safe to run in several processes at once: a delete of an
+    object that another cleanup already deleted is a no-op.
+    """
     now, deleted = time.time(), 0
     for obj in list(store.list()):
-        job_id = obj.key.split("/", 1)[0]
-        if now - obj.modified > max_age or not job_exists(job_id):
+        job_id = job_of(obj.key)
+        if job_id is not None and result_exists(job_id):
+            continue
+        if job_id is None or now - obj.modified > max_age or not job_exists(job_id):
             store.delete(obj.key)
             deleted += 1
     return deleted

@@ -7,6 +7,7 @@ after its configuration is loaded. It touches that app only: no import side effe
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -18,6 +19,8 @@ from redis.connection import parse_url
 from jobwire.settings import Settings
 from jobwire.tasks import registry, signals
 from jobwire.tasks.backend import BACKEND_ALIASES, JobwireBackendMixin
+
+log = logging.getLogger(__name__)
 
 
 class AttachError(RuntimeError):
@@ -32,7 +35,9 @@ def attach(app: Celery, settings: Settings | None = None, *, allow_other_backend
     - Custom states stored with plain `self.update_state(state=..., meta=...)` stream as
       progress, written with Celery's result in one Redis round trip.
     - `task_track_started` is turned on, so `AsyncResult(id).state` says STARTED when
-      jobwire's stream does.
+      jobwire's stream does, unless the app's configuration sets it itself (kept; a
+      warning says what that costs). No other setting is changed, and no backend is
+      built and cached (a later change of `result_backend` is honoured everywhere).
 
     jobwire keeps its events in the Redis of the app's result backend. With no
     `settings`, they come from the environment, and `JOBWIRE_REDIS_URL` defaults to that
@@ -48,23 +53,48 @@ def attach(app: Celery, settings: Settings | None = None, *, allow_other_backend
         aliases.update(BACKEND_ALIASES)
         app.loader.override_backends = aliases
         if app._backend is not None and not isinstance(app._backend, JobwireBackendMixin):
-            app._backend = app._get_backend()  # already built (in this thread): build ours now
+            # Built before attach() (in this thread, or shared when thread-safe): replace it,
+            # which caches nothing that was not cached already.
+            app._backend = app._get_backend()
         settings = _same_redis(app, settings, backend_url, explicit_url)
     elif not allow_other_backend:
         raise AttachError(_other_backend_message(backend_url or "disabled", backend_cls))
-    app.conf.task_track_started = True
+    if _set_by_user(app, "task_track_started"):
+        if not app.conf.task_track_started:
+            log.warning(
+                "jobwire: task_track_started=False is kept, as set: jobwire's stream says STARTED "
+                "when a worker starts a job, but Celery's AsyncResult.state stays PENDING until it ends"
+            )
+    else:
+        app.conf.task_track_started = True
     app.__dict__.pop("_jobwire_recorder", None)
     registry.add(app, settings)
     signals.connect()
     return app
 
 
+def _set_by_user(app: Celery, setting: str) -> bool:
+    """Whether the app's configuration names `setting` itself (in any spelling Celery reads:
+    new, old-style, or under a namespace), rather than leaving it to Celery's default."""
+    suffix = setting.split("_", 1)[1].upper()  # TRACK_STARTED, in every spelling
+    for mapping in app.conf.maps[:-1]:  # the last is Celery's defaults
+        try:
+            names = list(mapping.keys())
+        except (AttributeError, TypeError):
+            continue
+        if any(isinstance(name, str) and name.upper().endswith(suffix) for name in names):
+            return True
+    return False
+
+
 def _same_redis(app: Celery, settings: Settings, backend_url: str, explicit_url: bool) -> Settings:
     """jobwire's Redis must be the backend's: one script writes both, and a script sees
     one database of one server."""
-    params: dict[str, Any] = getattr(app.backend, "connparams", {})
     if settings.redis_cluster:  # jobwire's events on a cluster, Celery's results beside it
         return settings
+    # A backend built for the check and dropped: `app.backend` would cache one in this
+    # thread, and a later change of `result_backend` would then be ignored here alone.
+    params: dict[str, Any] = getattr(app._get_backend(), "connparams", {})
     if "host" not in params:  # sentinel or a unix socket: trust the settings
         return settings
     if not explicit_url:

@@ -9,12 +9,13 @@ no change, and `AsyncResult(id).state/.info` read exactly what it stored.
 
 Lifecycle states (STARTED, SUCCESS, RETRY ...) are stored by Celery as usual; jobwire
 records their events from signals (see `jobwire.tasks.signals`). A SUCCESS result too big
-for Redis is stored in object storage first, and Celery keeps the reference
-(`jobwire.tasks.results`).
+for Redis is stored in object storage first, Celery keeps a reference, and reading it
+through Celery brings the value back (`jobwire.tasks.results`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import states
@@ -22,22 +23,32 @@ from celery.backends.redis import RedisBackend, SentinelBackend
 
 from jobwire.protocol import error_from_celery
 
+log = logging.getLogger(__name__)
+
 #: Celery's own states; anything else a task stores is a custom (progress) state.
 CELERY_STATES = frozenset(states.ALL_STATES) | {states.IGNORED}
 
 
 class JobwireBackendMixin:
-    """Routes custom states through jobwire's recorder (see module docstring)."""
+    """Routes custom states through jobwire's recorder (see module docstring).
+
+    Whatever jobwire's own write does, Celery's result is stored as Celery would store it:
+    a failed event write (Redis unreachable past the recorder's retry window) is logged and
+    Celery's write goes ahead, so a task never fails or hangs because of jobwire.
+    """
 
     def _store_result(
         self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any
     ) -> Any:
+        from jobwire.tasks.recorder import Recorder
+
         if state == states.SUCCESS:
             # A result too big for Redis goes to object storage first (failing the job if
-            # it cannot be stored); Celery's result and the SUCCESS event get the reference.
+            # it cannot be stored); Celery keeps a reference it reads the value back
+            # through (`meta_from_decoded`), and the SUCCESS event carries it.
             from jobwire.tasks.results import offload
 
-            result = offload(self.app, task_id, result)  # type: ignore[attr-defined]
+            result = offload(self, task_id, result)
             if request is not None:
                 request.jobwire_result = result
         same_job = request is not None and getattr(request, "id", None) == task_id
@@ -45,26 +56,48 @@ class JobwireBackendMixin:
             # A chord's header task: its end must count in the chord before Celery, right
             # after this write, runs the callback (or fails it). The signal, which records
             # other tasks' ends, then knows it is done (`jobwire_final_recorded`).
-            from jobwire.tasks.recorder import Recorder
-
             fields = {"result": result} if state == states.SUCCESS else {"error": error_from_celery(result)}
-            Recorder.for_app(self.app).record(task_id, state, task=getattr(request, "task", None), **fields)  # type: ignore[attr-defined]
-            request.jobwire_final_recorded = True
+            recorded = _safely(
+                Recorder.for_app(self.app).record,  # type: ignore[attr-defined]
+                task_id,
+                state,
+                task=getattr(request, "task", None),
+                **fields,
+            )
+            request.jobwire_final_recorded = recorded
         if state in CELERY_STATES:
             stored = super()._store_result(task_id, result, state, traceback, request, **kwargs)  # type: ignore[misc]
             if state == states.FAILURE and not same_job:
                 # Celery failing a task that never ran: a chord's callback after a header
                 # task failed (ChordError). No signal tells of it; this write is the news.
-                from jobwire.tasks.recorder import Recorder
-
                 error = error_from_celery(result)
-                Recorder.for_app(self.app).record(task_id, state, error=error)  # type: ignore[attr-defined]
+                _safely(Recorder.for_app(self.app).record, task_id, state, error=error)  # type: ignore[attr-defined]
             return stored
-        from jobwire.tasks.recorder import Recorder
-
         task = getattr(request, "task", None) if same_job else None
-        Recorder.for_app(self.app).record_state(task_id, state, result, request, task=task)  # type: ignore[attr-defined]
+        if not _safely(Recorder.for_app(self.app).record_state, task_id, state, result, request, task=task):  # type: ignore[attr-defined]
+            super()._store_result(task_id, result, state, traceback, request, **kwargs)  # type: ignore[misc]
         return result
+
+    def meta_from_decoded(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """Celery's decoding of a stored result, with an offloaded value read back."""
+        meta = super().meta_from_decoded(meta)  # type: ignore[misc]
+        if meta.get("status") == states.SUCCESS:
+            from jobwire.tasks.results import is_offloaded, load
+
+            if is_offloaded(meta.get("result")):
+                meta["result"] = load(self, meta["result"])
+        return meta
+
+
+def _safely(record: Any, *args: Any, **kwargs: Any) -> bool:
+    """Run a recorder call; False when it failed (logged), so Celery's write goes ahead."""
+    try:
+        record(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - jobwire must never fail a task Celery would run
+        job_id, state = args[0], args[1]
+        log.exception("jobwire: could not record %s for job %r; Celery stores its result", state, job_id)
+        return False
+    return True
 
 
 class JobwireRedisBackend(JobwireBackendMixin, RedisBackend):  # type: ignore[misc]

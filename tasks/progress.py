@@ -67,7 +67,7 @@ class ProgressTask(Task):  # type: ignore[misc]
             return 0
         progress = progress_meta(step, total, description, percent, **extra)
         return Recorder.for_app(self.app).record_state(
-            self.request.id, state, progress, self.request, task=self.name
+            self.request.id, state, progress, self.request, task=self.name, celery_after_final=False
         )
 
     def store_result(self, data: bytes | str, *, content_type: str, filename: str) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from jobwire.protocol import (
     FINAL_STATES,
     PENDING,
     SUCCESS,
-    check_job_id,
     dumps,
     event_parts,
     progress_from_meta,
@@ -92,7 +91,14 @@ class Recorder:
         return rec
 
     def record_state(
-        self, job_id: str, state: str, meta: Any, request: Any = None, *, task: str | None = None
+        self,
+        job_id: str,
+        state: str,
+        meta: Any,
+        request: Any = None,
+        *,
+        task: str | None = None,
+        celery_after_final: bool = True,
     ) -> int | None:
         """Record a custom state whose Celery meta is `meta` (what `update_state` stores).
 
@@ -100,20 +106,31 @@ class Recorder:
         the event's `progress` is `meta` with a derived `percent` (see
         `progress_from_meta`). With a Redis result backend both writes are one round trip;
         with another backend Celery writes its own first. Returns the seq, or None when
-        the job is already final.
+        the job is already final. The event is refused then; Celery's write still goes
+        ahead by Celery's own rule (dropped only after SUCCESS) unless `celery_after_final`
+        is False (`report()`: a revoked job shows no later state anywhere).
         """
         celery_meta = self.celery_meta(job_id, state, meta, request)
-        if celery_meta is None and self._app is not None:
-            backend = self._app.backend
-            if isinstance(backend, JobwireBackendMixin):
-                # Celery's plain write (ours would come back here): its results live on
-                # another Redis than jobwire's cluster.
-                super(JobwireBackendMixin, backend)._store_result(job_id, meta, state, None, request)
-            else:
-                backend.store_result(job_id, meta, state, request=request)
-        return self.record(
+        if celery_meta is None:
+            self._celery_write(job_id, state, meta, request)
+        seq = self.record(
             job_id, state, progress=progress_from_meta(meta), task=task, celery_meta=celery_meta
         )
+        if seq is None and celery_meta is not None and celery_after_final:
+            # jobwire has the job final and refused the event, and Celery's write with it;
+            # Celery itself drops a write only after SUCCESS, so let it decide.
+            self._celery_write(job_id, state, meta, request)
+        return seq
+
+    def _celery_write(self, job_id: str, state: str, meta: Any, request: Any) -> None:
+        """Celery's own write of a custom state, exactly as plain Celery makes it."""
+        if self._app is None:
+            return
+        backend = self._app.backend
+        if isinstance(backend, JobwireBackendMixin):  # its own _store_result would come back here
+            super(JobwireBackendMixin, backend)._store_result(job_id, meta, state, None, request)
+        else:
+            backend.store_result(job_id, meta, state, request=request)
 
     def record(
         self,
@@ -297,7 +314,6 @@ def build_call(
 ) -> Call:
     """The record script's call for one event (see `scripts/record.lua`), for the worker's
     synchronous recorder and the server's asynchronous one alike."""
-    check_job_id(job_id)  # an id with braces would break the key layout's hash tag
     keys_ = settings.keys
     ts = time.time()
     final = state in FINAL_STATES
