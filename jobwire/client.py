@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -69,7 +70,7 @@ async def watch(
         close_code, close_reason = None, ""
         try:
             async with websockets.connect(
-                f"{_ws_url(url)}/ws/jobs/{job_id}?since={last}" + (f"&epoch={epoch}" if epoch else ""),
+                f"{_ws_url(url)}/ws/jobs/{_path(job_id)}?since={last}" + (f"&epoch={epoch}" if epoch else ""),
                 open_timeout=open_timeout,
                 additional_headers=headers,
             ) as ws:
@@ -158,18 +159,23 @@ class Jobwire:
         return str(body["job_id"])
 
     async def status(self, job_id: str) -> dict[str, Any]:
-        return await self._call("GET", f"/api/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+        return await self._call("GET", f"/api/v1/jobs/{_path(job_id)}")  # type: ignore[no-any-return]
 
     async def batch_status(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         body = await self._call("POST", "/api/v1/jobs/batch-status", json={"job_ids": list(job_ids)})
         return body["jobs"]  # type: ignore[no-any-return]
 
     async def revoke(self, job_id: str) -> dict[str, Any]:
-        return await self._call("DELETE", f"/api/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+        return await self._call("DELETE", f"/api/v1/jobs/{_path(job_id)}")  # type: ignore[no-any-return]
 
     async def link_token(self, job_id: str) -> dict[str, Any]:
         """A short-lived token (and links) that may watch `job_id` and nothing else."""
-        return await self._call("POST", f"/api/v1/jobs/{job_id}/token")  # type: ignore[no-any-return]
+        return await self._call("POST", f"/api/v1/jobs/{_path(job_id)}/token")  # type: ignore[no-any-return]
 
     async def tasks(self) -> list[dict[str, str]]:
         return (await self._call("GET", "/api/v1/tasks"))["tasks"]  # type: ignore[no-any-return]
+
+
+def _path(job_id: str) -> str:
+    """A job id as one URL path segment: any id Celery takes, '/' included."""
+    return quote(job_id, safe="")

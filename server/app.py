@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *admin.routes,
         *openapi.routes,
         *metrics_routes.routes,
+        *jobs.id_routes,  # last: see server.routes.jobs
     ]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="static"))

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jobwire import __version__
-from jobwire.protocol import ERROR_STATUS
+from jobwire.protocol import ERROR_STATUS, MAX_JOB_ID_CHARS
 from jobwire.server.errors import JSON
 from jobwire.server.schemas import (
     BatchStatusRequest,
@@ -37,7 +37,7 @@ def _path_param(name: str, **schema: Any) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string", **schema}}
 
 
-_JOB_ID = _path_param("job_id", maxLength=200)
+_JOB_ID = _path_param("job_id", maxLength=MAX_JOB_ID_CHARS)
 _SINCE = {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}}
 
 

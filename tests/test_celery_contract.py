@@ -6,22 +6,28 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
+import httpx
 import orjson
 import pytest
+import redis
 from celery import Celery, chord, group
 from celery import _state as celery_state
 from celery.result import AsyncResult
 
 import jobwire
+from jobwire.client import watch
 from jobwire.protocol import FAILURE, SUCCESS
 from jobwire.settings import Settings
 from jobwire.storage import is_reference
 from jobwire.tasks.recorder import Recorder
 from tests.apps.contract import make_app
-from tests.support import RedisServer, Worker, redis_server, wait_until_sync
+from tests.clients import watch_ws, ws_job_events
+from tests.support import RedisServer, RunningServer, Worker, redis_server, wait_until_sync
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -230,3 +236,28 @@ def test_a_failed_event_write_leaves_celerys_result_stored(
     assert result.state == SUCCESS and result.result == "done"
     assert "could not record" in caplog.text
     app.close()
+
+
+async def test_any_task_id_is_reachable_on_every_endpoint(server: RunningServer) -> None:
+    """An id with '/', spaces, braces and non-ASCII: its status, history, SSE, /ws/jobs/{id},
+    /ws and the Python client's watch() all serve it (ids percent-encoded in paths)."""
+    job_id = f"order 42/ü {{{uuid.uuid4().hex[:8]}}}"
+    recorder = Recorder(redis.Redis.from_url(server.services.settings.redis_url), server.services.settings)
+    recorder.record(job_id, "PENDING", task="odd")
+    recorder.record(job_id, "STEPPING", progress={"step": 1, "total": 2})
+    recorder.record(job_id, SUCCESS, result="done")
+    path = f"/api/v1/jobs/{quote(job_id, safe='')}"
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        status = (await http.get(path)).json()
+        assert status["job_id"] == job_id and status["status"] == SUCCESS
+        history = (await http.get(f"{path}/history")).json()
+        assert [e["state"] for e in history["events"]] == ["PENDING", "STEPPING", SUCCESS]
+        sse = await http.get(f"{path}/events")
+        assert sse.status_code == 200 and '"state":"SUCCESS"' in sse.text
+    assert [e["seq"] for e in await watch_ws(server.ws_url, job_id)] == [1, 2, 3]
+    assert [e["seq"] for e in await ws_job_events(f"{server.ws_url}/ws/jobs/{quote(job_id, safe='')}")] == [
+        1,
+        2,
+        3,
+    ]
+    assert [e["state"] async for e in watch(job_id, url=server.url)] == ["PENDING", "STEPPING", SUCCESS]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 from kombu.exceptions import EncodeError, OperationalError
@@ -64,10 +65,11 @@ def full_access(principal: Principal, action: str) -> None:
 
 
 def job_links(request: Request, job_id: str) -> dict[str, str]:
+    quoted = quote(job_id, safe="")  # any id Celery takes: '/', spaces, '#' ... percent-encoded
     return {
-        "self": str(request.url_for("job_status", job_id=job_id)),
-        "events": str(request.url_for("job_events", job_id=job_id)),
-        "ws": str(request.url_for("ws_job", job_id=job_id)),
+        "self": str(request.url_for("job_status", job_id=quoted)),
+        "events": str(request.url_for("job_events", job_id=quoted)),
+        "ws": str(request.url_for("ws_job", job_id=quoted)),
     }
 
 
@@ -218,14 +220,19 @@ async def link_token(request: Request) -> Response:
     return JSON({"job_id": job_id, "token": token, "expires_at": expires, "links": links}, status_code=201)
 
 
+# Ids are `{job_id:path}`: an id may hold '/' (sent as %2F, which the server decodes before
+# routing). The bare `/api/v1/jobs/{id}` routes are in `id_routes`, which the app puts after
+# every other route, so `<id>/history` reaches the history of `<id>`.
 routes = [
     Route("/api/v1/tasks", list_tasks, methods=["GET"]),
     Route("/api/v1/jobs", submit_job, methods=["POST"]),
     Route("/api/v1/jobs", list_jobs, methods=["GET"]),
     Route("/api/v1/jobs/batch-status", batch_status, methods=["POST"]),
-    Route("/api/v1/jobs/{job_id}", job_status, methods=["GET"], name="job_status"),
-    Route("/api/v1/jobs/{job_id}", revoke, methods=["DELETE"]),
-    Route("/api/v1/jobs/{job_id}/history", job_history, methods=["GET"]),
-    Route("/api/v1/jobs/{job_id}/children", job_children, methods=["GET"]),
-    Route("/api/v1/jobs/{job_id}/token", link_token, methods=["POST"]),
+    Route("/api/v1/jobs/{job_id:path}/history", job_history, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id:path}/children", job_children, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id:path}/token", link_token, methods=["POST"]),
+]
+id_routes = [
+    Route("/api/v1/jobs/{job_id:path}", job_status, methods=["GET"], name="job_status"),
+    Route("/api/v1/jobs/{job_id:path}", revoke, methods=["DELETE"]),
 ]

@@ -46,4 +46,4 @@ async def job_result(request: Request) -> Response:
     return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
 
 
-routes = [Route("/api/v1/jobs/{job_id}/result", job_result, methods=["GET"], name="job_result")]
+routes = [Route("/api/v1/jobs/{job_id:path}/result", job_result, methods=["GET"], name="job_result")]

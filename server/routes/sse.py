@@ -219,6 +219,6 @@ def _stream(
 
 
 routes = [
-    Route("/api/v1/jobs/{job_id}/events", job_events, methods=["GET"], name="job_events"),
+    Route("/api/v1/jobs/{job_id:path}/events", job_events, methods=["GET"], name="job_events"),
     Route("/api/v1/events", events, methods=["GET"], name="events"),
 ]

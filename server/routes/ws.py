@@ -468,5 +468,5 @@ async def ws_job(ws: WebSocket) -> None:
 
 routes = [
     WebSocketRoute("/ws", ws_multi, name="ws"),
-    WebSocketRoute("/ws/jobs/{job_id}", ws_job, name="ws_job"),
+    WebSocketRoute("/ws/jobs/{job_id:path}", ws_job, name="ws_job"),
 ]
