@@ -68,7 +68,7 @@ async def test_ids_that_look_like_another_jobs_keys(server: RunningServer) -> No
         assert batch.json()["jobs"][job_id]["status"] == "SUCCESS"
         braces = await http.get(f"/api/v1/jobs/{job_id}%7D:events")
         assert braces.status_code == 404 and braces.json()["error"]["code"] == "job_not_found"
-        control = await http.get("/api/v1/jobs/a%0Ab")
+        control = await http.get("/api/v1/jobs/a%01b")
         assert control.status_code == 422 and control.json()["error"]["code"] == "invalid_job_id"
     async with websockets.connect(f"{server.ws_url}/ws/jobs/{twin}") as ws:
         with pytest.raises(ConnectionClosed):
