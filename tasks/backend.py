@@ -40,7 +40,7 @@ class JobwireBackendMixin:
     def _store_result(
         self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None, **kwargs: Any
     ) -> Any:
-        from jobwire.tasks.recorder import Recorder
+        from jobwire.tasks.recorder import Recorder, owner_of
 
         if state == states.SUCCESS:
             # A result too big for Redis goes to object storage first (failing the job if
@@ -62,6 +62,7 @@ class JobwireBackendMixin:
                 task_id,
                 state,
                 task=getattr(request, "task", None),
+                owner=owner_of(request),
                 **fields,
             )
             request.jobwire_final_recorded = recorded

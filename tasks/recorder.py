@@ -55,6 +55,16 @@ class Owner:
 TENANT_HEADER, SUBJECT_HEADER = "jobwire_tenant", "jobwire_sub"
 
 
+def owner_of(request: Any) -> Owner | None:
+    """The owner a task's message carries (Celery puts its headers on the request), for
+    every event recorded about it: the record script sets an owner only when an event
+    creates the job, so this changes nothing for a job that exists, and restores the owner
+    of one whose record was lost (a Redis restart without persistence) and comes back with
+    this event. None when the message names no owner, or outside a task."""
+    tenant = getattr(request, TENANT_HEADER, None)
+    return Owner(str(tenant), str(getattr(request, SUBJECT_HEADER, None) or "")) if tenant else None
+
+
 @dataclass(frozen=True)
 class CeleryMeta:
     """Celery's result key and encoded value, to be written alongside the event."""
@@ -114,7 +124,12 @@ class Recorder:
         if celery_meta is None:
             self._celery_write(job_id, state, meta, request)
         seq = self.record(
-            job_id, state, progress=progress_from_meta(meta), task=task, celery_meta=celery_meta
+            job_id,
+            state,
+            progress=progress_from_meta(meta),
+            task=task,
+            celery_meta=celery_meta,
+            owner=owner_of(request),
         )
         if seq is None and celery_meta is not None and celery_after_final:
             # jobwire has the job final and refused the event, and Celery's write with it;
@@ -158,8 +173,10 @@ class Recorder:
         Refusals are deliberate: a job that is already final never changes again (so a
         late progress report cannot resurrect a revoked job), and `only_if_new` registers
         a job at publish time without clobbering one that already exists (retries).
-        `owner` and `parent` are recorded only by the event that creates the job. A final
-        event of a job with a parent counts in the parent's aggregate (see `_count_in`).
+        `owner` and `parent` are recorded only by the event that creates the job, so every
+        event may carry the owner: one that recreates a lost record restores it, and none
+        can take a job over. A final event of a job with a parent counts in the parent's
+        aggregate (see `_count_in`), under the same owner.
         """
         call = build_call(
             self.settings,
@@ -186,7 +203,7 @@ class Recorder:
         if created:
             self._index(job_id, call.ts, owner)
         if parent_id:
-            self._count_in(parent_id, role, state, result, error)
+            self._count_in(parent_id, role, state, result, error, owner)
         return seq
 
     def create_group(
@@ -205,14 +222,22 @@ class Recorder:
         return seq
 
     def _count_in(
-        self, parent_id: str, role: str, state: str, result: Any, error: dict[str, str] | None
+        self,
+        parent_id: str,
+        role: str,
+        state: str,
+        result: Any,
+        error: dict[str, str] | None,
+        owner: Owner | None,
     ) -> None:
         """A child ended: one more done or failed in its group's aggregate (one script call,
-        whatever the group's size). A chord's callback ends the chord with its own outcome."""
+        whatever the group's size). A chord's callback ends the chord with its own outcome.
+        A group and its children have one owner (the children's headers carry the group's)."""
         if role == CALLBACK_ROLE:
-            self.record(parent_id, state, result=result, error=error)
+            self.record(parent_id, state, result=result, error=error, owner=owner)
             return
-        call = build_call(self.settings, parent_id, RUNNING, outcome="ok" if state == SUCCESS else "failed")
+        outcome = "ok" if state == SUCCESS else "failed"
+        call = build_call(self.settings, parent_id, RUNNING, outcome=outcome, owner=owner)
         self._with_retry(call.keys, call.args)
 
     def _index(self, job_id: str, ts: float, owner: Owner | None) -> None:

@@ -17,6 +17,13 @@ Where each lifecycle event is recorded, and why there:
   body. SUCCESS / FAILURE: `task_success` / `task_failure`, which Celery sends after it
   has stored the result. REVOKED: `task_revoked` in the worker, and
   `jobwire.tasks.control.revoke_job` for jobs no worker holds yet.
+
+Every event names the job's owner, from the message's headers (`jobwire_tenant`,
+`jobwire_sub`). The record script sets an owner only when an event creates the job, so
+for a job that exists this is ignored; for one whose record was lost (Redis restarted
+without persistence), the worker's next event recreates it with its owner, and the
+owning tenant can still read it. It costs no round trip: the owner rides in the script's
+arguments.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from jobwire.tasks.recorder import (
     Owner,
     Parent,
     Recorder,
+    owner_of,
 )
 
 log = logging.getLogger(__name__)
@@ -105,9 +113,9 @@ def _on_publish(sender: str | None = None, headers: dict[str, Any] | None = None
         return  # a rate-limited job re-scheduled: not a new job, not a retry
     recorder = Recorder.for_app(app)
     retries = int(headers.get("retries") or 0)
+    owner = _owner(headers)
     if retries == 0:
-        owner, parent = _owner(headers), _parent(headers)
-        recorder.record(job_id, PENDING, task=name, only_if_new=True, owner=owner, parent=parent)
+        recorder.record(job_id, PENDING, task=name, only_if_new=True, owner=owner, parent=_parent(headers))
         return
     eta = headers.get("eta")
     countdown = None
@@ -124,6 +132,7 @@ def _on_publish(sender: str | None = None, headers: dict[str, Any] | None = None
         task=name,
         retry={"attempt": retries, "countdown": countdown, "eta": eta},
         error=error_from_celery(exc) if exc is not None else None,
+        owner=owner,
     )
 
 
@@ -148,7 +157,9 @@ def _owner(headers: dict[str, Any]) -> Owner | None:
 @_safely
 def _on_prerun(task_id: str | None = None, task: Task | None = None, **_: Any) -> None:
     if task_id and task is not None and _tracked(task):
-        seq = Recorder.for_app(task.app).record(task_id, STARTED, task=task.name)
+        seq = Recorder.for_app(task.app).record(
+            task_id, STARTED, task=task.name, owner=owner_of(task.request)
+        )
         # Refused only when the job is already final; ProgressTask then skips the body.
         task.request.jobwire_already_final = seq is None
 
@@ -161,7 +172,9 @@ def _on_success(sender: Task | None = None, result: Any = None, **_: Any) -> Non
     if getattr(sender.request, "jobwire_final_recorded", False):
         return  # a chord's header task: recorded when its result was stored
     result = getattr(sender.request, "jobwire_result", result)
-    Recorder.for_app(sender.app).record(sender.request.id, SUCCESS, result=result, task=sender.name)
+    Recorder.for_app(sender.app).record(
+        sender.request.id, SUCCESS, result=result, task=sender.name, owner=owner_of(sender.request)
+    )
 
 
 @_safely
@@ -176,7 +189,9 @@ def _on_failure(
     if getattr(sender.request, "jobwire_final_recorded", False):
         return  # a chord's header task: recorded when its failure was stored
     error = error_from_celery(exception) if exception is not None else {"type": "Error", "message": ""}
-    Recorder.for_app(sender.app).record(task_id, FAILURE, error=error, task=sender.name)
+    Recorder.for_app(sender.app).record(
+        task_id, FAILURE, error=error, task=sender.name, owner=owner_of(sender.request)
+    )
 
 
 @_safely
@@ -198,7 +213,9 @@ def _on_revoked(
     else:
         message = "revoked before it started"
     error = {"type": "TaskRevokedError", "message": message}
-    Recorder.for_app(sender.app).record(job_id, REVOKED, error=error, task=sender.name)
+    Recorder.for_app(sender.app).record(
+        job_id, REVOKED, error=error, task=sender.name, owner=owner_of(request)
+    )
 
 
 @_safely

@@ -17,7 +17,7 @@ from jobwire.settings import Settings
 from jobwire.tasks.control import revoke_job
 from jobwire.tasks.demo import create_demo_app
 from jobwire.tasks.progress import ProgressTask
-from jobwire.tasks.recorder import Recorder
+from jobwire.tasks.recorder import Owner, Recorder
 from tests.support import RedisServer, redis_server, wait_until_sync
 
 
@@ -127,6 +127,36 @@ def test_report_rejects_bad_input(app, kwargs: dict, message: str) -> None:  # t
             task.report(state, **kwargs)
     finally:
         task.pop_request()
+
+
+def test_every_event_names_the_owner_and_only_creation_sets_it(app, own_redis: RedisServer) -> None:  # type: ignore[no-untyped-def]
+    """report() names the owner its message carries: when the job's record was lost, the
+    event that recreates it restores the owner (and the tenant's listing); on a job that
+    exists no event changes the owner. Still one round trip per event."""
+    task, client = app.tasks["probe"], own_redis.client()
+    keys = Settings(redis_url=own_redis.url).keys
+    job = keys.job("owned")
+    task.push_request(id="owned", jobwire_tenant="acme", jobwire_sub="alice")
+    try:
+        task.report("PROBING", step=0, total=3)
+        client.delete(job, keys.history("owned"), keys.progress("owned"), keys.tenant_recent("acme"))
+        assert task.report("PROBING", step=1, total=3) == 1  # recreated, under a new epoch
+        assert client.hmget(job, "tenant", "sub") == [b"acme", b"alice"]
+        assert client.zscore(keys.tenant_recent("acme"), "owned") is not None
+        monitor = Monitor(own_redis)
+        assert task.report("PROBING", step=2, total=3) == 2
+        assert monitor.stop() == ["EVALSHA"]
+    finally:
+        task.pop_request()
+    # Another owner named later (a forged header, a publisher of its own) takes nothing over.
+    task.push_request(id="owned", jobwire_tenant="globex", jobwire_sub="mallory")
+    try:
+        assert task.report("PROBING", step=3, total=3) == 3
+    finally:
+        task.pop_request()
+    assert Recorder.for_app(app).record("owned", "SUCCESS", result=1, owner=Owner("globex", "bob")) == 4
+    assert client.hmget(job, "tenant", "sub") == [b"acme", b"alice"]
+    assert client.zscore(keys.tenant_recent("globex"), "owned") is None
 
 
 def test_retried_event_is_recorded_once(own_redis: RedisServer) -> None:

@@ -116,7 +116,8 @@ if progress ~= '' then redis.call('HSET', job, 'progress', progress) end
 if result ~= '' then redis.call('HSET', job, 'result', result) else redis.call('HDEL', job, 'result') end
 if err ~= '' then redis.call('HSET', job, 'error', err) else redis.call('HDEL', job, 'error') end
 if task ~= '' then redis.call('HSETNX', job, 'task', task) end
--- The owner is set once, by whoever creates the job; nobody can take it over later.
+-- The owner is set once, by whoever creates the job; nobody can take it over later. The
+-- worker names the owner with every event, so one that recreates a lost record restores it.
 local created = 0
 if redis.call('HSETNX', job, 'created', ts) == 1 then
   created = 1
