@@ -133,17 +133,26 @@ class Auth:
         return principal
 
     def mint_link(self, principal: Principal, job_id: str) -> tuple[str, float]:
-        """A token that may watch `job_id` only, for `link_token_ttl` seconds."""
+        """A token that may watch `job_id` only, for `link_token_ttl` seconds.
+
+        It speaks for the minter, narrowed to the job: the minter's tenant, or the admin
+        scope of an admin (who may have no tenant), and `jobs`, which every check reads
+        first (`may_see`, listings, actions, the all-jobs stream, admin endpoints), so an
+        admin's link reaches its job and nothing else.
+        """
         if not self._link_secret:
             raise JobwireError("forbidden", "link tokens need JOBWIRE_LINK_SECRET on this server", 403)
         expires = time.time() + self.link_ttl
         claims: dict[str, Any] = {
             "sub": principal.subject,
-            "tenant": principal.tenant,
             "jobs": [job_id],
             "exp": int(expires),
             "jti": uuid.uuid4().hex,
         }
+        if principal.tenant is not None:
+            claims["tenant"] = principal.tenant
+        if principal.admin:
+            claims["scope"] = "admin"
         if self.audience:
             claims["aud"] = self.audience
         token = jwt.encode(claims, self._link_secret, algorithm="HS256", headers={"kid": LINK_KID})

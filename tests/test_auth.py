@@ -7,6 +7,7 @@ never existed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -218,32 +219,49 @@ async def test_no_token_is_401_and_websockets_get_a_deadline(srv: RunningServer)
         assert (await recv_json(ws))["type"] == "welcome"
 
 
-async def test_single_job_token_watches_that_job_only(srv: RunningServer) -> None:
+@pytest.mark.parametrize("minter", [A, ADMIN], ids=["tenant", "admin"])
+async def test_single_job_token_watches_that_job_only(srv: RunningServer, minter: str) -> None:
+    """A link token, minted by the job's tenant or by an admin, watches its job on every
+    transport, and nothing else: no other job (its tenant's or another's), no action, no
+    listing, no all-jobs stream, no admin endpoint."""
     job = await submit_as(srv, A, delay=0.2)
     sibling = await submit_as(srv, A, delay=0.01)  # same tenant, still not allowed
-    async with httpx.AsyncClient(base_url=srv.url, headers=bearer(A)) as http:
+    foreign = await submit_as(srv, B, delay=0.01)
+    async with httpx.AsyncClient(base_url=srv.url, headers=bearer(minter)) as http:
         minted = await http.post(f"/api/v1/jobs/{job}/token")
-    assert minted.status_code == 201
+    assert minted.status_code == 201, minted.text
     link = minted.json()["token"]
     assert minted.json()["links"]["ws"].endswith(f"/ws/jobs/{job}?token={link}")
+    ghost = str(uuid.uuid4())
     async with httpx.AsyncClient(base_url=srv.url, headers=bearer(link)) as http:
         assert (await http.get(f"/api/v1/jobs/{job}")).status_code == 200
-        assert (await http.get(f"/api/v1/jobs/{sibling}")).status_code == 404
+        assert (await http.get(f"/api/v1/jobs/{job}/history")).status_code == 200
+        unknown = await http.get(f"/api/v1/jobs/{ghost}")
+        for other in (sibling, foreign):
+            resp = await http.get(f"/api/v1/jobs/{other}")
+            assert resp.status_code == 404 and same_answer(resp.json(), unknown.json(), other, ghost)
         for method, path, body in [
             ("GET", "/api/v1/jobs", None),
             ("POST", "/api/v1/jobs", {"task": "long_running_task"}),
             ("DELETE", f"/api/v1/jobs/{job}", None),
             ("POST", f"/api/v1/jobs/{job}/token", None),
+            ("GET", "/api/v1/admin/rate-limits", None),
         ]:
             resp = await http.request(method, path, json=body)
             assert resp.status_code == 403 and resp.json()["error"]["code"] == "forbidden", (method, path)
-    async with websockets.connect(f"{srv.ws_url}/ws?token={link}") as ws:
-        await ws.send(json.dumps({"op": "subscribe", "job_ids": [sibling]}))
-        assert (await next_of(ws, "error"))["code"] == "job_not_found"
-        await ws.send(json.dumps({"op": "subscribe_all"}))
-        assert (await next_of(ws, "error"))["code"] == "forbidden"
-    events = await watch_until_final(srv, link, job)
-    assert events[-1]["state"] == "SUCCESS"
+        sse = asyncio.create_task(sse_messages(http, [("job", job), ("job", sibling)]))
+        async with websockets.connect(f"{srv.ws_url}/ws?token={link}") as ws:
+            for other in (sibling, foreign):
+                await ws.send(json.dumps({"op": "subscribe", "job_ids": [other]}))
+                assert (await next_of(ws, "error"))["code"] == "job_not_found"
+            await ws.send(json.dumps({"op": "subscribe_all"}))
+            assert (await next_of(ws, "error"))["code"] == "forbidden"
+        events = await watch_until_final(srv, link, job)
+        assert events[-1]["state"] == "SUCCESS"
+        streamed = await asyncio.wait_for(sse, 20)
+    assert [m["state"] for m in streamed if "state" in m][-1] == "SUCCESS"
+    assert {m["job_id"] for m in streamed if "job_id" in m} == {job, sibling}  # sibling: refused
+    assert [m["code"] for m in streamed if m.get("type") == "error"] == ["job_not_found"]
 
 
 async def test_websocket_origin_is_checked(srv: RunningServer) -> None:
