@@ -15,10 +15,12 @@ one rule, and every read, watch and revoke goes through it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,28 @@ DEVELOPER = Principal("developer", None, admin=True)
 
 def unauthenticated(message: str) -> JobwireError:
     return JobwireError("unauthenticated", message)
+
+
+#: Why a stream ended at its token's `exp`: a websocket's close reason (4401), the message
+#: of an SSE stream's last `unauthenticated` error. Come back with a new token and resume.
+TOKEN_EXPIRED = "token expired"
+
+
+def at_expiry(principal: Principal, callback: Callable[[], object]) -> asyncio.TimerHandle | None:
+    """Call `callback` in the running loop when `principal`'s token expires; None for a
+    principal without one (no auth, a token without `exp`). The caller cancels the handle
+    when its stream ends. One timer per stream, no task: an idle stream costs little.
+
+    Every stream ends there, whatever its transport (websockets close 4401, SSE streams
+    end with an `unauthenticated` error), so a token cannot be used past its `exp` by
+    holding a connection open. A token accepted within the verification leeway is
+    already expired: its stream ends at once.
+    """
+    if principal.expires is None:
+        return None
+    loop = asyncio.get_running_loop()
+    # `exp` is wall-clock time; the loop's clock is monotonic: convert once, now.
+    return loop.call_at(loop.time() + principal.expires - time.time(), callback)
 
 
 class Auth:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -73,6 +74,19 @@ async def ws_job_events(
             if frames_per_second:
                 await asyncio.sleep(1 / frames_per_second)  # the reader's pace, not a wait
     return events
+
+
+async def sse_blocks(resp: httpx.Response) -> AsyncIterator[dict[str, str]]:
+    """An SSE response's messages, each as its fields (`event`, `id`, `data`)."""
+    fields: dict[str, str] = {}
+    async for line in resp.aiter_lines():
+        if not line:
+            if "data" in fields:
+                yield fields
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
 
 
 async def watch_ws(ws_url: str, job_id: str, since: int | None = None) -> list[dict[str, Any]]:

@@ -18,14 +18,16 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import redis
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from jobwire.client import Jobwire, JobwireError, watch
 from jobwire.server.auth import RedactTokens
 from jobwire.settings import Settings
-from tests.clients import next_of, recv_json
-from tests.support import RunningServer, run_server
+from jobwire.tasks.recorder import Owner, Recorder
+from tests.clients import next_of, recv_json, sse_blocks
+from tests.support import RunningServer, run_server, wait_until
 from tests.test_client_cli import _cli
 
 SECRET = "test-secret-for-jobwire-auth-0123456789"
@@ -262,6 +264,63 @@ async def test_single_job_token_watches_that_job_only(srv: RunningServer, minter
     assert [m["state"] for m in streamed if "state" in m][-1] == "SUCCESS"
     assert {m["job_id"] for m in streamed if "job_id" in m} == {job, sibling}  # sibling: refused
     assert [m["code"] for m in streamed if m.get("type") == "error"] == ["job_not_found"]
+
+
+async def test_every_stream_ends_when_its_token_expires(srv: RunningServer, rclient: redis.Redis) -> None:
+    """At the token's `exp`, /ws/jobs closes 4401 "token expired", and both SSE streams end
+    with one `unauthenticated` "token expired" error and no `end` (which would tell the
+    client not to come back). With a new token each resumes where it stopped, to the end."""
+    job = f"expiring-{uuid.uuid4()}"
+    recorder = Recorder(rclient, srv.services.settings)
+    recorder.record(job, "PENDING", task="probe", owner=Owner("acme", "alice"))  # never ends by itself
+    exp = int(time.time()) + 3
+    short = token("acme", exp=exp)
+    ended: dict[str, float] = {}
+    blocks: dict[str, list[dict[str, str]]] = {"job": [], "many": []}
+
+    async def sse(name: str, path: str, params: dict[str, str]) -> None:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
+            async with http.stream("GET", path, params=params, headers=bearer(short)) as resp:
+                assert resp.status_code == 200
+                async for block in sse_blocks(resp):
+                    blocks[name].append(block)
+        ended[name] = time.time()
+
+    streams = [
+        asyncio.create_task(sse("job", f"/api/v1/jobs/{job}/events", {})),
+        asyncio.create_task(sse("many", "/api/v1/events", {"job": job})),
+    ]
+    ws = await websockets.connect(f"{srv.ws_url}/ws/jobs/{job}", additional_headers=bearer(short))
+    channel = srv.services.settings.keys.job_channel(job)
+    await wait_until(
+        lambda: srv.services.hub.subscribers(channel) == 3, what="the three streams watch the job"
+    )
+    recorder.record(job, "WORKING", progress={"step": 1})  # live, before the token expires
+    await asyncio.wait_for(ws.wait_closed(), 10)
+    ended["ws"] = time.time()
+    assert (ws.close_code, ws.close_reason) == (4401, "token expired")
+    await asyncio.wait_for(asyncio.gather(*streams), 10)
+    for name, when in ended.items():
+        assert exp - 0.1 <= when <= exp + 1.5, (name, when - exp)  # at exp, not before, not much after
+    expired = {"type": "error", "code": "unauthenticated", "message": "token expired"}
+    for name, seen in blocks.items():
+        events = [json.loads(b["data"]) for b in seen if "event" not in b]
+        assert [e["state"] for e in events] == ["PENDING", "WORKING"], name
+        assert seen[-1]["event"] == "control" and json.loads(seen[-1]["data"]) == expired, name
+        assert sum(json.loads(b["data"]) == expired for b in seen) == 1, name
+    # The client comes back with a new token, from where it stopped, and follows to the end.
+    recorder.record(job, "SUCCESS", result=1)
+    async with httpx.AsyncClient(base_url=srv.url, headers=bearer(A), timeout=10) as http:
+        last_id = blocks["job"][-2]["id"]
+        async with http.stream(
+            "GET", f"/api/v1/jobs/{job}/events", headers={"Last-Event-ID": last_id}
+        ) as resp:
+            resumed = [json.loads(b["data"]) async for b in sse_blocks(resp)]
+        assert [e["state"] for e in resumed] == ["SUCCESS"]
+        since = {"job": job, "since": f"{job}:2"}
+        async with http.stream("GET", "/api/v1/events", params=since) as resp:
+            resumed = [json.loads(b["data"]) async for b in sse_blocks(resp)]
+        assert [e.get("state", e.get("type")) for e in resumed] == ["SUCCESS", "subscribed", "end"]
 
 
 async def test_websocket_origin_is_checked(srv: RunningServer) -> None:

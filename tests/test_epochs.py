@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import redis
 import websockets
 
 from jobwire.client import JobNotFound, watch
-from tests.clients import next_of
+from tests.clients import next_of, sse_blocks
 from tests.support import RedisServer, RunningServer, Worker, run_server, settings_for, wait_until
 from tests.test_auth import AUDIENCE, SECRET, bearer, same_answer, token
 
@@ -80,19 +79,6 @@ async def ws_client(
                             return seen
         except (OSError, websockets.ConnectionClosed):
             await wait_until(lambda: srv.services.hub.connected, what="the server has Redis again")
-
-
-async def sse_blocks(resp: httpx.Response) -> AsyncIterator[dict[str, str]]:
-    """The stream's messages, each as its fields (`event`, `id`, `data`)."""
-    fields: dict[str, str] = {}
-    async for line in resp.aiter_lines():
-        if not line:
-            if "data" in fields:
-                yield fields
-            fields = {}
-        elif not line.startswith(":"):
-            name, _, value = line.partition(":")
-            fields[name] = value.removeprefix(" ")
 
 
 async def sse_client(

@@ -13,6 +13,10 @@ reconnects with `since`. With `all=1`, other jobs' live events come as `event: a
 part of any job's ordered stream); control messages (`subscribed`, `error`, `resync`) as
 `event: control`. Once nothing more can come (every job ended, or none exists, and no
 `all=1`), the stream says `{"type": "end"}` and closes, rather than idle on keepalives.
+
+Both end when their token expires, as a websocket closes 4401 then: one `event: control`
+with `{"type": "error", "code": "unauthenticated", "message": "token expired"}`, and no
+`end`, so the client reconnects with a new token and resumes (`Last-Event-ID`, `since`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from starlette.routing import Route
 
 from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, JobwireError, Msg
 from jobwire.server import validation
-from jobwire.server.auth import Principal
+from jobwire.server.auth import TOKEN_EXPIRED, Principal, at_expiry, unauthenticated
 from jobwire.server.events import Coalesced, Delivery, FromAll
 from jobwire.server.feed import Feed, reply_refused
 from jobwire.server.hub import HubUnavailable
@@ -107,7 +111,7 @@ async def job_events(request: Request) -> Response:
             return Response(status_code=204)
         await feed.watch(job_id, since, epoch)
     release = _also(release, _goodbye(svc, feed))
-    return _stream(feed, svc, release, with_ids=True)
+    return _stream(feed, svc, principal, release, with_ids=True)
 
 
 async def events(request: Request) -> Response:
@@ -132,7 +136,7 @@ async def events(request: Request) -> Response:
     notices: list[dict[str, object]] = []
     reply_refused(refused, notices.append)
     release = _also(release, _goodbye(svc, feed))
-    return _stream(feed, svc, release, notices=notices)
+    return _stream(feed, svc, principal, release, notices=notices)
 
 
 def _also(*calls: Callable[[], None]) -> Callable[[], None]:
@@ -161,6 +165,7 @@ def _frame(item: Delivery | Coalesced, with_ids: bool) -> str:
 def _stream(
     feed: Feed,
     svc: Services,
+    principal: Principal,
     release: Callable[[], None],
     *,
     with_ids: bool = False,
@@ -168,17 +173,31 @@ def _stream(
 ) -> StreamingResponse:
     """The feed as SSE. A single-job stream (`with_ids`) ends after the job's final event;
     a multiplexed one ends with `end` once the feed is exhausted. A client too slow to
-    keep (see `Feed`) has its stream ended without `end`: it reconnects and resumes."""
+    keep (see `Feed`) has its stream ended without `end`: it reconnects and resumes.
+
+    When the token expires, the stream ends with an `unauthenticated` error ("token
+    expired") and no `end`, as a websocket closes 4401 then: the client comes back with a
+    new token and resumes from its seqs (`Last-Event-ID`, `since`)."""
     heartbeat, metrics = svc.settings.heartbeat_interval, svc.metrics
     loop = asyncio.get_running_loop()
 
     async def body() -> AsyncIterator[str]:
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            feed.shutdown()  # wakes the stream, and nothing more is queued for it
+
+        expiry = at_expiry(principal, expire)
         try:
             yield f"retry: {SSE_RETRY_MS}\n\n"
             for notice in notices or ():
                 yield _control(notice)
             while not feed.exhausted:
                 item = await feed.next(idle=heartbeat)
+                if expired:
+                    break  # not even what a history read in flight brought: the token is spent
                 if item is None:
                     text = ": keepalive\n\n"
                 elif isinstance(item, FromAll):
@@ -198,7 +217,9 @@ def _stream(
                 event = item.delivery if isinstance(item, Coalesced) else item
                 if with_ids and isinstance(event, Delivery) and event.final:
                     return
-            if feed.too_slow is not None:
+            if expired:
+                yield _control(unauthenticated(TOKEN_EXPIRED).as_message())
+            elif feed.too_slow is not None:
                 metrics.slow_closed.labels("sse").inc()
             elif not with_ids and not feed.closing:
                 yield _control({"type": Msg.END})
@@ -208,6 +229,8 @@ def _stream(
                 JobwireError("unavailable", f"job store unavailable, reconnect: {exc}").as_message()
             )
         finally:
+            if expiry is not None:
+                expiry.cancel()
             feed.close()
             release()
 

@@ -37,7 +37,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobwireError, Msg, Op
 from jobwire.server import validation
-from jobwire.server.auth import Principal
+from jobwire.server.auth import TOKEN_EXPIRED, Principal, at_expiry
 from jobwire.server.direct import bound_kernel_buffer, frame_writer, raw_send
 from jobwire.server.errors import redis_unreachable
 from jobwire.server.events import Coalesced, Delivery, FromAll, ws_frame
@@ -79,11 +79,7 @@ async def _run_until_first_done(
             task.cancel()
 
     feed.on_too_slow = lambda reason: stop(Close.TRY_AGAIN_LATER, reason)
-    expiry = None
-    if principal.expires is not None:
-        loop = asyncio.get_running_loop()
-        when = loop.time() + principal.expires - time.time()
-        expiry = loop.call_at(when, stop, Close.UNAUTHENTICATED, "token expired")
+    expiry = at_expiry(principal, lambda: stop(Close.UNAUTHENTICATED, TOKEN_EXPIRED))
     try:
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         # Stop the others before closing: the writer may be blocked in a send to a client
