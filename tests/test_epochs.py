@@ -67,6 +67,12 @@ async def ws_client(
                         # worker's next event. Ask again once it has.
                         await lost.wait_for_record()
                         await ws.send(json.dumps(sub))
+                    elif msg["type"] == "error" and msg.get("code") == "unavailable":
+                        # Redis went away under the subscribe: "retry", once it is back.
+                        await wait_until(
+                            lambda: srv.services.hub.connected, what="the server has Redis again"
+                        )
+                        await ws.send(json.dumps(sub))
                     elif msg["type"] == "error":
                         raise AssertionError(msg)
                     elif msg["type"] == "reset":
