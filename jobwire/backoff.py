@@ -18,3 +18,12 @@ def backoff(minimum: float, maximum: float, *, factor: float = 2.0) -> Iterator[
     while True:
         yield delay * (0.5 + random.random())
         delay = min(delay * factor, maximum)
+
+
+def not_before(retry_after: float | None, delay: float) -> float:
+    """`delay`, or a moment past `retry_after` (the server's `Retry-After`) if that is
+    later: between 1 and 1.5 times it, so clients refused together do not all come back
+    in the same instant."""
+    if retry_after is None:
+        return delay
+    return max(delay, retry_after * (1 + random.random() / 2))

@@ -1,6 +1,6 @@
 """`jobwire` console command: run the server; watch, submit and check jobs.
 
-    jobwire serve [--host H] [--port P]     # the web server, configured by JOBWIRE_* variables
+    jobwire serve [--host H] [--port P] [--forwarded-allow-ips IPS]   # the web server (JOBWIRE_* variables)
     jobwire watch|submit|status …           # a client of a running server
 
 Client exit codes: 0 SUCCESS, 1 FAILURE, 2 REVOKED, 3 job not found, 4 server unreachable
@@ -100,33 +100,27 @@ async def cmd_status(url: str, job_ids: list[str], as_json: bool, token: str | N
     return EXIT_NOT_FOUND if any(s["status"] == "UNKNOWN" for s in jobs.values()) else 0
 
 
-def cmd_serve(host: str, port: int) -> int:
+def cmd_serve(host: str, port: int, forwarded_allow_ips: str | None = None) -> int:
     """Serve with uvicorn, as the Procfile's `web` does; settings from the environment."""
-    import uvicorn
-
     from jobwire.server.app import create_app
-    from jobwire.server.serving import Server
+    from jobwire.server.serving import Server, uvicorn_config
     from jobwire.settings import Settings, SettingsError
     from jobwire.tasks.attach import AttachError
 
+    overrides: dict[str, str] = {}
+    if forwarded_allow_ips is not None:
+        overrides["forwarded_allow_ips"] = forwarded_allow_ips
+    elif not os.environ.get("JOBWIRE_FORWARDED_ALLOW_IPS") and os.environ.get("FORWARDED_ALLOW_IPS"):
+        # uvicorn's own variable: a deployment that set it keeps its proxies trusted
+        overrides["forwarded_allow_ips"] = os.environ["FORWARDED_ALLOW_IPS"]
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(**overrides)
         app = create_app(settings)  # here, not in uvicorn: a bad setting is one clear line, not a traceback
     except (SettingsError, AttachError) as exc:
         console.print(f"[red]jobwire: {exc}[/]")
         return 2
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        # SSE streams never end by themselves; do not let them hold a shutdown forever.
-        timeout_graceful_shutdown=5,
-        # Events are small JSON frames: compressing each one per socket costs more CPU
-        # than it saves bandwidth (Centrifugo makes the same choice by default).
-        ws_per_message_deflate=False,
-        # A bigger websocket frame is closed with 1009 (request heads: see server.limits).
-        ws_max_size=settings.max_frame_bytes,
-        log_level=os.environ.get("JOBWIRE_LOG_LEVEL", "info").lower(),
+    config = uvicorn_config(
+        app, settings, host=host, port=port, log_level=os.environ.get("JOBWIRE_LOG_LEVEL", "info").lower()
     )
     # The cyclic GC walks every tracked object in its older generations, and a server with
     # thousands of sockets has hundreds of thousands of them, long-lived: a collection per
@@ -177,6 +171,12 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--port", type=int, default=int(os.environ.get("PORT", "8000")), help="default 8000 (env PORT)"
     )
+    sv.add_argument(
+        "--forwarded-allow-ips",
+        metavar="IPS",
+        help="reverse proxies whose X-Forwarded-For is believed: IPs or networks, comma-separated, "
+        "or * (env JOBWIRE_FORWARDED_ALLOW_IPS; default: none)",
+    )
     w = sub.add_parser("watch", help="follow a job until it ends; exit code tells how")
     w.add_argument("job_id")
     w.add_argument("--since", type=int, default=0, help="skip events up to this seq")
@@ -193,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "serve":
-        return cmd_serve(args.host, args.port)
+        return cmd_serve(args.host, args.port, args.forwarded_allow_ips)
     if args.command == "cleanup-results":
         return cmd_cleanup_results()
     try:

@@ -14,6 +14,8 @@ starts at 1 again, under a new `epoch`.
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -23,12 +25,15 @@ import orjson
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from jobwire.backoff import backoff
+from jobwire.backoff import backoff, not_before
 from jobwire.protocol import Close, JobNotFound, JobwireError, Msg
 
 __all__ = ["DEFAULT_URL", "JobNotFound", "Jobwire", "JobwireError", "watch"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+#: Refusals that mean "later" (too many connections, overloaded): retried, after the
+#: server's `Retry-After` when it sends one. Any other 4xx refuses the websocket for good.
+RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
 
 
 def _ws_url(url: str) -> str:
@@ -57,8 +62,11 @@ async def watch(
 
     `token` is a bearer token (a link token for this job will do). Raises `JobNotFound`
     if the server does not know the job (or it is not the token's), `JobwireError` for a
-    token it refuses, and `ConnectionError` if it cannot be reached for `give_up_after`
-    seconds (default: keep trying).
+    token it refuses (or any other refusal for good: an Origin, websockets turned off),
+    and `ConnectionError` if it cannot be reached, or keeps refusing, for `give_up_after`
+    seconds (default: keep trying). A refusal for load (HTTP 429 or 503 before the
+    upgrade, a close 1013 after it) means "later": it is retried with the backoff, and
+    not before the server's `Retry-After`.
     """
     headers = {"Authorization": f"Bearer {token}"} if token else None
     last, epoch = since, None
@@ -67,16 +75,20 @@ async def watch(
     loop = asyncio.get_running_loop()
     failing_since: float | None = None
     while True:
-        close_code, close_reason = None, ""
+        close_code, close_reason, retry_after = None, "", None
         try:
             async with websockets.connect(
                 f"{_ws_url(url)}/ws/jobs/{_path(job_id)}?since={last}" + (f"&epoch={epoch}" if epoch else ""),
                 open_timeout=open_timeout,
                 additional_headers=headers,
             ) as ws:
-                failing_since, delays = None, backoff(backoff_min, backoff_max)
                 try:
                     async for frame in ws:
+                        if failing_since is not None:
+                            # Served, not just accepted (a socket closed 1013 at once, for
+                            # load, is a failure to back off from): the next outage
+                            # starts from the shortest delay again.
+                            failing_since, delays = None, backoff(backoff_min, backoff_max)
                         msg = orjson.loads(frame)
                         if msg.get("type") == Msg.RESET:  # history lost and begun again
                             last, epoch = 0, msg.get("epoch")
@@ -92,7 +104,9 @@ async def watch(
                     close_code, close_reason = ws.close_code, ws.close_reason or ""
         except InvalidStatus as exc:
             status = exc.response.status_code
-            if 400 <= status < 500:  # refused for good (e.g. websockets turned off)
+            if status in RETRYABLE_STATUS:  # "later": too many connections, overloaded
+                retry_after = _retry_after(exc.response.headers.get("Retry-After"))
+            elif 400 <= status < 500:  # refused for good (e.g. websockets turned off, an Origin)
                 raise JobwireError(
                     "websocket_refused", f"server refused the websocket: HTTP {status}", status
                 ) from None
@@ -117,7 +131,7 @@ async def watch(
         failing_since = failing_since if failing_since is not None else now
         if give_up_after is not None and now - failing_since > give_up_after:
             raise ConnectionError(f"jobwire at {url} unreachable for {give_up_after}s")
-        await asyncio.sleep(next(delays))
+        await asyncio.sleep(not_before(retry_after, next(delays)))
 
 
 class Jobwire:
@@ -174,6 +188,21 @@ class Jobwire:
 
     async def tasks(self) -> list[dict[str, str]]:
         return (await self._call("GET", "/api/v1/tasks"))["tasks"]  # type: ignore[no-any-return]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """`Retry-After` in seconds: a number of seconds, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _path(job_id: str) -> str:

@@ -122,6 +122,7 @@ ERROR_STATUS: dict[str, int] = {
     "result_gone": 410,
     "payload_too_large": 413,
     "headers_too_large": 431,
+    "url_too_long": 414,
     "too_many_ids": 413,
     "too_many_jobs": 413,
     "invalid_request": 422,
@@ -146,10 +147,13 @@ class JobwireError(Exception):
     for what a server answered.
     """
 
-    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, status: int | None = None, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code, self.message = code, message
         self.status = status if status is not None else ERROR_STATUS.get(code, 400)
+        self.retry_after = retry_after  # seconds, for a refusal that says "later" (429, 503)
 
     def as_message(self, **extra: Any) -> dict[str, Any]:
         """The error as a control message (same shape on every transport)."""

@@ -7,6 +7,7 @@ arguments (which win over the environment) instead of patching `os.environ`.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -62,7 +63,10 @@ class Settings(BaseSettings):
     max_jobs_per_socket: Annotated[int, Field(ge=1)] = 1000
     client_queue_limit: Annotated[int, Field(ge=1)] = 1000  # events buffered per client before a resync
     send_buffer_bytes: Annotated[int, Field(ge=1024)] = 1 << 20  # queued for one client before 1013
-    stall_timeout: Annotated[float, Field(gt=0)] = 30.0  # seconds a client may accept nothing before 1013
+    # Seconds a client may accept nothing (a send blocked, or a websocket ping unanswered)
+    # before it is closed 1013. uvicorn's own ping timeout is set past it (see
+    # `server.serving`), so a stalled client is always jobwire's to close.
+    stall_timeout: Annotated[float, Field(gt=0)] = 15.0
     # The kernel's send buffer per websocket (SO_SNDBUF; 0 leaves it to the kernel, which
     # grows it to megabytes): what a slow reader has not taken waits in jobwire's queue,
     # where progress is coalesced, not in the kernel as a stale backlog.
@@ -118,7 +122,15 @@ class Settings(BaseSettings):
     submits_per_minute: Annotated[int, Field(ge=1)] = 60  # per user
     ws_messages_per_second: Annotated[float, Field(gt=0)] = 20.0  # per socket, bursts of twice that
     max_frame_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024  # a websocket message
-    max_header_bytes: Annotated[int, Field(ge=4096)] = 16 * 1024  # an HTTP request head
+    max_header_bytes: Annotated[int, Field(ge=4096)] = 16 * 1024  # an HTTP request's headers (431)
+    # A request's URL (414): room for a multiplexed SSE stream of 200 jobs with seqs and epochs.
+    # A websocket upgrade's request line is held to websockets' 8,192 bytes as well.
+    max_url_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+
+    # Addresses of reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed
+    # (IPs or networks, comma-separated; `*` trusts everyone). Empty: none, so no client
+    # can spoof its address past the per-address limits.
+    forwarded_allow_ips: CommaList = ()
 
     @model_validator(mode="after")
     def _s3_has_a_bucket(self) -> Settings:
@@ -144,7 +156,14 @@ class Settings(BaseSettings):
             ForeignBackend.parse(spec)
         return value
 
-    @field_validator("allowed_tasks", "transports", "allowed_origins", "celery_backends", mode="before")
+    @field_validator(
+        "allowed_tasks",
+        "transports",
+        "allowed_origins",
+        "celery_backends",
+        "forwarded_allow_ips",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -157,6 +176,17 @@ class Settings(BaseSettings):
         unknown = set(value) - set(TRANSPORTS)
         if unknown:
             raise ValueError(f"has unknown {sorted(unknown)}; choose from {list(TRANSPORTS)}")
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if item != "*":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"has {item!r}, which is no IP address or network (or *)") from None
         return value
 
     @property

@@ -24,8 +24,9 @@ from jobwire.server.celery_app import load_celery_app
 from jobwire.server.cluster_hub import ClusterHub
 from jobwire.server.direct import RawSend
 from jobwire.server.errors import EXCEPTION_HANDLERS
+from jobwire.server.heads import HeadLimit
 from jobwire.server.hub import Fanout, Hub
-from jobwire.server.limits import Connections, HeaderLimit
+from jobwire.server.limits import Connections
 from jobwire.server.metrics import Metrics
 from jobwire.server.routes import admin, health, jobs, results, sse, ws
 from jobwire.server.services import Services
@@ -113,7 +114,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         routes.append(Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="static"))
     middleware = [
         Middleware(RawSend),  # first: it must see the server's own send (see server.direct)
-        Middleware(HeaderLimit, limit=settings.max_header_bytes),
+        Middleware(HeadLimit, max_url=settings.max_url_bytes, max_headers=settings.max_header_bytes),
         Middleware(
             CORSMiddleware,
             allow_origins=list(settings.allowed_origins),

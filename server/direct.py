@@ -16,7 +16,9 @@ waits or is being sent, so the order holds (see `Feed`).
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -57,6 +59,58 @@ def bound_kernel_buffer(send: Send, size: int) -> None:
     sock = transport.get_extra_info("socket") if transport is not None else None
     if size and sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def cut_off_later(send: Send, delay: float) -> None:
+    """In `delay` seconds, reset the connection behind `send` if it is still open: what the
+    client has not taken (in uvicorn's buffer and the kernel's) is dropped and an RST
+    sent, so the server's socket is gone at once, not lingering on a reader that never
+    reads. Nothing happens to a connection that closed meanwhile."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is not None:
+        asyncio.get_running_loop().call_later(delay, _cut_off, transport)
+
+
+def _cut_off(transport: Any) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.fileno() == -1:
+        return  # closed already
+    try:
+        # A zero linger makes the close a reset: the kernel drops its send buffer too,
+        # instead of holding the socket until a reader that never reads takes it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    transport.abort()
+
+
+def denial_sent(send: Send) -> None:
+    """Tell uvicorn's websockets-sansio protocol that the handshake is over once a denial
+    response (`websocket.http.response`) is out: 0.54 does not, and logs "ASGI callable
+    returned without completing handshake" at ERROR for every refusal (its wsproto
+    protocol does; the fix is uvicorn's PR 3138)."""
+    proto = getattr(send, "__self__", None)
+    if WebSocketsSansIOProtocol is not None and isinstance(proto, WebSocketsSansIOProtocol):
+        proto.handshake_complete = True
+
+
+def ping_waiting_since(send: Send) -> Callable[[], float | None] | None:
+    """A function saying since when (loop time) the socket behind `send` has waited for
+    the pong to uvicorn's keepalive ping, None while none is awaited; None where the
+    protocol does not tell (another server, another uvicorn protocol)."""
+    proto = getattr(send, "__self__", None)
+    if (
+        WebSocketsSansIOProtocol is None
+        or not isinstance(proto, WebSocketsSansIOProtocol)
+        or not hasattr(proto, "pending_ping_payload")
+        or not hasattr(proto, "ping_sent_at")
+    ):
+        return None
+
+    def since() -> float | None:
+        return proto.ping_sent_at if proto.pending_ping_payload is not None else None
+
+    return since
 
 
 def frame_writer(send: Send, written: Tally) -> Callable[[bytes, int], bool] | None:

@@ -9,6 +9,7 @@ foreseeable failure.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import orjson
@@ -48,9 +49,8 @@ async def _jobwire_error(request: Request, exc: Exception) -> Response:
     response = error_response(exc.status, exc.code, exc.message)
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(retry_after)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(math.ceil(exc.retry_after))  # whole seconds
     return response
 
 

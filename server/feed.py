@@ -83,6 +83,8 @@ class Feed:
         self.too_slow: str | None = None  # why the client must be closed, once it must
         self.on_too_slow: Callable[[str], None] | None = None  # the transport's, to close it
         self.sending_since: float | None = None  # set by the transport while a send is blocked
+        # The transport's: since when its keepalive ping waits for a pong (see StallWatch)
+        self.ping_since: Callable[[], float | None] | None = None
         # The transport's direct write of a ready-made frame (see `server.direct`), used
         # only when nothing waits in the queue or is being sent, so the order holds.
         self.write_now: Callable[[bytes, int], bool] | None = None

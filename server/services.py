@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ from jobwire.ratelimit import AsyncBuckets
 from jobwire.server.auth import DEVELOPER, Auth, Principal
 from jobwire.server.feed import Feed
 from jobwire.server.hub import Fanout
-from jobwire.server.limits import Connections
+from jobwire.server.limits import Connections, Refusal
 from jobwire.server.metrics import Metrics
 from jobwire.server.stalls import StallWatch
 from jobwire.server.store import JobStore
@@ -40,9 +41,18 @@ class Services:
     goodbyes: set[Callable[[], Awaitable[None]]] = field(default_factory=set)
 
     async def going_away(self) -> None:
-        """The server is shutting down: close every client, asking it to reconnect."""
-        for goodbye in list(self.goodbyes):
-            await goodbye()
+        """The server is shutting down: close every client, asking it to reconnect. All at
+        once: a client that reads nothing holds its goodbye for a grace period."""
+        await asyncio.gather(*(goodbye() for goodbye in list(self.goodbyes)), return_exceptions=True)
+
+    def admit(self, user: str | None, address: str) -> Refusal | None:
+        """Count one more connection of `user` from `address`, or say why not now (the
+        pace of new connections, or too many open), counting the refusal. Nothing is
+        counted on a refusal; `connections.release` undoes an admission."""
+        refused = self.connections.opening(address) or self.connections.acquire(user, address)
+        if refused is not None:
+            self.metrics.rejected.labels(refused.reason).inc()
+        return refused
 
     def feed(self, principal: Principal) -> Feed:
         feed = Feed(

@@ -4,6 +4,18 @@ uvicorn's shutdown closes every websocket with 1012 at once. jobwire first tells
 clients it is going away: websockets close with 1001 and SSE streams end, so every client
 reconnects at once (perhaps to another process) and resumes from its seqs, before
 uvicorn's grace period starts.
+
+`uvicorn_config` is the one place uvicorn's settings are chosen, for `jobwire serve` and
+for the tests' servers alike:
+
+- Keepalive pings every `PING_INTERVAL` seconds, and uvicorn's ping timeout set past
+  jobwire's stall timeout (`PING_TIMEOUT_MARGIN` later). jobwire's `StallWatch` counts an
+  unanswered ping as accepting nothing, so a stalled client is closed by jobwire's policy
+  (1013, "resume by seq"), and uvicorn's 1011 "keepalive ping timeout" is only a backstop.
+- Proxy headers only from `forwarded_allow_ips`. uvicorn, left alone, believes
+  X-Forwarded-For from 127.0.0.1, so any process on the host could claim any address and
+  step past the per-address limits; jobwire believes no one unless told.
+- Request heads bounded with JSON answers (`server.heads.HttpProtocol`).
 """
 
 from __future__ import annotations
@@ -12,6 +24,44 @@ import socket
 from typing import Any
 
 import uvicorn
+
+from jobwire.server.heads import HttpProtocol
+from jobwire.settings import Settings
+
+# Timeouts
+PING_INTERVAL = 20.0  # seconds between keepalive pings (well inside proxies' 60 s idle timeouts)
+PING_TIMEOUT_MARGIN = 5.0  # uvicorn gives up on a pong this long after jobwire's stall timeout
+
+
+def uvicorn_config(
+    app: Any,
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    ping_interval: float = PING_INTERVAL,
+    **overrides: Any,
+) -> uvicorn.Config:
+    """uvicorn's configuration for serving `app` (see the module docstring)."""
+    trusted = settings.forwarded_allow_ips
+    options: dict[str, Any] = dict(
+        host=host,
+        port=port,
+        # SSE streams never end by themselves; do not let them hold a shutdown forever.
+        timeout_graceful_shutdown=5,
+        # Events are small JSON frames: compressing each one per socket costs more CPU
+        # than it saves bandwidth (Centrifugo makes the same choice by default).
+        ws_per_message_deflate=False,
+        # A bigger websocket frame is closed with 1009 (request heads: see server.heads).
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=ping_interval,
+        ws_ping_timeout=settings.stall_timeout + PING_TIMEOUT_MARGIN,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=list(trusted) or None,
+    )
+    if HttpProtocol is not None:
+        options["http"] = HttpProtocol.limited(settings.max_url_bytes, settings.max_header_bytes)
+    return uvicorn.Config(app, **{**options, **overrides})
 
 
 class Server(uvicorn.Server):

@@ -2,9 +2,12 @@
 
 The size half is in `Feed` (a queue past `send_buffer_bytes`). This half catches a client
 that stopped reading on a quiet stream, whose queue never grows: a send blocked longer
-than `stall_timeout` marks it too slow, and its transport closes it (1013). One task per
-process scans the open feeds once a second, rather than a timer per connection, so an
-idle connection costs no wake-ups.
+than `stall_timeout`, or a websocket keepalive ping unanswered that long, marks it too
+slow, and its transport closes it (1013). The ping counts because a reader stalled on a
+stream with little to send never blocks a send; uvicorn would close it 1011 at its ping
+timeout, which `jobwire serve` sets past `stall_timeout` so the policy is jobwire's. One
+task per process scans the open feeds once a second, rather than a timer per connection,
+so an idle connection costs no wake-ups.
 """
 
 from __future__ import annotations
@@ -43,4 +46,10 @@ class StallWatch:
                 if since is not None and now - since > self.timeout:
                     feed.mark_too_slow(
                         f"client too slow: accepted nothing for {self.timeout:g}s; resume by seq"
+                    )
+                    continue
+                pinged = feed.ping_since() if feed.ping_since is not None else None
+                if pinged is not None and now - pinged > self.timeout:
+                    feed.mark_too_slow(
+                        f"client too slow: answered no ping for {self.timeout:g}s; resume by seq"
                     )

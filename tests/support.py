@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import uvicorn
 
 from jobwire.server.app import create_app
-from jobwire.server.serving import Server
+from jobwire.server.serving import Server, uvicorn_config
 from jobwire.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +145,7 @@ class RunningServer:
     url: str
     ws_url: str
     app: Any
+    server: Any = None  # the uvicorn server
 
     @property
     def services(self) -> Any:
@@ -153,21 +153,15 @@ class RunningServer:
 
 
 @contextlib.asynccontextmanager
-async def run_server(settings: Settings, port: int | None = None) -> AsyncIterator[RunningServer]:
-    """uvicorn serving `create_app(settings)` in this event loop, on `port` or a free one."""
+async def run_server(
+    settings: Settings, port: int | None = None, **config: Any
+) -> AsyncIterator[RunningServer]:
+    """uvicorn serving `create_app(settings)` in this event loop, on `port` or a free one,
+    configured as `jobwire serve` configures it (`config` overrides uvicorn's options)."""
     app = create_app(settings)
     port = port or free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="on",
-        timeout_graceful_shutdown=1,
-        ws_per_message_deflate=False,  # as `jobwire serve` does
-        ws_max_size=settings.max_frame_bytes,
-    )
-    server = Server(config)  # as `jobwire serve` runs it
+    options: dict[str, Any] = dict(log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+    server = Server(uvicorn_config(app, settings, host="127.0.0.1", port=port, **{**options, **config}))
     task = asyncio.create_task(server.serve())
 
     def started() -> bool:
@@ -178,7 +172,7 @@ async def run_server(settings: Settings, port: int | None = None) -> AsyncIterat
 
     await wait_until(started, what="uvicorn is serving", interval=0.01)
     try:
-        yield RunningServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", app)
+        yield RunningServer(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", app, server)
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)

@@ -67,12 +67,9 @@ def _connect(svc: Services, request: Request) -> tuple[Principal, Callable[[], N
     """Who is asking, and a slot for their stream (429 when they hold too many)."""
     principal = svc.auth.require(request)
     user, address = user_key(principal), request.client.host if request.client else "?"
-    if not svc.connections.opening(address):
-        raise JobwireError("too_many_connections", "too many new connections from this address; slow down")
-    refused = svc.connections.acquire(user, address)
-    if refused:
-        svc.metrics.rejected.labels("user" if "user" in refused else "address").inc()
-        raise JobwireError("too_many_connections", refused)
+    refused = svc.admit(user, address)
+    if refused is not None:
+        raise refused.error()  # 429 with Retry-After: come back later
     uncount = svc.metrics.connection("sse")
 
     def release() -> None:

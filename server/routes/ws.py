@@ -38,15 +38,25 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobwireError, Msg, Op
 from jobwire.server import validation
 from jobwire.server.auth import TOKEN_EXPIRED, Principal, at_expiry
-from jobwire.server.direct import bound_kernel_buffer, frame_writer, raw_send
-from jobwire.server.errors import redis_unreachable
+from jobwire.server.direct import (
+    bound_kernel_buffer,
+    cut_off_later,
+    denial_sent,
+    frame_writer,
+    ping_waiting_since,
+    raw_send,
+)
+from jobwire.server.errors import error_response, redis_unreachable
 from jobwire.server.events import Coalesced, Delivery, FromAll, ws_frame
 from jobwire.server.feed import Feed, Item, reply_refused
 from jobwire.server.hub import HubUnavailable
-from jobwire.server.limits import Pace
+from jobwire.server.limits import Pace, Refusal
 from jobwire.server.services import Services, services, user_key
 
 log = logging.getLogger(__name__)
+
+# Timeouts
+CLOSE_GRACE = 2.0  # seconds a closed client has to take the close frame before it is cut off
 
 
 def _text(item: Item) -> str:
@@ -134,12 +144,23 @@ def _reason(text: str) -> str:
     return raw[:123].decode(errors="ignore") if len(raw) > 123 else text
 
 
-async def _close(ws: WebSocket, code: int, reason: str = "") -> None:
-    if ws.application_state == WebSocketState.CONNECTED:
-        try:
+async def _close(ws: WebSocket, code: int, reason: str = "", *, grace: float = CLOSE_GRACE) -> None:
+    """Close with `code`, giving the client `grace` seconds to take the close frame.
+
+    The frame waits behind whatever the client has not read, and uvicorn, closing, waits
+    for its buffer to drain first: a client that reads nothing would hold the connection
+    open (ESTABLISHED, measured 30 s and more) however the close was meant. So a client
+    that has not gone after `grace` is cut off (a reset, nothing more sent); it resumes
+    by seq, as after any drop.
+    """
+    if ws.application_state != WebSocketState.CONNECTED:
+        return
+    cut_off_later(raw_send(ws), grace)
+    try:
+        async with asyncio.timeout(grace):  # the send waits while the socket is full
             await ws.close(code, _reason(reason))
-        except (RuntimeError, OSError):
-            pass  # the client is already gone
+    except (RuntimeError, OSError, WebSocketDisconnect, TimeoutError):
+        pass  # the client is already gone, or is being cut off
 
 
 # -- connecting ---------------------------------------------------------------------------
@@ -158,9 +179,10 @@ def _origin_allowed(ws: WebSocket, allowed: tuple[str, ...]) -> bool:
 async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]] | None:
     """Accept the socket and learn who is on it, or refuse it (and return None).
 
-    Refused before the upgrade (HTTP 403): a disallowed Origin, websockets turned off.
-    After it, with a close code and reason: no valid token within `auth_timeout`
-    (4401), too many connections for the user or the address (1013). The token comes
+    Refused before the upgrade: a disallowed Origin or websockets turned off (HTTP 403,
+    final), too many connections from the address or too many new ones (HTTP 429 with
+    `Retry-After`: later). After it, with a close code and reason: no valid token within
+    `auth_timeout` (4401), too many connections for the user (1013: later). The token comes
     in a header, in `?token=`, or (browsers cannot set headers) in a first message
     `{"op": "auth", "token": ...}`.
     """
@@ -172,11 +194,11 @@ async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]]
     if not _origin_allowed(ws, settings.allowed_origins):
         await ws.close(code=Close.FORBIDDEN)
         return None
-    # An address over its limit is refused before the upgrade: the cheapest answer to a flood.
+    # An address over its limits is refused before the upgrade: the cheapest answer to a flood.
     address = ws.client.host if ws.client else "?"
-    if not svc.connections.opening(address) or svc.connections.acquire(None, address) is not None:
-        svc.metrics.rejected.labels("address").inc()
-        await ws.close(code=Close.TRY_AGAIN_LATER)
+    refused = svc.admit(None, address)
+    if refused is not None:
+        await _refuse_for_load(ws, refused)
         return None
     opened = None
     try:
@@ -185,6 +207,22 @@ async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]]
         if not opened:
             svc.connections.release(None, address)
     return opened
+
+
+async def _refuse_for_load(ws: WebSocket, refused: Refusal) -> None:
+    """Too many connections, or too many new ones: "later", never "no". Before the upgrade
+    that is HTTP 429 with `Retry-After` and the JSON error (never the 403 of a refusal
+    for good, such as an Origin's); a server without ASGI's websocket denial responses
+    cannot send one, so the socket is accepted and closed 1013 there."""
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        error = refused.error()
+        response = error_response(error.status, error.code, error.message)
+        response.headers["Retry-After"] = str(refused.retry_after)
+        await ws.send_denial_response(response)
+        denial_sent(raw_send(ws))
+    else:
+        await ws.accept()
+        await _close(ws, Close.TRY_AGAIN_LATER, refused.message)
 
 
 async def _authenticate(
@@ -209,8 +247,9 @@ async def _authenticate(
         return None
     user = user_key(principal)
     refused = svc.connections.acquire_user(user)
-    if refused:
-        await _close(ws, Close.TRY_AGAIN_LATER, refused)
+    if refused is not None:
+        svc.metrics.rejected.labels(refused.reason).inc()
+        await _close(ws, Close.TRY_AGAIN_LATER, refused.message)
         return None
 
     async def goodbye() -> None:
@@ -288,6 +327,7 @@ async def _pump(ws: WebSocket, feed: Feed, svc: Services, *, close_after_final: 
     send = raw_send(ws)
     bound_kernel_buffer(send, svc.settings.socket_send_buffer)
     write = feed.write_now = frame_writer(send, svc.metrics.ws_written)
+    feed.ping_since = ping_waiting_since(send)  # an unanswered ping is a stall too (see StallWatch)
     feed.write_finals = not close_after_final
 
     async def send_one(item: Item) -> None:
