@@ -3,7 +3,7 @@
 // Events are applied to plain models as they arrive, and rows are re-rendered at most once
 // per animation frame, so a burst of thousands of events costs a few paints, not thousands.
 
-import { JobwireClient } from "/jobwire.js";
+import { JobwireClient, RETRYABLE_STATUS, backoff, notBefore } from "/jobwire.js";
 
 const MAX_ROWS = 100;
 const FINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
@@ -323,10 +323,20 @@ const client = new JobwireClient({
 
 // -- actions --------------------------------------------------------------------------
 
+const API_TRIES = 6; // a read refused "later" (429, 503) is tried again, backing off, this often
+
 async function api(path, init = {}) {
   const headers = { ...(init.headers || {}) };
   if (token) headers.authorization = `Bearer ${token}`;
-  const resp = await fetch(path, { ...init, headers });
+  const method = (init.method || "GET").toUpperCase();
+  let resp;
+  for (let attempt = 0; ; attempt += 1) {
+    resp = await fetch(path, { ...init, headers });
+    // Only reads are repeated: a refused submit or cancel is the user's to retry.
+    if (method !== "GET" || !RETRYABLE_STATUS.has(resp.status) || attempt + 1 >= API_TRIES) break;
+    const delay = notBefore(resp.headers.get("retry-after"), backoff(attempt, 500, 10000));
+    await new Promise((resolve) => setTimeout(resolve, delay));
+  }
   const body = resp.status === 204 ? null : await resp.json();
   if (!resp.ok) {
     const err = new Error(body && body.error ? body.error.message : `HTTP ${resp.status}`);

@@ -28,7 +28,7 @@ const Msg = {
   SUBSCRIBED_ALL: "subscribed_all",
   RESYNC: "resync",
 };
-const Close = { UNAUTHENTICATED: 4401, FORBIDDEN: 4403 };
+const Close = { TRY_AGAIN_LATER: 1013, UNAUTHENTICATED: 4401, FORBIDDEN: 4403 };
 
 /** Exponential backoff with jitter (as jobwire/backoff.py): the delay in ms for `attempt`. */
 export function backoff(attempt, min, max) {
@@ -36,13 +36,27 @@ export function backoff(attempt, min, max) {
   return base / 2 + Math.random() * base; // 0.5-1.5 × base: spreads reconnect storms
 }
 
+/** `delay` (ms), or a moment past the server's `Retry-After` (seconds) if that is later:
+ * 1-1.5 × it, so clients refused together do not all come back at once (as not_before in
+ * jobwire/backoff.py). */
+export function notBefore(retryAfter, delay) {
+  const seconds = Number(retryAfter);
+  if (!retryAfter || !(seconds >= 0)) return delay;
+  return Math.max(delay, seconds * 1000 * (1 + Math.random() / 2));
+}
+
+/** Statuses that mean "later" (too many connections, overloaded), not "no". */
+export const RETRYABLE_STATUS = new Set([408, 429, 502, 503, 504]);
+
 export class JobwireClient {
   /**
    * @param {object} [options]
    * @param {string} [options.baseUrl]  the jobwire server (default: this page's origin)
    * @param {string|(() => string|Promise<string>)} [options.token]  a bearer token, or a
    *        function that fetches one: it is called again on every reconnect, so a token
-   *        that expired is replaced (the server closes 4401 at expiry)
+   *        that expired is replaced (at expiry the server closes a websocket 4401, ends an
+   *        SSE stream with an `unauthenticated` error and answers polls 401; the client
+   *        then asks the function again and resumes every job from its seq)
    * @param {string[]} [options.transports]  allowed transports, in order of preference
    * @param {(event: object) => void} [options.onEvent]  a job event, ordered and deduplicated
    * @param {(s: {status: string, transport: string}) => void} [options.onStatus]
@@ -82,6 +96,7 @@ export class JobwireClient {
     this._known = new Set(); // jobs announced through onNewJob
     this._level = 0; // index into this.transports
     this._failures = 0; // consecutive failed opens on the current transport
+    this._refusals = 0; // sockets closed "try again later" (1013) before anything arrived
     this._everOpened = false;
     this._conn = null; // the current transport's handle
     this._timer = null;
@@ -298,7 +313,9 @@ export class JobwireClient {
       return;
     }
     this._setStatus("reconnecting");
-    const delay = backoff(this._failures, this.backoffMin, this.backoffMax);
+    // A refusal for load counts toward the delay, not toward a fallback: the next
+    // transport would be refused the same way.
+    const delay = backoff(this._failures + this._refusals, this.backoffMin, this.backoffMax);
     this._timer = setTimeout(() => this._connect(), delay);
   }
 
@@ -364,6 +381,7 @@ export class JobwireClient {
       } catch (e) {
         return;
       }
+      this._refusals = 0; // served, not just accepted
       this._armWatchdog(data.heartbeat);
       if (data.type === Msg.EVENT && data.stream === "all") this._announce(data.job_id, data);
       else if (data.type === Msg.EVENT) this._deliver(data);
@@ -373,6 +391,10 @@ export class JobwireClient {
       else if (data.type === Msg.ERROR) this.onError(data);
     };
     ws.onclose = (e) => {
+      // Too many connections (or the server is short of Redis): later, with a longer wait
+      // each time. (A refusal before the upgrade, HTTP 429, looks like any failed open to
+      // a browser.)
+      if (e.code === Close.TRY_AGAIN_LATER) this._refusals += 1;
       if (e.code === Close.UNAUTHENTICATED || e.code === Close.FORBIDDEN) {
         this.onError({ code: e.code === Close.FORBIDDEN ? "forbidden" : "unauthenticated", message: e.reason });
         // A fixed token will not become valid: stop. A token function gets another try.
@@ -444,13 +466,27 @@ export class JobwireClient {
     });
     es.addEventListener("control", (msg) => {
       const data = JSON.parse(msg.data);
-      if (data.type === Msg.ERROR) this.onError(data);
+      if (data.type === Msg.ERROR && data.code === "unauthenticated") this._expired(data);
+      else if (data.type === Msg.ERROR) this.onError(data);
       else if (data.type === Msg.RESET) this._reset(data.job_id, data.epoch);
       else if (data.type === Msg.RESYNC) this.onAllSync();
       else if (data.type === Msg.END) this._teardown(); // every job ended: do not reconnect
     });
     // EventSource would reconnect to the same URL with stale `since`; resume ourselves.
     es.onerror = () => this._lost(!opened);
+  }
+
+  /** The stream's token expired (the server ends it, as a websocket closes 4401): a token
+   * function is asked for a new one and every job resumes from its seq at once; a fixed
+   * token will not become valid, so the client stops. */
+  _expired(error) {
+    this.onError(error);
+    this._teardown();
+    if (typeof this.token !== "function") {
+      this.close();
+      return;
+    }
+    this._connect(true);
   }
 
   // -- polling -----------------------------------------------------------------------------
@@ -495,7 +531,9 @@ export class JobwireClient {
     } catch (e) {
       this._failures += 1;
       this._setStatus("reconnecting");
-      this._schedulePoll(backoff(this._failures, this.pollInterval, this.backoffMax));
+      if (e.status === 401) await this._refreshToken(); // expired: a token function has a new one
+      const delay = backoff(this._failures, this.pollInterval, this.backoffMax);
+      this._schedulePoll(notBefore(e.retryAfter, delay));
     }
   }
 
@@ -503,7 +541,12 @@ export class JobwireClient {
     const headers = { ...(init.headers || {}) };
     if (this._token) headers.authorization = `Bearer ${this._token}`;
     const resp = await fetch(this.baseUrl + path, { ...init, headers });
-    if (!resp.ok) throw new Error(`${path}: HTTP ${resp.status}`);
+    if (!resp.ok) {
+      const error = new Error(`${path}: HTTP ${resp.status}`);
+      error.status = resp.status;
+      if (RETRYABLE_STATUS.has(resp.status)) error.retryAfter = resp.headers.get("retry-after");
+      throw error;
+    }
     return resp.json();
   }
 }

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,10 +17,10 @@ import redis
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from jobwire.settings import Settings
-from jobwire.tasks.recorder import Recorder
+from jobwire.tasks.recorder import Owner, Recorder
 from jobwire.tasks.throttle import define_limit
-from tests.clients import LIFECYCLE
-from tests.support import RedisServer, Worker, free_port, run_server, settings_for, wait_until
+from tests.clients import LIFECYCLE, assert_gap_free, transitions
+from tests.support import RedisServer, RunningServer, Worker, free_port, run_server, settings_for, wait_until
 from tests.test_auth import AUDIENCE, SECRET, submit_as, token
 
 pytestmark = pytest.mark.browser
@@ -390,3 +391,90 @@ async def test_dashboard_recovers_when_redis_loses_everything(
             assert not page.errors  # type: ignore[attr-defined]
     finally:
         worker.stop()
+
+
+async def _expiring_sse_client(browser: Browser, srv: RunningServer, job_id: str, *, fixed: bool) -> Page:
+    """A page whose browser client follows `job_id` over SSE with tokens that live 2 s:
+    a token function (`window.asked` counts its calls), or one fixed token."""
+    page = await browser.new_page()
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))  # type: ignore[attr-defined]
+    page.errors = []  # type: ignore[attr-defined]
+    # Whole seconds: `exp` is an integer, so a token lives 1-2 s.
+    await page.expose_function("mintToken", lambda: token("acme", "alice", exp=int(time.time()) + 2))
+    await page.goto(f"{srv.url}/healthz")
+    await page.evaluate(
+        """async ([jobId, fixed]) => {
+          const { JobwireClient } = await import("/jobwire.js");
+          window.asked = 0;
+          window.events = [];
+          window.errors = [];
+          const ask = async () => { window.asked += 1; return await window.mintToken(); };
+          window.client = new JobwireClient({
+            transports: ["sse"],
+            token: fixed ? await ask() : ask,
+            onEvent: (e) => window.events.push(e),
+            onError: (e) => window.errors.push({ ...e, asked: window.asked }),
+          });
+          window.client.subscribe([jobId]);
+        }""",
+        [job_id, fixed],
+    )
+    return page
+
+
+def _expiry_settings(redis_url: str) -> Settings:
+    return settings_for(redis_url, auth="jwt", jwt_secret=SECRET, jwt_audience=AUDIENCE)
+
+
+async def test_sse_client_gets_a_new_token_at_expiry_and_resumes(
+    browser: Browser, own_redis: RedisServer
+) -> None:
+    """On SSE, a token that expires mid-job ends the stream with `unauthenticated`; the
+    browser client asks its token function for a new one and resumes from its last seq:
+    every event arrives, once, in order."""
+    settings = _expiry_settings(own_redis.url)
+    recorder = Recorder(redis.Redis.from_url(own_redis.url), settings)
+    job_id = f"expiring-{uuid.uuid4()}"
+    recorder.record(job_id, "PENDING", owner=Owner("acme", "alice"))
+    async with run_server(settings) as srv:
+        page = await _expiring_sse_client(browser, srv, job_id, fixed=False)
+        await wait_until(lambda: page.evaluate("window.events.length === 1"), what="PENDING arrives")
+        recorder.record(job_id, "WORKING", progress={"step": 1})
+        await wait_until(lambda: page.evaluate("window.events.length === 2"), what="step 1 arrives")
+        # The token expires; the stream says so, and the client asks for another.
+        await wait_until(lambda: page.evaluate("window.errors.length > 0"), what="the expiry", timeout=10)
+        await wait_until(
+            lambda: page.evaluate("window.asked > window.errors[0].asked"), what="a new token after it"
+        )
+        for step in (2, 3):
+            recorder.record(job_id, "WORKING", progress={"step": step})
+        recorder.record(job_id, "SUCCESS", result="done")
+        await wait_until(lambda: page.evaluate("window.events.some((e) => e.final)"), what="SUCCESS arrives")
+        events = await page.evaluate("window.events")
+        told = await page.evaluate("window.errors")
+        await page.evaluate("window.client.close()")
+    assert_gap_free(events)  # progress sent together may come coalesced
+    assert transitions(events) == ["PENDING", "WORKING", "SUCCESS"] and events[-1]["seq"] == 5
+    assert (told[0]["code"], told[0]["message"]) == ("unauthenticated", "token expired")
+    assert not page.errors  # type: ignore[attr-defined]
+
+
+async def test_sse_client_with_a_fixed_token_stops_at_expiry(
+    browser: Browser, own_redis: RedisServer
+) -> None:
+    """A fixed token will not become valid again: at its expiry the client says why and
+    closes, rather than reconnecting with it (401 after 401, then down to polling)."""
+    settings = _expiry_settings(own_redis.url)
+    recorder = Recorder(redis.Redis.from_url(own_redis.url), settings)
+    job_id = f"expiring-{uuid.uuid4()}"
+    recorder.record(job_id, "PENDING", owner=Owner("acme", "alice"))
+    async with run_server(settings) as srv:
+        page = await _expiring_sse_client(browser, srv, job_id, fixed=True)
+        await wait_until(lambda: page.evaluate("window.events.length === 1"), what="PENDING arrives")
+        closed = "window.client.status === 'closed'"
+        await wait_until(lambda: page.evaluate(closed), what="it stops", timeout=10)
+        told = await page.evaluate("window.errors")
+        transport = await page.evaluate("window.client.transport")
+    assert [(e["code"], e["message"]) for e in told] == [("unauthenticated", "token expired")]
+    assert transport == "sse"
+    assert not page.errors  # type: ignore[attr-defined]
