@@ -33,6 +33,8 @@ except ImportError:  # pragma: no cover - another server or an older uvicorn: AS
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 RAW_SEND = "jobwire.raw_send"  # the scope key
+TRANSPORT = "jobwire.transport"  # an HTTP request's transport, left in its scope by server.heads
+CLOSE_GRACE = 2.0  # seconds a client closed by jobwire has to take what is due before it is cut off
 
 
 class RawSend:
@@ -69,6 +71,21 @@ def cut_off_later(send: Send, delay: float) -> None:
     transport = getattr(getattr(send, "__self__", None), "transport", None)
     if transport is not None:
         asyncio.get_running_loop().call_later(delay, _cut_off, transport)
+
+
+def cut_off_when_too_slow(scope: dict[str, Any], delay: float) -> Callable[[str], None] | None:
+    """For a feed's `on_too_slow` on an HTTP stream (SSE): the stream's writer is blocked
+    in a send to a client that reads nothing, and would stay blocked, so the connection is
+    reset `delay` seconds later unless the client took what was waiting and the stream
+    ended by then. None where the server left no transport in the scope (`TRANSPORT`)."""
+    transport = scope.get(TRANSPORT)
+    if transport is None:
+        return None
+
+    def too_slow(reason: str) -> None:
+        asyncio.get_running_loop().call_later(delay, _cut_off, transport)
+
+    return too_slow
 
 
 def _cut_off(transport: Any) -> None:

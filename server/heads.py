@@ -19,6 +19,7 @@ import orjson
 from websockets import http11
 
 from jobwire.protocol import JobwireError
+from jobwire.server.direct import TRANSPORT
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -97,8 +98,9 @@ if HttpToolsProtocol is not None:
         handshake parser takes (past it, uvicorn would answer nothing). Any other request
         httptools cannot parse gets the JSON 400. A refused connection is half-closed after
         the answer and read for `LINGER` seconds, so a client still sending its head gets
-        the answer rather than a reset. Give uvicorn `HttpProtocol.limited(max_url,
-        max_headers)`.
+        the answer rather than a reset. Each request's scope gets the connection's
+        transport (`direct.TRANSPORT`), so a stream stalled behind a client that reads
+        nothing can be cut off. Give uvicorn `HttpProtocol.limited(max_url, max_headers)`.
         """
 
         max_url = 64 * 1024
@@ -142,6 +144,8 @@ if HttpToolsProtocol is not None:
 
         def on_headers_complete(self) -> None:
             self._in_head, self._head_bytes = False, 0
+            # For a stream stalled behind a client that reads nothing (see routes.sse)
+            self.scope[TRANSPORT] = self.transport  # type: ignore[literal-required]
             super().on_headers_complete()
 
         def _stop(self, error: JobwireError) -> None:

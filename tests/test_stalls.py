@@ -159,3 +159,46 @@ async def test_quiet_stalled_reader_is_closed_1013_before_the_ping_timeout(own_r
             )
         finally:
             reader.close()
+
+
+async def test_stalled_sse_reader_is_cut_off_and_its_socket_is_gone(own_redis: RedisServer) -> None:
+    """An SSE reader that stops reading: its stream's writer blocks in a send for good, so
+    when the policy gives up on it (here its queue passes the byte limit) the connection is
+    reset, counted, and the server's socket is gone within seconds."""
+    settings = settings_for(own_redis.url)
+    recorder = Recorder(redis.Redis.from_url(own_redis.url), settings)
+    recorder.record("stalled-sse", "PENDING")
+    async with run_server(settings) as srv:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", _port(srv)))
+            await loop.sock_sendall(sock, b"GET /api/v1/jobs/stalled-sse/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await loop.sock_recv(sock, 12)).startswith(b"HTTP/1.1 200")
+            await wait_until(
+                lambda: srv.services.hub.subscribers("jobwire:{stalled-sse}:live") == 1, what="the reader"
+            )
+            # 6 MB of transitions: past what the kernel buffers, and past the 1 MiB queue.
+            closed = srv.services.metrics.slow_closed.labels("sse")
+            pad = {"pad": "x" * 2000}
+            for batch in range(30):
+                steps = range(batch * 100, batch * 100 + 100)
+                await asyncio.to_thread(_record_many, recorder, "stalled-sse", steps, pad)
+                if closed._value.get():
+                    break
+            await wait_until(
+                lambda: closed._value.get() == 1 and server_end(_port(srv), sock.getsockname()[1]) is None,
+                what="the stalled stream is cut off, and counted",
+                timeout=5,
+            )
+        finally:
+            sock.close()
+
+
+def _record_many(recorder: Recorder, job_id: str, steps: range, progress: dict[str, str]) -> None:
+    with recorder.client.pipeline(transaction=False) as pipe:
+        for step in steps:
+            recorder.record(job_id, f"S{step % 2}", progress=progress, pipe=pipe)
+        pipe.execute()

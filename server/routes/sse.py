@@ -34,6 +34,7 @@ from starlette.routing import Route
 from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, JobwireError, Msg
 from jobwire.server import validation
 from jobwire.server.auth import TOKEN_EXPIRED, Principal, at_expiry, unauthenticated
+from jobwire.server.direct import CLOSE_GRACE, cut_off_when_too_slow
 from jobwire.server.events import Coalesced, Delivery, FromAll
 from jobwire.server.feed import Feed, reply_refused
 from jobwire.server.hub import HubUnavailable
@@ -100,6 +101,7 @@ async def job_events(request: Request) -> Response:
         epoch = validation.epoch(request.query_params["epoch"]) if "epoch" in request.query_params else None
     principal, release = _connect(svc, request)
     feed = svc.feed(principal)
+    feed.on_too_slow = cut_off_when_too_slow(request.scope, CLOSE_GRACE)  # its writer is stuck
     async with _opening(feed, release):
         snapshot = await svc.store.require(job_id, principal)
         if snapshot["final"] and since >= snapshot["seq"] and epoch in (None, snapshot["epoch"]):
@@ -126,6 +128,7 @@ async def events(request: Request) -> Response:
     want_all = params.get("all") in ("1", "true")
     principal, release = _connect(svc, request)
     feed = svc.feed(principal)
+    feed.on_too_slow = cut_off_when_too_slow(request.scope, CLOSE_GRACE)  # its writer is stuck
     async with _opening(feed, release):
         if want_all:
             await feed.watch_all()

@@ -39,6 +39,7 @@ from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobwireError, Msg, Op
 from jobwire.server import validation
 from jobwire.server.auth import TOKEN_EXPIRED, Principal, at_expiry
 from jobwire.server.direct import (
+    CLOSE_GRACE,
     bound_kernel_buffer,
     cut_off_later,
     denial_sent,
@@ -54,9 +55,6 @@ from jobwire.server.limits import Pace, Refusal
 from jobwire.server.services import Services, services, user_key
 
 log = logging.getLogger(__name__)
-
-# Timeouts
-CLOSE_GRACE = 2.0  # seconds a closed client has to take the close frame before it is cut off
 
 
 def _text(item: Item) -> str:
