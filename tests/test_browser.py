@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, async_playwright, expect
 
 from jobwire.settings import Settings
 from jobwire.tasks.recorder import Owner, Recorder
@@ -478,3 +478,40 @@ async def test_sse_client_with_a_fixed_token_stops_at_expiry(
     assert [(e["code"], e["message"]) for e in told] == [("unauthenticated", "token expired")]
     assert transport == "sse"
     assert not page.errors  # type: ignore[attr-defined]
+
+
+async def test_dashboard_retries_a_listing_refused_for_load(browser: Browser, own_redis: RedisServer) -> None:
+    """Reads answered 429 with `Retry-After` (as a proxy or an overloaded server may) are
+    tried again, not before it, and the listing still shows the job."""
+    settings = settings_for(own_redis.url)
+    recorder = Recorder(redis.Redis.from_url(own_redis.url), settings)
+    job_id = f"listed-{uuid.uuid4()}"
+    recorder.record(job_id, "PENDING", task="long_running_task")
+    loop = asyncio.get_running_loop()
+    asked: list[float] = []
+
+    async def refuse_for_a_second(route: Route) -> None:
+        asked.append(loop.time())
+        if asked[-1] - asked[0] < 1.0:
+            body = '{"error": {"code": "too_many_connections", "message": "later"}}'
+            headers = {"Retry-After": "1"}
+            await route.fulfill(status=429, headers=headers, content_type="application/json", body=body)
+        else:
+            await route.continue_()
+
+    async with run_server(settings) as srv:
+        page = await browser.new_page()
+        await page.route("**/api/v1/jobs?limit=50", refuse_for_a_second)
+        await page.goto(srv.url)
+        await expect(row(page, job_id)).to_have_count(1, timeout=10000)
+        # The wait it takes: never sooner than Retry-After (1-1.5 times it), else the backoff.
+        waits = await page.evaluate(
+            """async () => {
+              const { notBefore } = await import("/jobwire.js");
+              const later = Array.from({ length: 200 }, () => notBefore("2", 300));
+              return [Math.min(...later), Math.max(...later), notBefore(null, 300), notBefore("1", 5000)];
+            }"""
+        )
+    assert any(t - asked[0] < 1.0 for t in asked) and any(t - asked[0] >= 1.0 for t in asked)
+    low, high, without, longer = waits
+    assert 2000 <= low and high <= 3000 and without == 300 and longer == 5000
