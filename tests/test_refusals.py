@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -269,3 +272,64 @@ async def test_watch_backs_off_from_sockets_closed_1013_at_once(own_redis: Redis
     # Delays of 0.2, 0.4, 0.8, 1.6 s, each ×0.5-1.5: the fourth at least 0.8 s.
     assert times[4] - times[3] >= 0.7, [round(b - a, 2) for a, b in zip(times, times[1:], strict=False)]
     assert [e["state"] for e in events] == ["PENDING", "SUCCESS"]
+
+
+@pytest.mark.parametrize("how", ["flag", "variable", "uvicorn's variable", "none"])
+async def test_jobwire_serve_believes_the_proxies_it_is_told_of(own_redis: RedisServer, how: str) -> None:
+    """`jobwire serve --forwarded-allow-ips`, JOBWIRE_FORWARDED_ALLOW_IPS and uvicorn's own
+    FORWARDED_ALLOW_IPS each make the server believe X-Forwarded-For from 127.0.0.1; with
+    none of them it believes no one (one connection per address: the second, claiming
+    another address, is refused)."""
+    port = free_port()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("FORWARDED_ALLOW_IPS", "JOBWIRE_FORWARDED_ALLOW_IPS")
+    }
+    env.update(
+        JOBWIRE_REDIS_URL=own_redis.url, JOBWIRE_MAX_CONNECTIONS_PER_ADDRESS="1", JOBWIRE_LOG_LEVEL="warning"
+    )
+    args = [sys.executable, "-m", "jobwire.cli", "serve", "--port", str(port)]
+    if how == "flag":
+        args += ["--forwarded-allow-ips", "127.0.0.1"]
+    elif how == "variable":
+        env["JOBWIRE_FORWARDED_ALLOW_IPS"] = "127.0.0.0/8"
+    elif how == "uvicorn's variable":
+        env["FORWARDED_ALLOW_IPS"] = "127.0.0.1"
+    proc = subprocess.Popen(args, env=env)
+    url = f"ws://127.0.0.1:{port}/ws"
+    try:
+
+        async def ready() -> bool:
+            assert proc.poll() is None, "jobwire serve exited"
+            try:
+                async with httpx.AsyncClient() as http:
+                    return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await wait_until(ready, what="jobwire serve is ready", timeout=30)
+        async with websockets.connect(url, additional_headers=_from("10.0.0.1")) as first:
+            assert (await recv_json(first))["type"] == "welcome"
+            if how == "none":
+                with pytest.raises(InvalidStatus) as refused:
+                    await websockets.connect(url, additional_headers=_from("10.0.0.2"))
+                assert refused.value.response.status_code == 429
+            else:
+                async with websockets.connect(url, additional_headers=_from("10.0.0.2")) as second:
+                    assert (await recv_json(second))["type"] == "welcome"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_jobwire_serve_refuses_a_proxy_that_is_no_address() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "jobwire.cli", "serve", "--forwarded-allow-ips", "proxy.internal"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    said = " ".join(done.stderr.split())  # the console wraps lines
+    assert "JOBWIRE_FORWARDED_ALLOW_IPS has 'proxy.internal', which is no IP address" in said
