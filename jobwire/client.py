@@ -162,7 +162,8 @@ class Jobwire:
             code, message = err.get("code", "http_error"), err.get("message", resp.text)
             if code == "job_not_found":
                 raise JobNotFound(path.rsplit("/", 1)[-1], message)
-            raise JobwireError(code, message, resp.status_code)
+            retry_after = _retry_after(resp.headers.get("Retry-After"))  # when a 429/503 says
+            raise JobwireError(code, message, resp.status_code, retry_after=retry_after)
         return body
 
     async def submit(self, task: str, *args: Any, **kwargs: Any) -> str:

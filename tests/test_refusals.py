@@ -23,7 +23,7 @@ import redis
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from jobwire.client import watch
+from jobwire.client import Jobwire, JobwireError, watch
 from jobwire.tasks.recorder import Owner, Recorder
 from tests.clients import assert_gap_free, recv_json, transitions
 from tests.support import RedisServer, RunningServer, free_port, run_server, settings_for, wait_until
@@ -333,3 +333,14 @@ def test_jobwire_serve_refuses_a_proxy_that_is_no_address() -> None:
     assert done.returncode == 2
     said = " ".join(done.stderr.split())  # the console wraps lines
     assert "JOBWIRE_FORWARDED_ALLOW_IPS has 'proxy.internal', which is no IP address" in said
+
+
+async def test_rest_refusals_carry_retry_after(own_redis: RedisServer) -> None:
+    """The REST client's error for a 429 says when to come back (`retry_after`)."""
+    settings = settings_for(own_redis.url, submits_per_minute=1)
+    async with run_server(settings) as srv, Jobwire(srv.url) as api:
+        await api.submit("plain_sum", [1])
+        with pytest.raises(JobwireError) as refused:
+            await api.submit("plain_sum", [1])
+    assert refused.value.status == 429 and refused.value.code == "rate_limited"
+    assert refused.value.retry_after is not None and 1 <= refused.value.retry_after <= 60
