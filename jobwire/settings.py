@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     # can spoof its address past the per-address limits.
     forwarded_allow_ips: CommaList = ()
 
+    # Where `/metrics` is served instead of the main port: `host:port` (`[::1]:9100` for
+    # IPv6), for operators' scrapers, on an interface clients cannot reach. Empty: on the
+    # main port, for the admin scope when authentication is on.
+    metrics_addr: str = ""
+
     @model_validator(mode="after")
     def _s3_has_a_bucket(self) -> Settings:
         if self.result_store == "s3" and not self.s3_bucket:
@@ -189,6 +194,18 @@ class Settings(BaseSettings):
                     raise ValueError(f"has {item!r}, which is no IP address or network (or *)") from None
         return value
 
+    @field_validator("metrics_addr")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value:
+            split_address(value)
+        return value
+
+    @property
+    def metrics_listen(self) -> tuple[str, int] | None:
+        """`metrics_addr` as (host, port), or None: `/metrics` on the main port."""
+        return split_address(self.metrics_addr) if self.metrics_addr else None
+
     @property
     def submittable(self) -> tuple[str, ...]:
         if self.allowed_tasks is not None:
@@ -210,6 +227,15 @@ class Settings(BaseSettings):
             return cls(**overrides)
         except ValidationError as exc:
             raise SettingsError("; ".join(_explain(e) for e in exc.errors())) from None
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port`) as (host, port); ValueError saying what was expected."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port (e.g. 127.0.0.1:9100), got {value!r}")
+    return host, int(port)
 
 
 def _explain(error: Any) -> str:

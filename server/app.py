@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if bridge is not None:
             store.seed = bridge.seed
             await bridge.start()
-        app.state.jobwire = Services(
+        app.state.jobwire = svc = Services(
             settings,
             redis,
             hub,
@@ -91,7 +91,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             stalls,
         )
         try:
-            yield
+            if settings.metrics_listen is None:
+                yield
+            else:
+                async with metrics_routes.listener(svc, *settings.metrics_listen):
+                    yield
         finally:
             if bridge is not None:
                 await bridge.stop()
@@ -107,7 +111,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *ws.routes,
         *admin.routes,
         *openapi.routes,
-        *metrics_routes.routes,
+        # On its own listener when JOBWIRE_METRICS_ADDR names one (then not here at all).
+        *(metrics_routes.routes if settings.metrics_listen is None else []),
         *jobs.id_routes,  # last: see server.routes.jobs
     ]
     if STATIC_DIR.is_dir():

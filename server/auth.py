@@ -156,6 +156,14 @@ class Auth:
             raise unauthenticated("a bearer token is required (Authorization: Bearer …, or ?token=)")
         return principal
 
+    def require_admin(self, conn: HTTPConnection) -> Principal:
+        """The caller, who must hold the admin scope (a link token never does: it speaks
+        for one job). 401 without a token, 403 with another one."""
+        principal = self.require(conn)
+        if not principal.admin or principal.jobs is not None:
+            raise JobwireError("forbidden", "this needs the admin scope")
+        return principal
+
     def mint_link(self, principal: Principal, job_id: str) -> tuple[str, float]:
         """A token that may watch `job_id` only, for `link_token_ttl` seconds.
 

@@ -87,6 +87,14 @@ class ClusterHub:
         return sum(hub.reconnects for hub in self._hubs())
 
     @property
+    def ping_seconds(self) -> float | None:
+        """The slowest shard's last PING round trip; None until every shard has one."""
+        pings = [hub.ping_seconds for hub in self._hubs()]
+        if not pings or None in pings:
+            return None
+        return max(p for p in pings if p is not None)
+
+    @property
     def shards(self) -> int:
         """Shard connections (one per primary), for tests and metrics."""
         return len(self._shards)

@@ -58,6 +58,7 @@ class Fanout(Protocol):
 
     connected: bool
     reconnects: int
+    ping_seconds: float | None
 
     async def subscribe(self, channel: str, sink: Sink) -> None: ...
     def unsubscribe(self, channel: str, sink: Sink) -> None: ...
@@ -108,6 +109,10 @@ class Hub:
         self.connected = False
         self.reconnects = 0
         self._last_heard = 0.0  # loop time of the last message from Redis
+        self._pings: deque[float] = deque()  # loop times of the PINGs not answered yet
+        #: Round trip of the last PING answered on the current connection (seconds), or
+        #: None: what `/metrics` reports as Redis latency, so a scrape costs Redis nothing.
+        self.ping_seconds: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -225,6 +230,8 @@ class Hub:
 
     def _forget_connection(self) -> None:
         """After a disconnect nothing is subscribed: re-arm every channel."""
+        self._pings.clear()
+        self.ping_seconds = None
         self._sent.clear()
         self._waiters.clear()
         self._changed.update(self._sinks)
@@ -244,7 +251,7 @@ class Hub:
     async def _sync_loop(self, conn: PubSubConnection) -> None:
         """Send SUBSCRIBE/UNSUBSCRIBE for the difference between wanted and sent, and PING."""
         loop = asyncio.get_running_loop()
-        next_ping = loop.time() + self._ping_interval
+        next_ping = loop.time()  # the first PING at once: the latency is known from the start
         while True:
             # A timer sets the event for the next PING. Not wait_for: a task per wait, and
             # on Python 3.11 it can swallow a cancellation (CPython gh-86296).
@@ -259,6 +266,7 @@ class Hub:
                 if loop.time() - self._last_heard > 3 * self._ping_interval:
                     raise ConnectionError("no reply from Redis to PING")
                 conn.send("PING")
+                self._pings.append(loop.time())
                 next_ping = loop.time() + self._ping_interval
             # Only what changed since the last pass: a job ending costs O(1) here, not a
             # scan of every channel (a thousand jobs ending would be quadratic).
@@ -286,6 +294,9 @@ class Hub:
             self._dispatch(reply[1].decode(), reply[2])
         elif kind == self._subscribed:
             self._confirmed(reply[1].decode())
+        elif kind == b"pong" or reply == b"PONG":  # PING's reply with, and without, subscriptions
+            if self._pings:
+                self.ping_seconds = asyncio.get_running_loop().time() - self._pings.popleft()
 
     def _confirmed(self, channel: str) -> None:
         waiters = self._waiters.get(channel)

@@ -1,21 +1,36 @@
 """`GET /metrics`: what the server is doing, in the Prometheus text format.
 
+It is for operators: it tells how busy the server is, and when each tenant's jobs move.
+So it is served either on a listener of its own (`JOBWIRE_METRICS_ADDR`, an address the
+operators' scraper reaches and clients do not; the main port then has no `/metrics`), or
+on the main port to the admin scope only (when authentication is on; with
+`JOBWIRE_AUTH=none` everything is open anyway).
+
+A scrape costs Redis nothing: the latency gauge is the round trip of the hub's own
+keepalive PING (every 5 s), so scrapers cannot add load on Redis however often they come.
+
 One registry per app (tests and embedders run several apps in one process). Counters on
 the per-event path are pre-bound to their labels, so an event costs one increment.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import Any
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
+import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from redis.exceptions import RedisError
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from jobwire.server.services import Services
 
 
 class Tally:
@@ -60,7 +75,7 @@ class Metrics:
         )
         self.redis_latency = Gauge(
             "jobwire_redis_ping_seconds",
-            "Round trip of a PING to Redis, at scrape time",
+            "Round trip of the hub's last keepalive PING to Redis (every 5 s); NaN while it is disconnected",
             registry=self.registry,
         )
         self.rejected = Counter(
@@ -101,17 +116,58 @@ class Metrics:
         return gauge.dec
 
 
-async def metrics(request: Request) -> Response:
-    svc = request.app.state.jobwire
+def exposition(svc: Services) -> Response:
+    """The metrics as a scrape reads them. No Redis command: see the module docstring."""
     svc.metrics.flush()
     svc.metrics.hub_reconnects.set(svc.hub.reconnects)
-    started = time.perf_counter()
-    try:
-        await svc.redis.ping()
-        svc.metrics.redis_latency.set(time.perf_counter() - started)
-    except RedisError:
-        svc.metrics.redis_latency.set(float("nan"))
+    latency = svc.hub.ping_seconds if svc.hub.connected else None
+    svc.metrics.redis_latency.set(float("nan") if latency is None else latency)
     return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+async def metrics(request: Request) -> Response:
+    """`/metrics` on the main port: the admin scope's, when authentication is on."""
+    svc: Services = request.app.state.jobwire
+    svc.auth.require_admin(request)
+    return exposition(svc)
+
+
 routes = [Route("/metrics", metrics, methods=["GET"])]
+
+
+class _Listener(uvicorn.Server):
+    """A second uvicorn server in the app's event loop. The signals stay the main
+    server's: it stops this one from the app's lifespan."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def listener(svc: Services, host: str, port: int) -> AsyncIterator[None]:
+    """Serve `/metrics` (and nothing else) on `host:port` while the context is open."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)  # scrapers queue from now on, before uvicorn has started
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"JOBWIRE_METRICS_ADDR {host}:{port}: cannot listen there ({exc})") from None
+
+    async def endpoint(request: Request) -> Response:
+        return exposition(svc)
+
+    app = Starlette(routes=[Route("/metrics", endpoint, methods=["GET"])])
+    # No log_config: the main server's logging stays as it was configured.
+    config = uvicorn.Config(app, lifespan="off", log_config=None, log_level=None, access_log=False)
+    server = _Listener(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="jobwire-metrics")
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await asyncio.wait({task})
+        sock.close()

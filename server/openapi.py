@@ -224,9 +224,14 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/metrics": {
         "get": {
-            "summary": "Prometheus metrics: connections, deliveries, events, hub reconnects, Redis latency",
-            "responses": {"200": {"description": "text/plain; version=0.0.4"}},
-            "security": [],
+            "summary": "Prometheus metrics: connections, deliveries, events, hub reconnects, Redis latency "
+            "(admin; or on JOBWIRE_METRICS_ADDR's listener instead, and not here)",
+            "responses": {
+                "200": {"description": "text/plain; version=0.0.4"},
+                "401": {"$ref": "#/components/responses/Error"},
+                "403": {"$ref": "#/components/responses/Error"},
+            },
+            "security": [{"bearer": []}],
         }
     },
     "/openapi.json": {

@@ -27,9 +27,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 
 def admin(request: Request) -> Services:
     svc = services(request)
-    principal = svc.auth.require(request)
-    if not principal.admin or principal.jobs is not None:
-        raise JobwireError("forbidden", "this needs the admin scope")
+    svc.auth.require_admin(request)
     return svc
 
 
