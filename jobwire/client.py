@@ -9,15 +9,21 @@ and repeats no event (progress the server coalesced for a slow reader comes as t
 event, with `coalesced: n`). It ends after the job's final event. If the job's history was lost and
 began again (Redis restarted without persistence), the new history's events follow: seq
 starts at 1 again, under a new `epoch`.
+
+Tokens expire, and a stream ends at its token's `exp` (close 4401 "token expired"). Give
+`token` as a function (sync or async) instead of a string and it is asked again before
+every connection, so `watch()` comes back at once with a new token and resumes from its
+last seq; a fixed string cannot be renewed, and its expiry raises.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import inspect
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeAlias
 from urllib.parse import quote
 
 import httpx
@@ -26,14 +32,32 @@ import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from jobwire.backoff import backoff, not_before
-from jobwire.protocol import Close, JobNotFound, JobwireError, Msg
+from jobwire.protocol import TOKEN_EXPIRED, Close, JobNotFound, JobwireError, Msg
 
-__all__ = ["DEFAULT_URL", "JobNotFound", "Jobwire", "JobwireError", "watch"]
+__all__ = ["DEFAULT_URL", "JobNotFound", "Jobwire", "JobwireError", "Token", "watch"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 #: Refusals that mean "later" (too many connections, overloaded): retried, after the
 #: server's `Retry-After` when it sends one. Any other 4xx refuses the websocket for good.
 RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
+
+
+#: A bearer token, or a function (sync or async) that returns the current one: asked again
+#: before every websocket connection and every REST call, so it should hand out a cached
+#: token until that one is about to expire.
+Token: TypeAlias = str | Callable[[], str | Awaitable[str]] | None
+
+
+async def _bearer(token: Token) -> dict[str, str] | None:
+    value = token() if callable(token) else token
+    if inspect.isawaitable(value):
+        value = await value
+    return {"Authorization": f"Bearer {value}"} if value else None
+
+
+def _expired(reason: str) -> bool:
+    """A 4401 for a token past its `exp`: at expiry mid-stream, or already at the upgrade."""
+    return reason == TOKEN_EXPIRED or reason.endswith("has expired")
 
 
 def _ws_url(url: str) -> str:
@@ -50,7 +74,7 @@ async def watch(
     url: str = DEFAULT_URL,
     *,
     since: int = 0,
-    token: str | None = None,
+    token: Token = None,
     # Timeouts
     open_timeout: float = 5.0,
     backoff_min: float = 0.2,
@@ -60,22 +84,26 @@ async def watch(
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield `job_id`'s events after `since`, in order, once each, until the final one.
 
-    `token` is a bearer token (a link token for this job will do). Raises `JobNotFound`
-    if the server does not know the job (or it is not the token's), `JobwireError` for a
-    token it refuses (or any other refusal for good: an Origin, websockets turned off),
+    `token` is a bearer token (a link token for this job will do), or a function (sync
+    or async) that returns one, asked again before each connection: when the token
+    expires mid-job the server closes 4401 "token expired", and `watch()` asks for a new
+    one and resumes from its last seq at once. Raises `JobNotFound` if the server does
+    not know the job (or it is not the token's), `JobwireError` for a token it refuses (a
+    fixed token's expiry included), or any other refusal for good (an Origin, websockets
+    turned off),
     and `ConnectionError` if it cannot be reached, or keeps refusing, for `give_up_after`
     seconds (default: keep trying). A refusal for load (HTTP 429 or 503 before the
     upgrade, a close 1013 after it) means "later": it is retried with the backoff, and
     not before the server's `Retry-After`.
     """
-    headers = {"Authorization": f"Bearer {token}"} if token else None
     last, epoch = since, None
     lost_since: float | None = None
     delays = backoff(backoff_min, backoff_max)
     loop = asyncio.get_running_loop()
     failing_since: float | None = None
     while True:
-        close_code, close_reason, retry_after = None, "", None
+        close_code, close_reason, retry_after, served = None, "", None, False
+        headers = await _bearer(token)
         try:
             async with websockets.connect(
                 f"{_ws_url(url)}/ws/jobs/{_path(job_id)}?since={last}" + (f"&epoch={epoch}" if epoch else ""),
@@ -84,6 +112,7 @@ async def watch(
             ) as ws:
                 try:
                     async for frame in ws:
+                        served = True
                         if failing_since is not None:
                             # Served, not just accepted (a socket closed 1013 at once, for
                             # load, is a failure to back off from): the next outage
@@ -124,7 +153,11 @@ async def watch(
             lost_since = None
         if close_code == Close.BAD_REQUEST:
             raise JobwireError("invalid_request", close_reason)
-        if close_code in (Close.UNAUTHENTICATED, Close.FORBIDDEN):
+        if close_code == Close.UNAUTHENTICATED and callable(token) and _expired(close_reason):
+            if served:
+                continue  # the token ran out mid-stream: a new one, and resume, at once
+            # else: the function handed out an expired token; ask again after the backoff
+        elif close_code in (Close.UNAUTHENTICATED, Close.FORBIDDEN):
             code = "unauthenticated" if close_code == Close.UNAUTHENTICATED else "forbidden"
             raise JobwireError(code, close_reason)
         now = loop.time()
@@ -137,10 +170,12 @@ async def watch(
 class Jobwire:
     """HTTP calls to a jobwire server: submit, status, batch status, revoke."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, url: str = DEFAULT_URL, *, token: Token = None, timeout: float = 10.0) -> None:
+        """`token`: a bearer token, or a function (sync or async) asked for one before
+        each call (see `Token`)."""
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
+        self._token = token
+        self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout)
 
     async def __aenter__(self) -> Jobwire:
         return self
@@ -153,7 +188,7 @@ class Jobwire:
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            resp = await self._http.request(method, path, **kwargs)
+            resp = await self._http.request(method, path, headers=await _bearer(self._token), **kwargs)
         except httpx.TransportError as exc:
             raise ConnectionError(f"jobwire at {self.url} unreachable: {exc}") from None
         body = orjson.loads(resp.content) if resp.content else None

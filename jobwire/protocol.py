@@ -91,6 +91,10 @@ class Close:
     NOT_FOUND = 4404  # no such job (or not yours: the two are told apart by no one)
 
 
+#: Why a stream ended at its token's `exp`: a websocket's close reason (4401), the message
+#: of an SSE stream's last `unauthenticated` error. Come back with a new token and resume.
+TOKEN_EXPIRED = "token expired"
+
 #: Close codes after which reconnecting cannot help; every other code means "reconnect and
 #: resume from the last seq".
 TERMINAL_CLOSE_CODES = frozenset(

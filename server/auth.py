@@ -63,11 +63,6 @@ def unauthenticated(message: str) -> JobwireError:
     return JobwireError("unauthenticated", message)
 
 
-#: Why a stream ended at its token's `exp`: a websocket's close reason (4401), the message
-#: of an SSE stream's last `unauthenticated` error. Come back with a new token and resume.
-TOKEN_EXPIRED = "token expired"
-
-
 def at_expiry(principal: Principal, callback: Callable[[], object]) -> asyncio.TimerHandle | None:
     """Call `callback` in the running loop when `principal`'s token expires; None for a
     principal without one (no auth, a token without `exp`). The caller cancels the handle

@@ -432,6 +432,41 @@ async def test_python_client_and_cli_carry_the_token(srv: RunningServer) -> None
     assert code == 4 and "unauthenticated" in out
 
 
+async def test_watch_asks_its_token_function_again_when_the_token_expires(srv: RunningServer) -> None:
+    """Tokens that live 1-2 s, a job of 4 s: at each expiry (4401 "token expired") watch()
+    asks its function (async here; sync for Jobwire) for a new token and resumes from its
+    last seq, to SUCCESS, with every event of the job's history once, in order."""
+    asked = 0
+
+    async def fresh() -> str:
+        nonlocal asked
+        asked += 1
+        return token("acme", exp=int(time.time()) + 2)
+
+    async with Jobwire(srv.url, token=lambda: token("acme")) as api:
+        job = await api.submit("report_steps", steps=8, delay=0.5)
+    async with asyncio.timeout(30):
+        events = [e async for e in watch(job, srv.url, token=fresh)]
+    async with httpx.AsyncClient(base_url=srv.url, headers=bearer(A)) as http:
+        history = (await http.get(f"/api/v1/jobs/{job}/history")).json()["events"]
+    assert events[-1]["state"] == "SUCCESS"
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert [(e["seq"], e["state"]) for e in events] == [(e["seq"], e["state"]) for e in history]
+    assert asked >= 3, asked  # the first token, and a new one at each of at least two expiries
+
+
+async def test_watch_with_a_fixed_token_raises_when_it_expires(srv: RunningServer) -> None:
+    short = token("acme", exp=int(time.time()) + 2)
+    job = await submit_as(srv, A, "report_steps", steps=8, delay=0.5)
+    seen = []
+    with pytest.raises(JobwireError) as refused:
+        async with asyncio.timeout(30):
+            async for event in watch(job, srv.url, token=short):
+                seen.append(event["state"])
+    assert (refused.value.code, refused.value.message) == ("unauthenticated", "token expired")
+    assert "SUCCESS" not in seen
+
+
 async def test_new_connections_per_address_are_paced(settings: Settings, worker: object) -> None:
     """One address opening sockets in a burst: past the pace's burst, refused before the upgrade."""
     async with run_server(settings.model_copy(update=dict(new_connections_per_second=1.0))) as srv:

@@ -31,9 +31,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, JobwireError, Msg
+from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, TOKEN_EXPIRED, JobwireError, Msg
 from jobwire.server import validation
-from jobwire.server.auth import TOKEN_EXPIRED, Principal, at_expiry, unauthenticated
+from jobwire.server.auth import Principal, at_expiry, unauthenticated
 from jobwire.server.direct import CLOSE_GRACE, cut_off_when_too_slow
 from jobwire.server.events import Coalesced, Delivery, FromAll
 from jobwire.server.feed import Feed, reply_refused

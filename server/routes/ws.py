@@ -35,9 +35,9 @@ from redis.exceptions import RedisError
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from jobwire.protocol import MAX_IDS_PER_MESSAGE, Close, JobwireError, Msg, Op
+from jobwire.protocol import MAX_IDS_PER_MESSAGE, TOKEN_EXPIRED, Close, JobwireError, Msg, Op
 from jobwire.server import validation
-from jobwire.server.auth import TOKEN_EXPIRED, Principal, at_expiry
+from jobwire.server.auth import Principal, at_expiry
 from jobwire.server.direct import (
     CLOSE_GRACE,
     bound_kernel_buffer,
