@@ -117,8 +117,14 @@ def generate_report(self: ProgressTask, pages: int = 50, delay: float = 0.0) -> 
     """Renders a multi-page PDF report (reportlab), page by page, and stores it: the result is a download."""
     from io import BytesIO
 
-    from reportlab.lib.pagesizes import A4
-    from reportlab.pdfgen.canvas import Canvas
+    try:  # an extra: the demo's PDF is no dependency of jobwire itself
+        from reportlab.lib.pagesizes import A4
+        from reportlab.pdfgen.canvas import Canvas
+    except ImportError as exc:
+        raise ImportError(
+            f"generate_report renders its PDF with reportlab, which is not installed ({exc}): "
+            "pip install 'jobwire[demo]'"
+        ) from exc
 
     delay = _check_delay(delay)
     if isinstance(pages, bool) or not isinstance(pages, int) or not 1 <= pages <= 2000:
