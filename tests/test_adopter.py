@@ -1,9 +1,10 @@
-"""A real adopter: the `examples/shop` Celery project, with jobwire installed from the
-repository into a fresh virtualenv, run from outside the repository.
+"""A real adopter: jobwire's wheel, built from this checkout, installed as `pip install
+jobwire` would install it (no extras) into a fresh virtualenv that sees nothing of the test
+environment; then the `examples/shop` Celery project run from outside the repository.
 
-The virtualenv gets jobwire's own wheel (built from this checkout) and nothing else from
-it; jobwire's dependencies come from the test environment through a `.pth` line, so the
-test does not download them on every run.
+The virtualenv has no system site-packages and no path borrowed from this environment: its
+dependencies come from the package index (pip's cache makes reruns fast), so a core
+dependency missing from pyproject.toml fails here.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import websockets
 
 from tests.clients import LIFECYCLE, assert_gap_free, recv_json
 from tests.support import ROOT, RedisServer, free_port, wait_until
 
-pytestmark = pytest.mark.timeout(180)
+# A cold pip cache downloads the core's ~50 wheels once, in the first test's setup.
+pytestmark = pytest.mark.timeout(300)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -34,8 +37,11 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh virtualenv with the jobwire wheel built from this repository."""
+    """A fresh virtualenv with the jobwire wheel built from this repository and its core
+    dependencies from the index."""
     base = tmp_path_factory.mktemp("adopter")
+    # --without-pip: this environment's pip installs into it (`pip --python`), which saves
+    # bootstrapping a pip of its own; nothing of this environment is visible inside.
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", base / "venv"], check=True)
     wheels = base / "wheels"
     subprocess.run(
@@ -45,14 +51,26 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (wheel,) = wheels.glob("jobwire-*.whl")
     python = base / "venv" / "bin" / "python"
-    site = subprocess.check_output(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
-    )
-    (Path(site.decode().strip()) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", wheel], check=True
-    )
+    pip = [sys.executable, "-m", "pip", "--python", python, "--disable-pip-version-check"]
+    subprocess.run([*pip, "install", "-q", wheel], check=True, cwd=base, env=_clean_env())
     return base / "venv"
+
+
+def _python(venv: Path, code: str, cwd: Path) -> str:
+    done = subprocess.run(
+        [venv / "bin" / "python", "-c", code], cwd=cwd, env=_clean_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_virtualenv_sees_nothing_of_the_test_environment(venv: Path, tmp_path: Path) -> None:
+    """No borrowed site-packages: the test environment's packages (pytest, the dev extra)
+    cannot be imported, and its site-packages is not on the path."""
+    probe = "import sys, importlib.util as u; print(sys.path); print(u.find_spec('pytest') is None)"
+    path, no_pytest = _python(venv, probe, tmp_path).splitlines()
+    assert sysconfig.get_paths()["purelib"] not in path
+    assert no_pytest == "True"
 
 
 def test_install_puts_one_namespace_in_site_packages(venv: Path, tmp_path: Path) -> None:
@@ -63,8 +81,53 @@ def test_install_puts_one_namespace_in_site_packages(venv: Path, tmp_path: Path)
         "print(u.find_spec('server'), u.find_spec('tasks'), (a.STATIC_DIR / 'index.html').is_file(),"
         " a.__file__.startswith(__import__('sys').prefix))"
     )
-    out = subprocess.check_output([venv / "bin" / "python", "-c", probe], cwd=tmp_path, env=_clean_env())
-    assert out.decode().split() == ["None", "None", "True", "True"]
+    assert _python(venv, probe, tmp_path).split() == ["None", "None", "True", "True"]
+
+
+def test_core_install_imports_every_module_without_the_extras(venv: Path, tmp_path: Path) -> None:
+    """Every module of the package imports with the core dependencies alone; boto3 (`[s3]`)
+    and reportlab (`[demo]`) are not installed."""
+    probe = (
+        "import importlib, importlib.util as u, pkgutil, jobwire\n"
+        "for m in pkgutil.walk_packages(jobwire.__path__, 'jobwire.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print([name for name in ('boto3', 'botocore', 'reportlab') if u.find_spec(name)])\n"
+    )
+    assert _python(venv, probe, tmp_path).strip() == "[]"
+
+
+def test_attach_on_a_celery_app_with_a_redis_backend(venv: Path, tmp_path: Path) -> None:
+    code = (
+        "from celery import Celery\n"
+        "import jobwire\n"
+        "from jobwire.tasks import registry\n"
+        "app = Celery('adopter', broker='redis://127.0.0.1:1/0', backend='redis://127.0.0.1:1/0')\n"
+        "assert jobwire.attach(app) is app and registry.is_attached(app)\n"
+        "print('attached')\n"
+    )
+    assert _python(venv, code, tmp_path).strip() == "attached"
+
+
+def test_cli_help(venv: Path, tmp_path: Path) -> None:
+    """`jobwire --help` and each command's help: the CLI and its client are core."""
+    for args in ([], ["serve"], ["watch"], ["submit"], ["status"]):
+        done = subprocess.run(
+            [venv / "bin" / "jobwire", *args, "--help"], cwd=tmp_path, env=_clean_env(), capture_output=True
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stdout.startswith(b"usage: jobwire"), done.stdout
+
+
+def test_demo_pdf_without_the_demo_extra_names_it(venv: Path, tmp_path: Path) -> None:
+    """The demo's PDF task fails, without reportlab, with the install command; nothing else needs it."""
+    code = (
+        "from jobwire.tasks.examples import generate_report\n"
+        "try:\n"
+        "    generate_report(None)\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    assert "pip install 'jobwire[demo]'" in _python(venv, code, tmp_path)
 
 
 @pytest.fixture
@@ -90,7 +153,8 @@ async def test_shop_streams_seed_style_progress_to_success(
     venv: Path, shop: Path, own_redis: RedisServer, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     """The shop's worker (`celery -A celeryapp worker`) and `jobwire serve` with
-    JOBWIRE_CELERY_APP: a job submitted over REST streams its update_state progress to SUCCESS."""
+    JOBWIRE_CELERY_APP: a job submitted over REST streams its update_state progress to
+    SUCCESS, and `jobwire watch` follows it to its exit code."""
     env = _clean_env(
         SHOP_BROKER_URL=own_redis.url,  # the broker does not matter here; RabbitMQ has its own test
         SHOP_RESULT_BACKEND=own_redis.url,
@@ -98,11 +162,8 @@ async def test_shop_streams_seed_style_progress_to_success(
     )
     log = (shop / "worker.log").open("wb")
     server_log = (shop / "server.log").open("wb")
-    # `celery -A celeryapp worker` (the celery script itself is not in this venv: its package is shared)
     worker = [
-        venv / "bin" / "python",
-        "-m",
-        "celery",
+        venv / "bin" / "celery",
         "-A",
         "celeryapp",
         "worker",
@@ -152,6 +213,7 @@ async def test_shop_streams_seed_style_progress_to_success(
     )
 
     async with httpx.AsyncClient(base_url=url) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
         tasks = (await http.get("/api/v1/tasks")).json()["tasks"]
         assert [t["name"] for t in tasks] == ["tasks.long_running_task"]
         refused = await http.post("/api/v1/jobs", json={"task": "tasks.import_orders"})
@@ -178,3 +240,18 @@ async def test_shop_streams_seed_style_progress_to_success(
     }
     assert events[-1]["result"] == {"status": "complete", "items": 0}
     assert time.time() - events[0]["ts"] < 60
+
+    # The CLI replays the finished job from its first event and exits 0 for SUCCESS.
+    watched = subprocess.run(
+        [venv / "bin" / "jobwire", "--url", url, "watch", job_id],
+        cwd=shop,
+        env=env,
+        capture_output=True,
+        timeout=30,
+    )
+    assert watched.returncode == 0, watched.stderr.decode()
+    assert orjson.loads(watched.stdout) == {
+        "job_id": job_id,
+        "state": "SUCCESS",
+        "result": {"status": "complete", "items": 0},
+    }
