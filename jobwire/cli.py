@@ -30,6 +30,11 @@ console = Console(stderr=True)
 out = Console()
 
 
+def _say_error(message: object) -> None:
+    """One red line, as written: no markup (`jobwire[s3]` is text) and no wrapping."""
+    console.print(f"jobwire: {message}", style="red", markup=False, soft_wrap=True)
+
+
 def _kv(pairs: list[str]) -> dict[str, Any]:
     """`key=value` arguments; values are parsed as JSON when they can be (numbers, lists)."""
     kwargs: dict[str, Any] = {}
@@ -117,7 +122,7 @@ def cmd_serve(host: str, port: int, forwarded_allow_ips: str | None = None) -> i
         settings = Settings.from_env(**overrides)
         app = create_app(settings)  # here, not in uvicorn: a bad setting is one clear line, not a traceback
     except (SettingsError, AttachError) as exc:
-        console.print(f"[red]jobwire: {exc}[/]")
+        _say_error(exc)
         return 2
     config = uvicorn_config(
         app, settings, host=host, port=port, log_level=os.environ.get("JOBWIRE_LOG_LEVEL", "info").lower()
@@ -205,10 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             coro = cmd_status(args.url, args.job_ids, args.json, args.token)
         return asyncio.run(coro)
     except JobNotFound as exc:
-        console.print(f"[red]jobwire: {exc.message}[/]")
+        _say_error(exc.message)
         return EXIT_NOT_FOUND
     except (JobwireError, ConnectionError, OSError) as exc:
-        console.print(f"[red]jobwire: {exc}[/]")
+        _say_error(exc)
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130

@@ -7,6 +7,7 @@ arguments (which win over the environment) instead of patching `os.environ`.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,12 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from jobwire.protocol import Keys
+
+#: Said where the S3 store is asked for and boto3 is missing (it is the `s3` extra).
+S3_MISSING = (
+    "JOBWIRE_RESULT_STORE=s3 needs boto3, which is not installed: "
+    "pip install 'jobwire[s3]' where the server and the workers run"
+)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEMO_APP = "jobwire.tasks.demo:app"
@@ -141,6 +148,8 @@ class Settings(BaseSettings):
     def _s3_has_a_bucket(self) -> Settings:
         if self.result_store == "s3" and not self.s3_bucket:
             raise ValueError("JOBWIRE_RESULT_STORE=s3 needs JOBWIRE_S3_BUCKET")
+        if self.result_store == "s3" and importlib.util.find_spec("boto3") is None:
+            raise ValueError(S3_MISSING)
         return self
 
     @model_validator(mode="after")

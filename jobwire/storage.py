@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from jobwire.protocol import id_from_key, key_id
-from jobwire.settings import Settings
+from jobwire.settings import S3_MISSING, Settings
 
 REF_TYPE = "stored_result"
 
@@ -171,8 +171,11 @@ class S3Store:
     name = "s3"
 
     def __init__(self, settings: Settings) -> None:
-        import boto3
-        from botocore.config import Config
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise StorageError(S3_MISSING) from None
 
         self.bucket, self.prefix = settings.s3_bucket, settings.s3_prefix
         self.client = boto3.client(

@@ -130,6 +130,17 @@ def test_demo_pdf_without_the_demo_extra_names_it(venv: Path, tmp_path: Path) ->
     assert "pip install 'jobwire[demo]'" in _python(venv, code, tmp_path)
 
 
+def test_the_s3_store_without_the_s3_extra_says_so_in_one_line(venv: Path, tmp_path: Path) -> None:
+    """`jobwire serve` asked for the S3 store without boto3 stops with the install command,
+    not a traceback at startup."""
+    env = _clean_env(JOBWIRE_RESULT_STORE="s3", JOBWIRE_S3_BUCKET="results")
+    done = subprocess.run(
+        [venv / "bin" / "jobwire", "serve"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'jobwire[s3]'" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.fixture
 def shop(tmp_path: Path) -> Path:
     """The example project, copied away from the repository."""
