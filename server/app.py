@@ -116,7 +116,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *jobs.id_routes,  # last: see server.routes.jobs
     ]
     if STATIC_DIR.is_dir():
-        routes.append(Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="static"))
+        routes.append(Mount("/", app=Static(directory=STATIC_DIR, html=True), name="static"))
     middleware = [
         Middleware(RawSend),  # first: it must see the server's own send (see server.direct)
         Middleware(HeadLimit, max_url=settings.max_url_bytes, max_headers=settings.max_header_bytes),
@@ -149,3 +149,14 @@ def _redis_client(settings: Settings) -> Redis | RedisCluster:
         socket_connect_timeout=2,
     )
     return Redis(connection_pool=pool)
+
+
+class Static(StaticFiles):
+    """The static files, mounted at `/`, where every path no route took ends up. A websocket
+    there is refused (Starlette before 1.7 asserted HTTP and answered 500)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": "no websocket at this path"})
+            return
+        await super().__call__(scope, receive, send)
