@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test browser lint format bench bench-quick clean
+.PHONY: install run test browser lint format bench bench-quick celery-suite clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -40,6 +40,16 @@ browser:
 		echo "           (or JOBWIRE_SKIP_BROWSER=1 make test to skip them on purpose)"; \
 		exit 1; \
 	fi
+
+# Celery's own integration suite (from the sdist of the installed Celery), plain and with
+# jobwire attached, three runs against a redis-server of its own: the outcome of every test
+# must be the same. See ci/celery_suite.py; `.ci/run` runs it after `make test`.
+$(VENV)/.celery-suite-stamp: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,celery-suite]"
+	touch $@
+
+celery-suite: install $(VENV)/.celery-suite-stamp
+	$(PY) ci/celery_suite.py $(CELERY_SUITE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
