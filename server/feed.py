@@ -148,10 +148,13 @@ class Feed:
         visible = await self._store.visible(job_ids, self._principal) if job_ids else set()
         refused: dict[str, JobwireError] = {}
         for job_id in job_ids:
+            if job_id not in visible:
+                refused[job_id] = _UNKNOWN  # one shared error: a flood of ids builds none
+                continue
             try:
                 epoch = (epochs or {}).get(job_id)
-                if job_id not in visible or not await self.watch(job_id, since.get(job_id, 0), epoch):
-                    refused[job_id] = JobNotFound(job_id, f"no job with id {job_id!r}")
+                if not await self.watch(job_id, since.get(job_id, 0), epoch):
+                    refused[job_id] = _UNKNOWN
             except JobwireError as exc:
                 refused[job_id] = exc
         return refused
@@ -520,13 +523,20 @@ def _all_channel(keys: Keys, principal: Principal) -> str | None:
     return keys.tenant_channel(principal.tenant) if principal.tenant else None
 
 
+#: What `watch_many` says of each id it will not watch because no such job exists for the
+#: caller; `reply_refused` words the answer.
+_UNKNOWN = JobNotFound("")
+
+
 def reply_refused(refused: dict[str, JobwireError], reply: Callable[[dict[str, Any]], None]) -> None:
     """One error per refused id, except for many unknown ids: those share one reply
     (`job_ids`), so a message of 1,000 unknown ids costs one frame, not 1,000."""
     missing = [j for j, e in refused.items() if e.code == "job_not_found"]
     for job_id, error in refused.items():
-        if error.code != "job_not_found" or len(missing) == 1:
+        if error.code != "job_not_found":
             reply(error.as_message(job_id=job_id))
+        elif len(missing) == 1:
+            reply(JobNotFound(job_id, f"no job with id {job_id!r}").as_message(job_id=job_id))
     if len(missing) > 1:
         reply(
             JobwireError("job_not_found", f"no jobs with {len(missing)} of these ids").as_message(

@@ -39,6 +39,9 @@ class Services:
     stalls: StallWatch
     # Open websockets and SSE streams, told when the server goes away.
     goodbyes: set[Callable[[], Awaitable[None]]] = field(default_factory=set)
+    # One websocket message naming many job ids at a time, process-wide (see
+    # `server.routes.ws`): a flood of them from many sockets queues here, not in the loop.
+    big_messages: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def going_away(self) -> None:
         """The server is shutting down: close every client, asking it to reconnect. All at
