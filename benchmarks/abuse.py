@@ -1,18 +1,21 @@
 """Abuse: does one hostile client hurt everyone else?
 
-    python -m benchmarks.abuse [--clients 50] [--seconds 8]
+    python -m benchmarks.abuse [--clients 50] [--seconds 8] [--flooders 20] [--phases quiet,subscribe]
 
 A jobwire server process (`jobwire serve`, defaults but for the demo's settings) serves
 `--clients` healthy websockets watching one job that gets 100 events a second, written
-with the real record script. Their publish → receive latency is measured in three phases
-of `--seconds` each, in one run:
+with the real record script; each also sends `{"op": "ping"}` five times a second. Their
+publish → receive latency, and their ping → pong round trip, are measured in phases of
+`--seconds` each, in one run:
 
 1. quiet;
-2. one socket flooding `subscribe` messages of 1,000 unknown ids each, as fast as it can;
+2. `--flooders` sockets (20) flooding `subscribe` messages of 1,000 unknown ids each, as
+   fast as they can, until the server closes them;
 3. one address opening 2,000 sockets as fast as it can;
 4. control: the same flood aimed at a second, idle jobwire process on this machine, which
    shows how much of phase 3 is the machine (2 cores shared by server, clients, Redis and
-   the abuser) rather than the server the healthy clients use.
+   the abuser) rather than the server the healthy clients use;
+5. (`--phases quiet,subscribe,subscribe-control`) the same for phase 2's flood.
 
 Abusers run in a process of their own (`--abuser`), so their client-side work does not
 slow the healthy clients' event loop: what is measured is the server. It reports each
@@ -26,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -46,31 +50,56 @@ from tests.support import free_port, redis_server
 JOB = "abuse-bench-job"
 
 
-async def healthy(url: str, latencies: list[list[float]], stop: asyncio.Event) -> None:
-    """A well-behaved client: connects (backing off when refused, as real clients do) and
-    records each event's latency in the current phase's list (`latencies[-1]`)."""
+PING_EVERY = 0.2  # seconds between a healthy client's pings
+PING = orjson.dumps({"op": "ping"}).decode()
+
+
+async def healthy(
+    url: str, latencies: list[list[float]], pings: list[list[float]], stop: asyncio.Event
+) -> None:
+    """A well-behaved client: connects (backing off when refused, as real clients do),
+    records each event's latency in the current phase's list (`latencies[-1]`), and pings
+    every `PING_EVERY` seconds, recording each round trip (`pings[-1]`)."""
     for delay in range(1, 50):
         try:
             ws = await websockets.connect(f"{url}/ws", max_queue=None)
             break
         except websockets.InvalidStatus:
             await asyncio.sleep(0.1 * delay)
+    sent: list[float] = []  # pongs come back in order
+
+    async def ping() -> None:
+        await asyncio.sleep(PING_EVERY * random.random())  # spread the clients' pings
+        while not stop.is_set():
+            sent.append(time.perf_counter())
+            await ws.send(PING)
+            await asyncio.sleep(PING_EVERY)
+
     async with ws:
         await ws.send(orjson.dumps({"op": "subscribe", "job_ids": [JOB]}).decode())
+        pinger = asyncio.create_task(ping())
         while not stop.is_set():
             try:
                 frame = await asyncio.wait_for(ws.recv(), 1.0)
             except TimeoutError:
                 continue
-            now = time.time()
+            now, received = time.time(), time.perf_counter()
             msg = orjson.loads(frame)
             if msg.get("type") == "event" and msg.get("state") == "WORKING":
                 latencies[-1].append(now - msg["ts"])
+            elif msg.get("type") == "pong" and sent:
+                pings[-1].append(received - sent.pop(0))
+        pinger.cancel()
 
 
-async def subscribe_flood(url: str, stop: asyncio.Event, stats: dict[str, int]) -> None:
-    """One socket, subscribe after subscribe, until the server closes it (or time is up)."""
-    ids = [f"nope-{i}" for i in range(1000)]
+async def subscribe_flood(url: str, stop: asyncio.Event, stats: dict[str, int], sockets: int = 20) -> None:
+    """`sockets` sockets at once, each subscribe after subscribe until the server closes
+    it (or time is up)."""
+    await asyncio.gather(*(_flood_one(url, stop, stats, n) for n in range(sockets)))
+
+
+async def _flood_one(url: str, stop: asyncio.Event, stats: dict[str, int], n: int) -> None:
+    ids = [f"nope-{n}-{i}" for i in range(1000)]
     message = orjson.dumps({"op": "subscribe", "job_ids": ids}).decode()
     async with websockets.connect(f"{url}/ws", max_queue=None) as ws:
 
@@ -86,7 +115,8 @@ async def subscribe_flood(url: str, stop: asyncio.Event, stats: dict[str, int]) 
                 stats["sent"] = stats.get("sent", 0) + 1
                 await asyncio.sleep(0)
         except websockets.ConnectionClosed as exc:
-            stats[f"closed {exc.rcvd.code if exc.rcvd else 'no code'}"] = 1
+            key = f"closed {exc.rcvd.code if exc.rcvd else 'no code'}"
+            stats[key] = stats.get(key, 0) + 1
         reader.cancel()
 
 
@@ -133,7 +163,16 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 10) - 1] * 1000 if len(values) > 10 else float("nan")
 
 
-async def run(clients: int, seconds: float) -> None:
+PHASES = {
+    "quiet": "quiet",
+    "subscribe": "subscribe flood",
+    "connect": "connection flood",
+    "control": "control: flood on another process",
+    "subscribe-control": "control: subscribe flood on another process",
+}
+
+
+async def run(clients: int, seconds: float, flooders: int, phases: list[str]) -> None:
     with redis_server() as store:
         settings = Settings(redis_url=store.url, history_limit=100)
         port = free_port()
@@ -158,26 +197,38 @@ async def run(clients: int, seconds: float) -> None:
         ws_url = url.replace("http", "ws")
         rows = []
         latencies: list[list[float]] = [[]]
+        pings: list[list[float]] = [[]]
         stop = asyncio.Event()
-        tasks = [asyncio.create_task(healthy(ws_url, latencies, stop)) for _ in range(clients)]
+        tasks = [asyncio.create_task(healthy(ws_url, latencies, pings, stop)) for _ in range(clients)]
         await asyncio.sleep(3.0)  # every healthy client connected, subscribed, replayed
         try:
-            phases = ("quiet", "subscribe flood", "connection flood", "control: flood on another process")
-            for phase in phases:
+            for phase in (PHASES[p] for p in phases):
                 latencies.append([])
+                pings.append([])
                 stats: dict[str, int] = {}
                 abuser = None
                 if phase != "quiet":
-                    kind = "subscribe" if phase == "subscribe flood" else "connect"
+                    kind = "subscribe" if "subscribe" in phase else "connect"
                     target = f"ws://127.0.0.1:{other_port}" if phase.startswith("control") else ws_url
                     cmd = [sys.executable, "-m", "benchmarks.abuse", "--abuser", kind, "--url", target]
+                    cmd += ["--flooders", str(flooders)]
                     abuser = subprocess.Popen([*cmd, "--seconds", str(seconds)], stdout=subprocess.PIPE)
                 await asyncio.sleep(seconds)
-                measured = latencies[-1]
+                measured, pinged = latencies[-1], pings[-1]
                 if abuser is not None:
                     out, _ = abuser.communicate(timeout=60)
                     stats = orjson.loads(out.splitlines()[-1])
-                rows.append((phase, len(measured), pct(measured, 50), pct(measured, 99), stats))
+                rows.append(
+                    (
+                        phase,
+                        len(measured),
+                        pct(measured, 50),
+                        pct(measured, 99),
+                        pct(pinged, 50),
+                        pct(pinged, 99),
+                        stats,
+                    )
+                )
                 await asyncio.sleep(1.0)  # let the abuser's sockets drain before the next phase
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -186,27 +237,43 @@ async def run(clients: int, seconds: float) -> None:
             for proc in (server, other):
                 proc.terminate()
                 proc.wait(10)
-    table = Table(title=f"{clients} healthy clients, one job at 100 events/s, {seconds:g}s per phase")
-    for col in ("phase", "deliveries", "p50 ms", "p99 ms", "p99 vs quiet", "abuser got"):
+    title = (
+        f"{clients} healthy clients, one job at 100 events/s, pings at {1 / PING_EVERY:g}/s each, "
+        f"{seconds:g}s per phase"
+    )
+    table = Table(title=title)
+    columns = (
+        "phase",
+        "deliveries",
+        "event p50 / p99 ms",
+        "p99 vs quiet",
+        "ping p50 / p99 ms",
+        "p99 vs quiet",
+    )
+    for col in (*columns, "abuser got"):
         table.add_column(col)
-    quiet_p99 = rows[0][3]
-    for phase, n, p50, p99, stats in rows:
+    quiet_p99, quiet_ping99 = rows[0][3], rows[0][5]
+    for phase, n, p50, p99, ping50, ping99, stats in rows:
         table.add_row(
             phase,
             str(n),
-            f"{p50:.2f}",
-            f"{p99:.2f}",
+            f"{p50:.2f} / {p99:.2f}",
             f"{p99 / quiet_p99:.2f}x",
+            f"{ping50:.2f} / {ping99:.2f}",
+            f"{ping99 / quiet_ping99:.2f}x",
             ", ".join(f"{k}: {v}" for k, v in sorted(stats.items())),
         )
-    Console(width=160).print(table)
+    Console(width=200).print(table)
 
 
-async def abuse(kind: str, url: str, seconds: float) -> None:
+async def abuse(kind: str, url: str, seconds: float, flooders: int) -> None:
     """The abuser process: flood for `seconds`, then print what it got as JSON."""
     stop, stats = asyncio.Event(), {}  # type: ignore[var-annotated]
     asyncio.get_running_loop().call_later(seconds, stop.set)
-    await (subscribe_flood if kind == "subscribe" else connection_flood)(url, stop, stats)
+    if kind == "subscribe":
+        await subscribe_flood(url, stop, stats, flooders)
+    else:
+        await connection_flood(url, stop, stats)
     await stop.wait()
     print(orjson.dumps(stats).decode(), flush=True)
 
@@ -215,13 +282,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--flooders", type=int, default=20, help="sockets in the subscribe flood")
+    p.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated, from {','.join(PHASES)} (quiet first: the others are compared with it)",
+    )
     p.add_argument("--abuser", choices=["subscribe", "connect"], help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.abuser:
-        asyncio.run(abuse(args.abuser, args.url, args.seconds))
+        asyncio.run(abuse(args.abuser, args.url, args.seconds, args.flooders))
     else:
-        asyncio.run(run(args.clients, args.seconds))
+        phases = args.phases.split(",")
+        if phases[0] != "quiet" or not set(phases) <= set(PHASES):
+            p.error(f"--phases: quiet first, then any of {', '.join(PHASES)}; got {args.phases}")
+        asyncio.run(run(args.clients, args.seconds, args.flooders, phases))
 
 
 if __name__ == "__main__":
