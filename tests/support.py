@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis
 
 from jobwire.server.app import create_app
@@ -237,6 +238,20 @@ def redis_cluster(nodes: int = 3) -> Iterator[list[RedisServer]]:
     finally:
         for server in servers:
             server.close()
+
+
+async def until_serving(proc: subprocess.Popen[bytes], port: int) -> None:
+    """Wait until a `jobwire serve` subprocess answers /readyz on `port` (failing if it exits)."""
+
+    async def ready() -> bool:
+        assert proc.poll() is None, "jobwire serve exited"
+        try:
+            async with httpx.AsyncClient() as http:
+                return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    await wait_until(ready, what="jobwire serve is ready", timeout=30)
 
 
 async def wait_until(condition: Any, *, what: str, timeout: float = 15.0, interval: float = 0.05) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from jobwire.server.auth import Principal
 from jobwire.settings import Settings
-from tests.support import RedisServer, free_port, run_server, settings_for, wait_until
+from tests.support import RedisServer, free_port, run_server, settings_for, until_serving, wait_until
 from tests.test_auth import ADMIN, AUDIENCE, SECRET, B, bearer
 from tests.test_recorder import Monitor
 
@@ -86,16 +86,7 @@ async def test_jobwire_serve_serves_metrics_on_jobwire_metrics_addr(own_redis: R
     }
     proc = subprocess.Popen([sys.executable, "-m", "jobwire.cli", "serve", "--port", str(port)], env=env)
     try:
-
-        async def ready() -> bool:
-            assert proc.poll() is None, "jobwire serve exited"
-            try:
-                async with httpx.AsyncClient() as http:
-                    return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_until(ready, what="jobwire serve is ready", timeout=30)
+        await until_serving(proc, port)
         async with httpx.AsyncClient() as http:
             assert (await http.get(f"http://127.0.0.1:{port}/metrics")).status_code == 404
             scraped = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")

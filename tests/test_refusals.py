@@ -26,7 +26,15 @@ from websockets.exceptions import InvalidStatus
 from jobwire.client import Jobwire, JobwireError, watch
 from jobwire.tasks.recorder import Owner, Recorder
 from tests.clients import assert_gap_free, recv_json, transitions
-from tests.support import RedisServer, RunningServer, free_port, run_server, settings_for, wait_until
+from tests.support import (
+    RedisServer,
+    RunningServer,
+    free_port,
+    run_server,
+    settings_for,
+    until_serving,
+    wait_until,
+)
 from tests.test_auth import AUDIENCE, SECRET, bearer, token
 
 PROXY_HOST = "127.0.0.2"  # another loopback address: the proxy's, as the server sees it
@@ -299,16 +307,7 @@ async def test_jobwire_serve_believes_the_proxies_it_is_told_of(own_redis: Redis
     proc = subprocess.Popen(args, env=env)
     url = f"ws://127.0.0.1:{port}/ws"
     try:
-
-        async def ready() -> bool:
-            assert proc.poll() is None, "jobwire serve exited"
-            try:
-                async with httpx.AsyncClient() as http:
-                    return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await wait_until(ready, what="jobwire serve is ready", timeout=30)
+        await until_serving(proc, port)
         async with websockets.connect(url, additional_headers=_from("10.0.0.1")) as first:
             assert (await recv_json(first))["type"] == "welcome"
             if how == "none":
