@@ -10,17 +10,20 @@ What it does (issue 16, "Celery's own suite in CI"):
    `t/integration`, with the `t/__init__.py`, `t/skip.py` and `t/canvas_helpers.py` it
    imports, into a scratch folder, with Celery's own pytest settings (its pyproject's markers
    and `xfail_strict`). Celery's files are used as they come.
-2. Runs MODULES (less DESELECT) three times, side by side, each against a redis-server of its
-   own on a free port (broker and backend; never 6379), started here and waited for with
-   PING, and the suite's own worker (`celery_session_worker`: a worker thread in the test
-   process, with a prefork pool):
+2. Runs MODULES (less DESELECT) three times, all side by side, each run in SHARDS pytest
+   processes (test_canvas in one, the rest in the other), each process against a redis-server
+   of its own on a free port (broker and backend; never 6379), started here and waited for
+   with PING, and with the suite's own worker (`celery_session_worker`: a worker thread in
+   the test process, with a prefork pool). The suite waits on its worker and on timeouts
+   nearly all the time (~10% of a core per process), so side by side costs little:
    - plain:    Celery as installed;
    - attached: `jobwire.attach()` on every app of the suite, in the test process and so in
                the worker and its pool children (ci/jobwire_attach_plugin.py, `-p`);
    - offload:  attached, with JOBWIRE_RESULT_OFFLOAD_BYTES=1024, so Celery's own tests go
                through jobwire's large-result path (files in a temporary JOBWIRE_RESULT_DIR).
    ci/celery_suite_harness.py drives all three alike (see there: the manager fixture's idle
-   check, at most MAX_RERUNS reruns, a deadline).
+   check, at most MAX_RERUNS reruns of Celery's flaky tests, a deadline); every other test
+   that fails gets RERUNS more try, in every run alike (Celery's suite has flakes of its own).
 3. Compares the outcome of every test (pytest's --junitxml) with the plain run's. Tests that
    fail on plain Celery are listed, not hidden; any difference, a run that did not complete,
    or an attached run in which jobwire was not attached exits 1.
@@ -89,12 +92,14 @@ RUNS = ("plain", "attached", "offload")
 OFFLOAD_BYTES = 1024
 # Files of the sdist's t/ the integration suite imports besides t/integration itself.
 T_FILES = ("t/__init__.py", "t/skip.py", "t/canvas_helpers.py")
-# The runs go side by side: each waits on its worker and on timeouts most of the time (~10%
-# of a core), so together they take about as long as the slowest.
 DEADLINE = 480  # seconds into a run after which its remaining tests are skipped, as not run
 RUN_TIMEOUT = DEADLINE + 420  # then the run is stopped (a test hung past its own timeout)
 TEST_TIMEOUT = 180  # pytest-timeout for tests without a timeout mark of Celery's own
 MAX_RERUNS = 2  # for the tests Celery marks flaky(reruns=5)
+RERUNS = 1  # for every other test: Celery's own flakes (seen: a frozen chord's second body)
+SHARDS = 2  # pytest processes per run, each with its own Redis and worker, side by side
+# Seconds per module on plain Celery here (less DESELECT), to share them out among shards.
+WEIGHT = {"test_canvas": 230, "test_tasks": 110, "test_group_chains": 5, "test_redis_backend": 5}
 NOT_RUN = "not-run"
 
 _print_lock = threading.Lock()
@@ -233,8 +238,6 @@ class Run:
     outcomes: dict[str, str] = field(default_factory=dict)
     details: dict[str, str] = field(default_factory=dict)
     wall: float = 0.0
-    exit_code: int | None = None
-    log: Path | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -291,17 +294,36 @@ def deselected(modules: list[str]) -> list[str]:
     return [t for t in DESELECT if t.split(".py::")[0] in modules]
 
 
-def run_suite(
-    name: str, scratch: Path, work: Path, modules: list[str], extra: list[str], deadline: float = DEADLINE
-) -> Run:
-    run = Run(name)
-    out = work / name
+def shards(modules: list[str], count: int) -> list[list[str]]:
+    """`modules` in `count` groups of about equal time (each in the order given)."""
+    groups: list[list[str]] = [[] for _ in range(max(1, min(count, len(modules))))]
+    loads = [0] * len(groups)
+    for m in sorted(modules, key=lambda m: -WEIGHT.get(m, 10)):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(m)
+        loads[lightest] += WEIGHT.get(m, 10)
+    return [sorted(g, key=modules.index) for g in groups]
+
+
+@dataclass
+class Shard:
+    run: str
+    out: Path
+    modules: list[str]
+    exit_code: int | None = None
+    wall: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def log(self) -> Path:
+        return self.out / "pytest.log"
+
+
+def run_shard(shard: Shard, scratch: Path, extra: list[str], deadline: float) -> Shard:
+    """One pytest process over `shard.modules`, with its own redis-server and worker."""
+    name, out = shard.run, shard.out
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    run.log = out / "pytest.log"
-    junit = out / "junit.xml"
-    attach_log = out / "attach.jsonl"
-    results = out / "results"
+    out.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JOBWIRE_", "PYTEST_", "TEST_"))}
     env.update(
         # See the Makefile: autoloading every installed plugin trips a CPython 3.11.7 bug;
@@ -316,57 +338,70 @@ def run_suite(
         sys.executable, "-m", "pytest", "-c", str(scratch / "pytest.ini"), "--rootdir", str(scratch),
         "-p", "no:cacheprovider", "-p", "celery.contrib.pytest", "-p", "rerunfailures",
         "-p", "timeout", "-p", "celery_suite_harness", f"--timeout={TEST_TIMEOUT}",
-        "-q", "--tb=short", "-rfEX", "--durations=15", f"--junitxml={junit}", "-o", "junit_family=xunit1",
+        f"--reruns={RERUNS}", "--reruns-delay=1",
+        "-q", "--tb=short", "-rfEX", "--durations=15", f"--junitxml={out / 'junit.xml'}",
+        "-o", "junit_family=xunit1",
     ]  # fmt: skip
     if name != "plain":
         env.update(
-            JOBWIRE_SUITE_ATTACH_LOG=str(attach_log),
+            JOBWIRE_SUITE_ATTACH_LOG=str(out / "attach.jsonl"),
             JOBWIRE_RESULT_STORE="file",
-            JOBWIRE_RESULT_DIR=str(results),
+            JOBWIRE_RESULT_DIR=str(out / "results"),
         )
         cmd += ["-p", "jobwire_attach_plugin"]
     if name == "offload":
         env["JOBWIRE_RESULT_OFFLOAD_BYTES"] = str(OFFLOAD_BYTES)
-    cmd += [f"t/integration/{m}.py" for m in modules]
-    cmd += [f"--deselect=t/integration/{t}" for t in deselected(modules)]
+    cmd += [f"t/integration/{m}.py" for m in shard.modules]
+    cmd += [f"--deselect=t/integration/{t}" for t in deselected(shard.modules)]
     cmd += extra
+    limit = deadline + RUN_TIMEOUT - DEADLINE
     start = time.monotonic()
     try:
-        with RedisServer(out) as redis, open(run.log, "wb") as log:
+        with RedisServer(out) as redis, open(shard.log, "wb") as log:
             url = f"redis://127.0.0.1:{redis.port}/0"
             env.update(TEST_BROKER=url, TEST_BACKEND=url, REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis.port))
-            say(f"run {name}: started, Redis on port {redis.port}, log {run.log}")
+            say(f"run {name}: {', '.join(shard.modules)}: Redis on port {redis.port}, log {shard.log}")
             proc = subprocess.Popen(
                 cmd, cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
             _live.add(proc)
             try:
-                run.exit_code = proc.wait(deadline + RUN_TIMEOUT - DEADLINE)
+                shard.exit_code = proc.wait(limit)
             except subprocess.TimeoutExpired:
-                run.problems.append(f"did not finish in {deadline + RUN_TIMEOUT - DEADLINE:.0f} s: stopped")
+                shard.problems.append(f"did not finish in {limit:.0f} s: stopped")
             finally:
                 _kill_group(proc)  # and the pool children a crash may leave behind
                 _live.discard(proc)
     except RuntimeError as e:
-        run.problems.append(str(e))
-    run.wall = time.monotonic() - start
-    if run.exit_code not in (0, 1, None):
-        run.problems.append(f"pytest exited {run.exit_code}, not for a failed test: see {run.log}")
-    if junit.exists():
-        outcomes, details = parse_junit(junit)
-        run.outcomes = {_module_path(t): o for t, o in outcomes.items()}
-        run.details = {_module_path(t): d for t, d in details.items()}
-    else:
-        run.problems.append(f"pytest wrote no junit xml: see {run.log}")
+        shard.problems.append(str(e))
+    shard.wall = time.monotonic() - start
+    if shard.exit_code not in (0, 1, None):
+        shard.problems.append(f"pytest exited {shard.exit_code}, not for a failed test: see {shard.log}")
+    return shard
+
+
+def collect(name: str, parts: list[Shard], deadline: float) -> Run:
+    """One run's outcomes, from its shards (which ran side by side)."""
+    run = Run(name)
+    run.wall = max(s.wall for s in parts)
+    for shard in parts:
+        run.problems += shard.problems
+        junit = shard.out / "junit.xml"
+        if junit.exists():
+            outcomes, details = parse_junit(junit)
+            run.outcomes.update({_module_path(t): o for t, o in outcomes.items()})
+            run.details.update({_module_path(t): d for t, d in details.items()})
+        else:
+            run.problems.append(f"pytest wrote no junit xml: see {shard.log}")
+        if name != "plain":
+            _check_attached(run, shard.out / "attach.jsonl", ", ".join(shard.modules))
     not_run = sum(o == NOT_RUN for o in run.outcomes.values())
     if not_run:
         run.problems.append(f"{not_run} test(s) not run: the run passed its {deadline:.0f} s deadline")
-    if name != "plain":
-        _check_attached(run, attach_log)
     if name == "offload":
-        stored = [p for p in results.rglob("*") if p.is_file()] if results.exists() else []
-        run.notes.append(f"{len(stored)} result file(s) offloaded to JOBWIRE_RESULT_DIR")
-    say(f"run {name}: {len(run.outcomes)} tests in {run.wall:.0f} s, pytest exit {run.exit_code}")
+        stored = [p for s in parts if (s.out / "results").exists() for p in (s.out / "results").rglob("*")]
+        run.notes.append(f"{sum(p.is_file() for p in stored)} result file(s) offloaded to JOBWIRE_RESULT_DIR")
+    say(f"run {name}: {len(run.outcomes)} tests in {run.wall:.0f} s")
     return run
 
 
@@ -378,29 +413,30 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _check_attached(run: Run, attach_log: Path) -> None:
+def _check_attached(run: Run, attach_log: Path, where_run: str) -> None:
     """Did jobwire attach to the suite's apps, worker and pool children included?"""
     records = []
     if attach_log.exists():
         records = [json.loads(line) for line in attach_log.read_text().splitlines() if line.strip()]
     if not any(r["event"] == "plugin-loaded" for r in records):
-        run.problems.append("the attach plugin was not loaded")
+        run.problems.append(f"{where_run}: the attach plugin was not loaded")
         return
     attached = [r for r in records if r["event"] == "attached"]
     skipped = [r for r in records if r["event"] == "skipped"]
     children = [r for r in records if r["event"] == "pool-child"]
     where = Counter(str(r["where"]) for r in attached)
+    places = ", ".join(f"{n} at {w}" for w, n in sorted(where.items()))
     run.notes.append(
-        f"attached {len(attached)} app(s) ({', '.join(f'{n} at {w}' for w, n in sorted(where.items()))}); "
+        f"{where_run}: attached {len(attached)} app(s) ({places}); "
         f"{len(skipped)} without a Redis backend left alone; "
         f"{sum(bool(r['attached']) for r in children)} of {len(children)} worker pool child(ren) attached"
     )
     if not where["fixture celery_session_app"]:
-        run.problems.append("the worker's app (celery_session_app) was not attached")
+        run.problems.append(f"{where_run}: the worker's app (celery_session_app) was not attached")
     if not children:
-        run.problems.append("no worker pool child reported in")
+        run.problems.append(f"{where_run}: no worker pool child reported in")
     elif not all(r["attached"] for r in children):
-        run.problems.append("a worker pool child's app was not attached")
+        run.problems.append(f"{where_run}: a worker pool child's app was not attached")
 
 
 # --- report ------------------------------------------------------------------------------
@@ -481,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--deadline", type=float, default=DEADLINE, help=f"seconds per run before tests go unrun ({DEADLINE})"
     )
+    parser.add_argument("--shards", type=int, default=SHARDS, help=f"pytest processes per run ({SHARDS})")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, junit xml)")
     parser.add_argument("--work-dir", help="where the runs write, kept (default: a temporary folder)")
     parser.add_argument("pytest_args", nargs="*", help=argparse.SUPPRESS)
@@ -503,12 +540,15 @@ def main(argv: list[str] | None = None) -> int:
         for m in modules:
             if not (scratch / "t" / "integration" / f"{m}.py").exists():
                 parser.error(f"Celery {version}'s t/integration has no {m}.py")
-        results: dict[str, Run] = {}
-
-        def one(name: str) -> None:
-            results[name] = run_suite(name, scratch, work, modules, args.pytest_args, args.deadline)
-
-        threads = [threading.Thread(target=one, args=(n,), name=n) for n in names]
+        jobs = [
+            Shard(name, work / name / f"shard{i}", group)
+            for name in names
+            for i, group in enumerate(shards(modules, args.shards))
+        ]
+        threads = [
+            threading.Thread(target=run_shard, args=(job, scratch, args.pytest_args, args.deadline))
+            for job in jobs
+        ]
         for t in threads:
             t.start()
         try:
@@ -520,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
             for t in threads:
                 t.join()  # each stops its redis-server
             raise
-        status = report([results[n] for n in names], modules)
+        runs = [collect(name, [j for j in jobs if j.run == name], args.deadline) for name in names]
+        status = report(runs, modules)
     finally:
         if args.keep or args.work_dir:
             say(f"logs, junit xml and Redis logs kept in {work}")
