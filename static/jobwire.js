@@ -461,10 +461,12 @@ export class JobwireClient {
     };
     es.onmessage = (msg) => this._deliver(JSON.parse(msg.data));
     es.addEventListener("all", (msg) => {
+      if (this._conn !== es) return;
       const event = JSON.parse(msg.data);
       this._announce(event.job_id, event);
     });
     es.addEventListener("control", (msg) => {
+      if (this._conn !== es) return; // a stream already let go (its events may still be queued)
       const data = JSON.parse(msg.data);
       if (data.type === Msg.ERROR && data.code === "unauthenticated") this._expired(data);
       else if (data.type === Msg.ERROR) this.onError(data);
@@ -480,6 +482,7 @@ export class JobwireClient {
    * function is asked for a new one and every job resumes from its seq at once; a fixed
    * token will not become valid, so the client stops. */
   _expired(error) {
+    if (this._closed) return; // told once: a closed client reports nothing more
     this.onError(error);
     this._teardown();
     if (typeof this.token !== "function") {
