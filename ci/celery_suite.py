@@ -405,6 +405,39 @@ def collect(name: str, parts: list[Shard], deadline: float) -> Run:
     return run
 
 
+def confirm(runs: list[Run], work: Path, scratch: Path, extra: list[str], deadline: float) -> None:
+    """Run the tests whose outcome differed once more, in every run's configuration side by
+    side. A difference that does not come back is a flake of that test (plain Celery's own
+    suite has some: seen once, plain failing a task-replacement test twice in a row while
+    both attached runs passed it); it is listed as such and counted the same. One that
+    comes back stands."""
+    plain = runs[0]
+    tests = sorted({t for r in runs[1:] for t in r.outcomes if r.outcomes[t] != plain.outcomes.get(t)})
+    tests = [t for t in tests if all(r.outcomes.get(t) != NOT_RUN for r in runs)]
+    if not tests:
+        return
+    say(f"{len(tests)} test(s) differ: each runs again in every configuration, to tell a flake")
+    jobs = [Shard(r.name, work / r.name / "confirm", []) for r in runs]
+    args = [*extra, *tests]
+    threads = [threading.Thread(target=run_shard, args=(j, scratch, args, deadline)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    again = {j.run: collect(j.run, [j], deadline) for j in jobs}
+    for r in runs[1:]:
+        for t in tests:
+            if r.outcomes.get(t) == plain.outcomes.get(t):
+                continue
+            first = f"{plain.outcomes.get(t)} plain, {r.outcomes.get(t)} {r.name}"
+            now_plain, now = again["plain"].outcomes.get(t), again[r.name].outcomes.get(t)
+            if now is not None and now == now_plain:
+                r.notes.append(f"{t}: {first} at first; both {now} again: a flake, counted the same")
+                r.outcomes[t] = plain.outcomes[t]
+            else:
+                r.notes.append(f"{t}: {first} at first; {now_plain} plain, {now} {r.name} again: it stands")
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -561,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                 t.join()  # each stops its redis-server
             raise
         runs = [collect(name, [j for j in jobs if j.run == name], args.deadline) for name in names]
+        confirm(runs, work, scratch, args.pytest_args, args.deadline)
         status = report(runs, modules)
     finally:
         if args.keep or args.work_dir:
