@@ -426,16 +426,22 @@ def _expiry_settings(redis_url: str) -> Settings:
     return settings_for(redis_url, auth="jwt", jwt_secret=SECRET, jwt_audience=AUDIENCE)
 
 
+def _expiring_job(redis_url: str) -> tuple[Settings, Recorder, str]:
+    """JWT settings, a recorder, and a PENDING job of tenant acme's."""
+    settings = _expiry_settings(redis_url)
+    recorder = Recorder(redis.Redis.from_url(redis_url), settings)
+    job_id = f"expiring-{uuid.uuid4()}"
+    recorder.record(job_id, "PENDING", owner=Owner("acme", "alice"))
+    return settings, recorder, job_id
+
+
 async def test_sse_client_gets_a_new_token_at_expiry_and_resumes(
     browser: Browser, own_redis: RedisServer
 ) -> None:
     """On SSE, a token that expires mid-job ends the stream with `unauthenticated`; the
     browser client asks its token function for a new one and resumes from its last seq:
     every event arrives, once, in order."""
-    settings = _expiry_settings(own_redis.url)
-    recorder = Recorder(redis.Redis.from_url(own_redis.url), settings)
-    job_id = f"expiring-{uuid.uuid4()}"
-    recorder.record(job_id, "PENDING", owner=Owner("acme", "alice"))
+    settings, recorder, job_id = _expiring_job(own_redis.url)
     async with run_server(settings) as srv:
         page = await _expiring_sse_client(browser, srv, job_id, fixed=False)
         await wait_until(lambda: page.evaluate("window.events.length === 1"), what="PENDING arrives")
@@ -464,10 +470,7 @@ async def test_sse_client_with_a_fixed_token_stops_at_expiry(
 ) -> None:
     """A fixed token will not become valid again: at its expiry the client says why and
     closes, rather than reconnecting with it (401 after 401, then down to polling)."""
-    settings = _expiry_settings(own_redis.url)
-    recorder = Recorder(redis.Redis.from_url(own_redis.url), settings)
-    job_id = f"expiring-{uuid.uuid4()}"
-    recorder.record(job_id, "PENDING", owner=Owner("acme", "alice"))
+    settings, recorder, job_id = _expiring_job(own_redis.url)
     async with run_server(settings) as srv:
         page = await _expiring_sse_client(browser, srv, job_id, fixed=True)
         await wait_until(lambda: page.evaluate("window.events.length === 1"), what="PENDING arrives")
