@@ -7,6 +7,7 @@ arguments (which win over the environment) instead of patching `os.environ`.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import ipaddress
 from typing import Annotated, Any, Literal
@@ -15,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from jobwire.protocol import Keys
+from jobwire.redis_target import RedisTarget, parse_target
 
 #: Said where the S3 store is asked for and boto3 is missing (it is the `s3` extra).
 S3_MISSING = (
@@ -54,10 +56,13 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, frozen=True, extra="ignore", env_ignore_empty=True
     )
 
+    # One Redis, the nodes of a Redis Cluster, or sentinels (see `jobwire.redis_target`).
     redis_url: str = DEFAULT_REDIS_URL
-    # JOBWIRE_REDIS_URL names a node of a Redis Cluster: jobwire's keys and events live on
+    # JOBWIRE_REDIS_URL names nodes of a Redis Cluster: jobwire's keys and events live on
     # the cluster (sharded pub/sub per job), Celery's results stay on its own Redis.
     redis_cluster: bool = False
+    # Sentinel's name for the primary, with a sentinel:// JOBWIRE_REDIS_URL.
+    redis_sentinel_master: str = ""
     broker_url: str = ""  # empty: same as redis_url
     key_prefix: Annotated[str, Field(min_length=1)] = "jobwire:"
     result_expires: Annotated[int, Field(ge=1)] = 86400
@@ -145,6 +150,14 @@ class Settings(BaseSettings):
     metrics_addr: str = ""
 
     @model_validator(mode="after")
+    def _redis_target(self) -> Settings:
+        try:
+            self.redis_target  # noqa: B018 (parsed now: a wrong URL is one line at start)
+        except ValueError as exc:
+            raise ValueError(f"JOBWIRE_REDIS_URL {exc}") from None
+        return self
+
+    @model_validator(mode="after")
     def _s3_has_a_bucket(self) -> Settings:
         if self.result_store == "s3" and not self.s3_bucket:
             raise ValueError("JOBWIRE_RESULT_STORE=s3 needs JOBWIRE_S3_BUCKET")
@@ -226,6 +239,11 @@ class Settings(BaseSettings):
         return self.broker_url or self.redis_url
 
     @property
+    def redis_target(self) -> RedisTarget:
+        """`redis_url` parsed: one Redis, a cluster's seed nodes, or Sentinel's primary."""
+        return _target(self.redis_url, self.redis_cluster, self.redis_sentinel_master)
+
+    @property
     def keys(self) -> Keys:
         return Keys(self.key_prefix)
 
@@ -236,6 +254,11 @@ class Settings(BaseSettings):
             return cls(**overrides)
         except ValidationError as exc:
             raise SettingsError("; ".join(_explain(e) for e in exc.errors())) from None
+
+
+@functools.lru_cache(maxsize=16)
+def _target(url: str, cluster: bool, master: str) -> RedisTarget:
+    return parse_target(url, cluster=cluster, sentinel_master=master)
 
 
 def split_address(value: str) -> tuple[str, int]:

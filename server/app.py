@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -16,6 +16,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from jobwire.ratelimit import AsyncBuckets
+from jobwire.redis_clients import async_client, primary_url
 from jobwire.server import metrics as metrics_routes
 from jobwire.server import openapi
 from jobwire.server.auth import Auth, RedactTokens
@@ -52,19 +53,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings.model_copy(
         update={"redis_url": recorded.redis_url, "key_prefix": recorded.key_prefix}
     )
+    target = settings.redis_target
     auth = Auth(settings)  # here: a key file that cannot be read fails at start
     logging.getLogger("uvicorn.access").addFilter(_REDACT)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = _redis_client(settings)
-        metrics = Metrics()
-        options: dict[str, Any] = dict(subscribe_timeout=settings.subscribe_timeout, on_event=metrics.event)
-        hub: Fanout = (
-            ClusterHub(settings.redis_url, settings.keys, **options)
-            if settings.redis_cluster
-            else Hub(settings.redis_url, **options)
+        redis = async_client(
+            target,
+            max_connections=settings.redis_max_connections,
+            wait=settings.subscribe_timeout,
+            socket_timeout=5,
         )
+        metrics = Metrics()
+        hub = _hub(settings, metrics)
         await hub.start()
         stalls = StallWatch(settings.stall_timeout)
         await stalls.start()
@@ -133,22 +135,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
 
 
-def _redis_client(settings: Settings) -> Redis | RedisCluster:
-    """The server's client for reads and small writes."""
-    if settings.redis_cluster:
-        return RedisCluster.from_url(
-            settings.redis_url, max_connections=settings.redis_max_connections, socket_timeout=5
-        )
-    # A blocking pool: under a burst (hundreds of sockets replaying history at once)
-    # requests queue for a connection instead of failing with "Too many connections".
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.subscribe_timeout,
-        socket_timeout=5,
-        socket_connect_timeout=2,
-    )
-    return Redis(connection_pool=pool)
+def _hub(settings: Settings, metrics: Metrics) -> Fanout:
+    """The fan-out for the target: a hub per shard on a cluster, or one hub, which asks
+    Sentinel where the primary is before every connection."""
+    target = settings.redis_target
+    options: dict[str, Any] = dict(subscribe_timeout=settings.subscribe_timeout, on_event=metrics.event)
+    if target.mode == "cluster":
+        return ClusterHub(target, settings.keys, **options)
+    if target.mode == "sentinel":
+        return Hub(functools.partial(primary_url, target), **options)
+    return Hub(target.url, **options)
 
 
 class Static(StaticFiles):

@@ -101,6 +101,15 @@ class Resync:
     channel: str
 
 
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """Told to a subscriber when its channel's Redis connection is lost (a Redis restart,
+    a cluster shard failing over): its events pause, and a `Resync` follows once the
+    channel is subscribed again, wherever it lives by then."""
+
+    channel: str
+
+
 def ws_frame(text: str) -> bytes:
     """An unmasked, unfragmented text frame (RFC 6455, section 5.2): FIN and opcode 1,
     then the payload's length in 7, 16 or 64 bits."""

@@ -34,7 +34,7 @@ from typing import Any
 
 from jobwire.protocol import JobNotFound, JobwireError, Keys, Msg
 from jobwire.server.auth import Principal
-from jobwire.server.events import Coalesced, Delivery, FromAll, Resync
+from jobwire.server.events import Coalesced, Delivery, FromAll, Outage, Resync
 from jobwire.server.hub import Fanout
 from jobwire.server.store import JobStore, Stream
 
@@ -75,7 +75,7 @@ class Feed:
         self._queue_limit, self._max_jobs, self._max_bytes = queue_limit, max_jobs, max_bytes
         # Queues made on first use: most connections never queue (their events are written
         # directly, see `server.direct`), and an empty deque is ~600 bytes.
-        self._inbox: deque[tuple[bool, Delivery | Resync]] = _NONE
+        self._inbox: deque[tuple[bool, Delivery | Outage | Resync]] = _NONE
         self._out: deque[Item | _Slot] = _NONE
         self._merge: dict[str, _Slot] = {}  # job -> its event waiting in _out, if replaceable
         self._merge_all: dict[str, _Slot] = {}  # the same for the all-jobs stream
@@ -298,7 +298,7 @@ class Feed:
         if waiter is not None and not waiter.done():
             waiter.set_result(timed_out)
 
-    def _job_sink(self, item: Delivery | Resync) -> None:
+    def _job_sink(self, item: Delivery | Outage | Resync) -> None:
         # The common case inline, since it runs once per event and watcher: the next
         # progress event of a watched job, nothing waiting, and the socket takes it now.
         # (The same decisions as `_push` → `_handle_now` → `_enqueue_event`, spelled out.)
@@ -321,10 +321,10 @@ class Feed:
                 return
         self._push(False, item)
 
-    def _all_sink(self, item: Delivery | Resync) -> None:
+    def _all_sink(self, item: Delivery | Outage | Resync) -> None:
         self._push(True, item)
 
-    def _push(self, from_all: bool, item: Delivery | Resync) -> None:
+    def _push(self, from_all: bool, item: Delivery | Outage | Resync) -> None:
         """A live item from the hub. Handled at once when it needs no Redis read and
         nothing waits before it (so the queue can coalesce it); else it waits in the inbox."""
         if self.too_slow is not None:
@@ -346,7 +346,7 @@ class Feed:
         elif self._out or self._inbox or self._overflowed:  # not when it was written directly
             self._wake()
 
-    def _unqueue_inbox(self) -> tuple[bool, Delivery | Resync]:
+    def _unqueue_inbox(self) -> tuple[bool, Delivery | Outage | Resync]:
         from_all, item = self._inbox.popleft()
         if isinstance(item, Delivery):
             self._inbox_bytes -= len(item.raw)
@@ -410,7 +410,7 @@ class Feed:
         slot = merge[job_id] = _Slot(event, skipped, from_all)
         self._queue(slot, len(event.raw))
 
-    async def _handle(self, from_all: bool, item: Delivery | Resync) -> None:
+    async def _handle(self, from_all: bool, item: Delivery | Outage | Resync) -> None:
         if self._handle_now(from_all, item):
             return
         if isinstance(item, Resync):
@@ -420,8 +420,11 @@ class Feed:
         else:
             await self._backfill(item.job_id)
 
-    def _handle_now(self, from_all: bool, item: Delivery | Resync) -> bool:
+    def _handle_now(self, from_all: bool, item: Delivery | Outage | Resync) -> bool:
         """Handle an inbox item that needs no Redis read; False if it needs a backfill."""
+        if isinstance(item, Outage):
+            self._tell_outage(from_all, item.channel)
+            return True
         if isinstance(item, Resync):
             if from_all:
                 self._all_last.clear()
@@ -450,6 +453,16 @@ class Feed:
             self._emit(item)
             return True
         return False  # a gap: read history from `last`
+
+    def _tell_outage(self, from_all: bool, channel: str) -> None:
+        """Never silent: the client hears that these events pause, and that they resume
+        by themselves (a resync follows once Redis is back)."""
+        if from_all:
+            self.post(_OUTAGE.as_message(scope="all"))
+            return
+        job_id = self._keys.job_id_from_channel(channel)
+        if job_id is not None and job_id in self._live:
+            self.post(_OUTAGE.as_message(job_id=job_id))
 
     async def _backfill(self, job_id: str) -> None:
         last = self._last.get(job_id)
@@ -522,6 +535,12 @@ def _all_channel(keys: Keys, principal: Principal) -> str | None:
         return keys.all_channel
     return keys.tenant_channel(principal.tenant) if principal.tenant else None
 
+
+#: What a client hears when the Redis that carries its job's events is out of reach.
+_OUTAGE = JobwireError(
+    "unavailable",
+    "lost the connection to Redis for these events; they resume here, with nothing missed, once it is back",
+)
 
 #: What `watch_many` says of each id it will not watch because no such job exists for the
 #: caller; `reply_refused` words the answer.

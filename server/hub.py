@@ -22,11 +22,16 @@ loses subscribers this way, and a `while pubsub.subscribed` listener can exit). 
 Redis outages
 -------------
 The hub's connection never retries silently (a silent reconnect would resubscribe but
-hide the messages lost meanwhile). On any connection error it drops the connection,
-reconnects with capped exponential backoff and jitter, resubscribes every wanted channel,
-and sends each existing subscriber a `Resync` once its channel is confirmed again; the
-subscriber re-reads history from its last seq. New subscribers wait (up to
-`subscribe_timeout`) until the hub is connected and then proceed normally.
+hide the messages lost meanwhile). On any connection error it drops the connection, tells
+each live subscriber (`Outage`), reconnects with capped exponential backoff and jitter
+(asking `locate` again each time: Sentinel's primary may have changed), resubscribes every
+wanted channel, and sends each existing subscriber a `Resync` once its channel is
+confirmed again; the subscriber re-reads history from its last seq. New subscribers wait
+(up to `subscribe_timeout`) until the hub is connected and then proceed normally.
+
+On a cluster, `ClusterHub` runs one hub per shard and moves channels between them when
+the slot map changes (`release` / `adopt`); a hub reports its connection's ups and downs
+(`on_state`) and a channel Redis unsubscribed by itself (`on_dropped`: its slot moved).
 
 Slow clients are not the hub's business: sinks must not block (clients buffer in their
 own bounded queue, see `server.feed`).
@@ -37,18 +42,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Literal, Protocol
 
 from redis.exceptions import RedisError
 
 from jobwire.backoff import backoff
-from jobwire.server.events import Delivery, Resync
+from jobwire.server.events import Delivery, Outage, Resync
 from jobwire.server.pubsub_conn import PubSubConnection, open_pubsub
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[Delivery | Resync], None]
+Sink = Callable[[Delivery | Outage | Resync], None]
+#: Where the hub connects: a URL, or a function that finds one (Sentinel's primary, now).
+Address = str | Callable[[], Awaitable[str]]
+#: How much of the fan-out Redis serves: all of it, part (some cluster shards), or none.
+Health = Literal["ok", "degraded", "down"]
 
 _CHUNK = 500  # channels per SUBSCRIBE/UNSUBSCRIBE command
 
@@ -59,6 +68,9 @@ class Fanout(Protocol):
     connected: bool
     reconnects: int
     ping_seconds: float | None
+
+    @property
+    def health(self) -> Health: ...
 
     async def subscribe(self, channel: str, sink: Sink) -> None: ...
     def unsubscribe(self, channel: str, sink: Sink) -> None: ...
@@ -76,7 +88,7 @@ class Hub:
 
     def __init__(
         self,
-        redis_url: str,
+        address: Address,
         *,
         # Timeouts
         subscribe_timeout: float = 5.0,
@@ -87,12 +99,16 @@ class Hub:
         on_event: Callable[[str], None] | None = None,
         # Shard channels (SSUBSCRIBE) on one node of a Redis Cluster, see `ClusterHub`
         sharded: bool = False,
+        on_state: Callable[[], None] | None = None,
+        on_dropped: Callable[[str], None] | None = None,
     ) -> None:
         self._on_event = on_event
-        self._url = redis_url
+        self._on_state, self._on_dropped = on_state, on_dropped
+        self._address = address
         self._sub, self._unsub = ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
         self._message = b"smessage" if sharded else b"message"
         self._subscribed = b"ssubscribe" if sharded else b"subscribe"
+        self._unsubscribed = b"sunsubscribe" if sharded else b"unsubscribe"
         self._subscribe_timeout = subscribe_timeout
         self._ping_interval = ping_interval
         self._reconnect_min, self._reconnect_max = reconnect_min, reconnect_max
@@ -102,6 +118,7 @@ class Hub:
         self._sent: set[str] = set()  # SUBSCRIBE sent on the current connection
         self._waiters: dict[str, deque[asyncio.Future[None] | None]] = {}  # per SUBSCRIBE sent
         self._resync: set[str] = set()  # channels to resync once re-confirmed
+        self._unsent: dict[str, int] = {}  # UNSUBSCRIBEs sent and not yet answered, per channel
         self._changed: set[str] = set()  # channels gained or lost since the last sync
         self._dirty = asyncio.Event()
         self._conn: PubSubConnection | None = None
@@ -189,17 +206,58 @@ class Hub:
     def subscribers(self, channel: str) -> int:
         return len(self._sinks.get(channel, ()))
 
+    @property
+    def health(self) -> Health:
+        return "ok" if self.connected else "down"
+
+    def channels(self) -> list[str]:
+        """Every channel with a subscriber."""
+        return list(self._sinks)
+
+    def release(self, channel: str) -> tuple[set[Sink], asyncio.Future[None]] | None:
+        """Take `channel` away with its subscribers, for `adopt` by another hub (its slot
+        moved to another node). Subscribers waiting for confirmation keep waiting, on the
+        future returned, which the adopting hub resolves."""
+        sinks = self._sinks.pop(channel, None)
+        if sinks is None:
+            return None
+        ready = self._ready.pop(channel)
+        self._resync.discard(channel)
+        self._changed.add(channel)
+        self._dirty.set()
+        return sinks, ready
+
+    def resubscribe(self, channel: str) -> None:
+        """Subscribe `channel` again here (Redis dropped it, but its slot stayed)."""
+        if channel in self._sinks and channel not in self._sent:
+            self._changed.add(channel)
+            self._dirty.set()
+
+    def adopt(self, channel: str, sinks: set[Sink], ready: asyncio.Future[None]) -> None:
+        """Take over `channel` from another hub (see `release`). Subscribers that were live
+        there may have missed events in between: they get a `Resync` once it is confirmed
+        here."""
+        if ready.done():
+            self._resync.add(channel)
+            ready = asyncio.get_running_loop().create_future()
+        self._sinks.setdefault(channel, set()).update(sinks)
+        self._ready[channel] = ready
+        self._changed.add(channel)
+        self._dirty.set()
+
     # -- the connection ----------------------------------------------------------------
 
     async def _run(self) -> None:
         delays = backoff(self._reconnect_min, self._reconnect_max)
         while True:
             try:
-                self._conn = await open_pubsub(self._url, self._on_reply)
+                url = self._address if isinstance(self._address, str) else await self._address()
+                self._conn = await open_pubsub(url, self._on_reply)
                 self._last_heard = asyncio.get_running_loop().time()
                 if self.reconnects:
                     log.warning("jobwire hub: reconnected to Redis")
                 self.connected = True
+                self._state_changed()
                 delays = backoff(self._reconnect_min, self._reconnect_max)
                 self._dirty.set()
                 await self._serve()
@@ -208,11 +266,17 @@ class Hub:
             except (RedisError, OSError) as exc:
                 if self.connected:
                     log.warning("jobwire hub: lost Redis (%s); reconnecting", exc)
-            self.connected = False
+            was_connected, self.connected = self.connected, False
             self.reconnects += 1
             self._close_connection()
             self._forget_connection()
+            if was_connected:
+                self._state_changed()
             await asyncio.sleep(next(delays))
+
+    def _state_changed(self) -> None:
+        if self._on_state is not None:
+            self._on_state()
 
     async def _serve(self) -> None:
         """Keep the subscriptions in sync until the connection ends (or the sync fails)."""
@@ -234,14 +298,16 @@ class Hub:
         self.ping_seconds = None
         self._sent.clear()
         self._waiters.clear()
+        self._unsent.clear()
         self._changed.update(self._sinks)
         loop = asyncio.get_running_loop()
         for channel, ready in list(self._ready.items()):
             if ready.done():
-                # Its sinks may have missed messages: resync them once re-confirmed;
-                # meanwhile new subscribers wait for the new confirmation.
+                # Its sinks may miss messages: tell them now, and resync them once it is
+                # confirmed again; meanwhile new subscribers wait for the new confirmation.
                 self._resync.add(channel)
                 self._ready[channel] = loop.create_future()
+                self._fan_out(channel, Outage(channel))
 
     def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -276,6 +342,8 @@ class Hub:
             new = [ch for ch in changed if ch in wanted and ch not in sent]
             # A failed send is undone wholesale by _forget_connection().
             self._sent.difference_update(gone)
+            for ch in gone:
+                self._unsent[ch] = self._unsent.get(ch, 0) + 1
             for ch in new:
                 self._sent.add(ch)
                 self._waiters.setdefault(ch, deque()).append(self._ready.get(ch))
@@ -294,6 +362,8 @@ class Hub:
             self._dispatch(reply[1].decode(), reply[2])
         elif kind == self._subscribed:
             self._confirmed(reply[1].decode())
+        elif kind == self._unsubscribed:
+            self._unsubscribed_reply(reply[1].decode())
         elif kind == b"pong" or reply == b"PONG":  # PING's reply with, and without, subscriptions
             if self._pings:
                 self.ping_seconds = asyncio.get_running_loop().time() - self._pings.popleft()
@@ -309,6 +379,28 @@ class Hub:
         if channel in self._resync:
             self._resync.discard(channel)
             self._fan_out(channel, Resync(channel))
+
+    def _unsubscribed_reply(self, channel: str) -> None:
+        pending = self._unsent.get(channel, 0)
+        if pending > 1:
+            self._unsent[channel] = pending - 1
+        elif pending == 1:
+            del self._unsent[channel]
+        elif channel in self._sent:
+            # Unasked: Redis dropped the subscription itself (a cluster node does when the
+            # channel's slot moves away). Its subscribers are told, and wait for a resync.
+            self._sent.discard(channel)
+            self._waiters.pop(channel, None)
+            ready = self._ready.get(channel)
+            if ready is not None and ready.done():
+                self._resync.add(channel)
+                self._ready[channel] = asyncio.get_running_loop().create_future()
+                self._fan_out(channel, Outage(channel))
+            if self._on_dropped is not None:
+                self._on_dropped(channel)
+            else:  # no one to move it: subscribe again here
+                self._changed.add(channel)
+                self._dirty.set()
 
     def _dispatch(self, channel: str, data: bytes) -> None:
         if channel not in self._sinks:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 
-from jobwire.server.events import Delivery, Resync
+from jobwire.server.events import Delivery, Outage, Resync
 from jobwire.server.hub import Hub, HubUnavailable
 from tests.support import RedisServer, wait_until
 
@@ -22,10 +22,10 @@ def event(job_id: str, seq: int) -> bytes:
 
 class Collector:
     def __init__(self) -> None:
-        self.items: list[Delivery | Resync] = []
+        self.items: list[Delivery | Outage | Resync] = []
         self.changed = asyncio.Event()
 
-    def __call__(self, item: Delivery | Resync) -> None:
+    def __call__(self, item: Delivery | Outage | Resync) -> None:
         self.items.append(item)
         self.changed.set()
 
@@ -110,17 +110,18 @@ async def test_concurrent_churn_loses_no_subscriber(hub: Hub, own_redis: RedisSe
 
 
 async def test_severed_connection_resyncs_subscribers(hub: Hub, own_redis: RedisServer) -> None:
-    """After Redis drops the hub's connection, the hub reconnects, resubscribes, and tells sinks to resync."""
+    """After Redis drops the hub's connection, the hub tells sinks (never silent),
+    reconnects, resubscribes, and tells them to resync."""
     sink = Collector()
     await hub.subscribe("sev", sink)
     client = own_redis.client()
     client.client_kill_filter(_type="pubsub")
-    await sink.wait_for(1, timeout=10)
-    assert isinstance(sink.items[0], Resync) and sink.items[0].channel == "sev"
+    await sink.wait_for(2, timeout=10)
+    assert sink.items == [Outage("sev"), Resync("sev")]
     assert hub.reconnects >= 1
     client.publish("sev", event("j", 9))
-    await sink.wait_for(2)
-    assert isinstance(sink.items[1], Delivery) and sink.items[1].seq == 9
+    await sink.wait_for(3)
+    assert isinstance(sink.items[2], Delivery) and sink.items[2].seq == 9
 
 
 async def test_redis_restart_recovers_and_new_subscribers_wait(hub: Hub, own_redis: RedisServer) -> None:
@@ -136,8 +137,8 @@ async def test_redis_restart_recovers_and_new_subscribers_wait(hub: Hub, own_red
     assert not waiting.done()  # still waiting for a Redis that is not there
     own_redis.start()
     await asyncio.wait_for(waiting, 10)
-    await old.wait_for(1, timeout=10)
-    assert isinstance(old.items[0], Resync)
+    await old.wait_for(2, timeout=10)
+    assert old.items == [Outage("r"), Resync("r")]
     client = own_redis.client()
     client.publish("r2", event("j", 1))
     await new.wait_for(1)

@@ -10,7 +10,7 @@ import pytest
 import websockets
 
 from jobwire.tasks.recorder import Recorder
-from tests.clients import assert_gap_free, events_until_final, transitions, until_subscribed
+from tests.clients import assert_gap_free, events_until_final, next_of, transitions, until_subscribed
 from tests.support import RedisServer, run_server, settings_for, wait_until
 
 
@@ -29,6 +29,9 @@ async def test_events_published_during_pubsub_outage_reach_clients(own_redis: Re
             for step in range(1, 4):
                 recorder.record("blip", "WORKING", progress={"step": step, "total": 3})
             recorder.record("blip", "SUCCESS", result={"ok": True})
+            # Never silent: the client hears first that the job's events paused.
+            told = await next_of(ws, "event", "error")
+            assert told["code"] == "unavailable" and told["job_id"] == "blip", told
             events = await events_until_final(ws, "blip", events=events)
             assert srv.services.hub.reconnects > reconnects
     # Read back from history after the outage, the progress may be coalesced; the

@@ -1,0 +1,109 @@
+"""redis-py clients for a `RedisTarget`: one place that knows one server, a cluster and
+Sentinel apart, so the worker's recorder, the server, its bridge and the CLI all follow a
+failover the same way.
+
+- A cluster client is given every seed node: it starts while any of them answers, and
+  redis-py re-reads the slot map when a node stops answering or redirects.
+- A Sentinel client asks the sentinels for the primary on every new connection, so after
+  a failover the next command reaches the new primary (what Celery's own Sentinel backend
+  does for the workers).
+
+The server's pub/sub connections are not redis-py's (see `server.pubsub_conn`): for those,
+`primary_url` asks Sentinel where the primary is now, and `server.cluster_hub` follows the
+cluster's slot map itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.cluster import ClusterNode
+from redis.sentinel import Sentinel
+
+from jobwire.redis_target import RedisTarget
+
+#: How long finding a node may take: a dead seed or sentinel should cost a moment, not
+#: the operating system's TCP timeout.
+CONNECT_TIMEOUT = 2.0
+#: How the sentinels themselves are asked: briefly (a dead one is skipped for the next),
+#: and without the primary's password, as Celery's Sentinel backend does.
+_SENTINEL_OPTIONS = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": CONNECT_TIMEOUT}
+
+
+def sync_client(target: RedisTarget, **options: Any) -> redis.Redis:
+    """A blocking client (the worker's recorder, the CLI)."""
+    options.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
+    if target.mode == "cluster":
+        nodes = [ClusterNode(host, port) for host, port in target.nodes]
+        return redis.RedisCluster(startup_nodes=nodes, **_credentials(target), **options)  # type: ignore[return-value]
+    if target.mode == "sentinel":
+        sentinel = Sentinel(list(target.nodes), sentinel_kwargs=_SENTINEL_OPTIONS)
+        return sentinel.master_for(target.master, db=target.db, **_credentials(target), **options)
+    return redis.Redis.from_url(target.url, **options)
+
+
+def async_client(target: RedisTarget, *, max_connections: int, wait: float, **options: Any) -> aredis.Redis:
+    """The server's client for reads and small writes. Its pool blocks for up to `wait`
+    seconds when all `max_connections` are busy: under a burst (hundreds of sockets
+    replaying history at once) requests queue instead of failing with "Too many
+    connections"."""
+    options.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
+    if target.mode == "cluster":
+        nodes = [AsyncClusterNode(host, port) for host, port in target.nodes]
+        return aredis.RedisCluster(  # type: ignore[return-value]
+            startup_nodes=nodes, max_connections=max_connections, **_credentials(target), **options
+        )
+    if target.mode == "sentinel":
+        return _sentinel(target).master_for(
+            target.master,
+            connection_pool_class=_BlockingSentinelPool,
+            db=target.db,
+            max_connections=max_connections,
+            timeout=wait,
+            **_credentials(target),
+            **options,
+        )
+    pool = aredis.BlockingConnectionPool.from_url(
+        target.url, max_connections=max_connections, timeout=wait, **options
+    )
+    return aredis.Redis(connection_pool=pool)
+
+
+async def primary_url(target: RedisTarget) -> str:
+    """The URL of the Redis to connect to now: Sentinel's current primary, or the target's
+    own URL. Raises redis-py's `ConnectionError` (`MasterNotFoundError`) when no sentinel
+    names one."""
+    if target.mode != "sentinel":
+        return target.url
+    sentinel = _sentinel(target)
+    try:
+        host, port = await sentinel.discover_master(target.master)
+    finally:
+        for client in sentinel.sentinels:
+            await client.aclose()
+    return target.node_url(host, port)
+
+
+def _sentinel(target: RedisTarget) -> AsyncSentinel:
+    return AsyncSentinel(list(target.nodes), sentinel_kwargs=_SENTINEL_OPTIONS)
+
+
+def _credentials(target: RedisTarget) -> dict[str, Any]:
+    creds: dict[str, Any] = {}
+    if target.username:
+        creds["username"] = target.username
+    if target.password is not None:
+        creds["password"] = target.password
+    if target.tls:
+        creds["ssl"] = True
+    return creds
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aredis.BlockingConnectionPool):
+    """Sentinel's pool (connections to whichever server is primary now) that waits for a
+    free connection, as the one-server pool does."""
