@@ -140,15 +140,14 @@ def cmd_serve(host: str, port: int, forwarded_allow_ips: str | None = None) -> i
 def cmd_cleanup_results() -> int:
     """Delete stored results that nothing refers to any more (see `jobwire.storage.cleanup`):
     safe in several processes at once (run it from cron, or a Celery beat task)."""
-    import redis
-
+    from jobwire.redis_clients import sync_client
     from jobwire.server.celery_app import load_celery_app
     from jobwire.settings import Settings
     from jobwire.storage import cleanup, store_for
     from jobwire.tasks.results import result_exists_in
 
     settings = Settings.from_env()
-    client = redis.Redis.from_url(settings.redis_url)
+    client = sync_client(settings.redis_target)
     deleted = cleanup(
         store_for(settings),
         lambda job_id: bool(client.exists(settings.keys.job(job_id))),

@@ -15,6 +15,7 @@ cluster's slot map itself.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import redis
@@ -23,6 +24,14 @@ from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.cluster import ClusterNode
+from redis.exceptions import (
+    ClusterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import Sentinel
 
 from jobwire.redis_target import RedisTarget
@@ -33,6 +42,39 @@ CONNECT_TIMEOUT = 2.0
 #: How the sentinels themselves are asked: briefly (a dead one is skipped for the next),
 #: and without the primary's password, as Celery's Sentinel backend does.
 _SENTINEL_OPTIONS = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": CONNECT_TIMEOUT}
+
+
+#: What Redis says while it fails over: no connection (the primary died), the cluster not
+#: serving a slot yet (CLUSTERDOWN, TRYAGAIN, or a slot missing from the client's map), or a
+#: write that reached a primary just demoted (READONLY). Retrying later succeeds; none of
+#: them means a command was wrong.
+_TRANSIENT = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    ReadOnlyError,
+    RedisClusterException,
+)
+_REDIS_PACKAGE = os.path.dirname(redis.__file__)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Redis is out of reach or failing over: retry later, it is no fault of the request.
+
+    Also true of an `AttributeError` or `TypeError` raised inside redis-py's own
+    connection code: its cluster client can use a connection that a concurrent failure
+    has just torn down (`'NoneType' object has no attribute 'writelines'`), which is a
+    lost connection by another name.
+    """
+    if isinstance(exc, _TRANSIENT):
+        return True
+    if isinstance(exc, (AttributeError, TypeError)) and exc.__traceback__ is not None:
+        tb = exc.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb.tb_frame.f_code.co_filename.startswith(_REDIS_PACKAGE)
+    return False
 
 
 def sync_client(target: RedisTarget, **options: Any) -> redis.Redis:

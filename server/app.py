@@ -51,7 +51,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     # from the app's result backend).
     recorded = registry.settings_for(celery)
     settings = settings.model_copy(
-        update={"redis_url": recorded.redis_url, "key_prefix": recorded.key_prefix}
+        update={
+            "redis_url": recorded.redis_url,
+            "redis_sentinel_master": recorded.redis_sentinel_master,
+            "key_prefix": recorded.key_prefix,
+        }
     )
     target = settings.redis_target
     auth = Auth(settings)  # here: a key file that cannot be read fails at start

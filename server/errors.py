@@ -13,14 +13,13 @@ import math
 from typing import Any
 
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from jobwire.protocol import JobwireError
+from jobwire.redis_clients import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +64,26 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def redis_unreachable(exc: BaseException) -> bool:
-    """Only a lost or slow connection means "unavailable, retry"; any other Redis error
-    (a wrong-type key, a script error) is a fault on our side, and is not called an outage."""
-    return isinstance(exc, (RedisConnectionError, RedisTimeoutError))
+    """Only a lost or slow connection, or a failover under way, means "unavailable, retry"
+    (see `is_transient`); any other Redis error (a wrong-type key, a script error) is a
+    fault on our side, and is not called an outage."""
+    return is_transient(exc)
+
+
+#: Seconds a client is asked to wait after a 503 for Redis: a failover takes a few.
+RETRY_AFTER = 2
+
+
+def redis_unavailable() -> Response:
+    response = error_response(503, "redis_unavailable", "the job store (Redis) is unreachable; retry")
+    response.headers["Retry-After"] = str(RETRY_AFTER)
+    return response
 
 
 async def _redis_error(request: Request, exc: Exception) -> Response:
     if redis_unreachable(exc):
         log.warning("Redis unavailable for %s %s: %s", request.method, request.url.path, exc)
-        return error_response(503, "redis_unavailable", "the job store (Redis) is unreachable; retry")
+        return redis_unavailable()
     log.error("Redis error for %s %s: %s", request.method, request.url.path, exc)
     return error_response(
         500, "internal_error", "the job store answered with an error; this is a server fault"
@@ -81,6 +91,9 @@ async def _redis_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    if redis_unreachable(exc):  # a cluster error outside RedisError, or redis-py's own race
+        log.warning("Redis unavailable for %s %s: %r", request.method, request.url.path, exc)
+        return redis_unavailable()
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "unexpected server error")
 

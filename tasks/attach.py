@@ -13,9 +13,10 @@ from typing import Any
 
 from celery import Celery
 from celery.app.backends import by_url
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from redis.connection import parse_url
 
+from jobwire.redis_target import parse_target
 from jobwire.settings import Settings
 from jobwire.tasks import registry, signals
 from jobwire.tasks.backend import BACKEND_ALIASES, JobwireBackendMixin
@@ -94,8 +95,11 @@ def _same_redis(app: Celery, settings: Settings, backend_url: str, explicit_url:
         return settings
     # A backend built for the check and dropped: `app.backend` would cache one in this
     # thread, and a later change of `result_backend` would then be ignored here alone.
-    params: dict[str, Any] = getattr(app._get_backend(), "connparams", {})
-    if "host" not in params:  # sentinel or a unix socket: trust the settings
+    backend = app._get_backend()
+    params: dict[str, Any] = getattr(backend, "connparams", {})
+    if isinstance(backend, SentinelBackend):
+        return _same_sentinel(app, settings, backend_url, explicit_url)
+    if "host" not in params:  # a unix socket: trust the settings
         return settings
     if not explicit_url:
         return settings.model_copy(update={"redis_url": backend_url})
@@ -109,6 +113,29 @@ def _same_redis(app: Celery, settings: Settings, backend_url: str, explicit_url:
             "writes each event together with Celery's result, in the backend's Redis, and its "
             "server reads them from JOBWIRE_REDIS_URL: point both at the same Redis database "
             "(or leave JOBWIRE_REDIS_URL unset where the worker runs)."
+        )
+    return settings
+
+
+def _same_sentinel(app: Celery, settings: Settings, backend_url: str, explicit_url: bool) -> Settings:
+    """A Sentinel backend: jobwire follows the same primary through the same sentinels
+    (`JOBWIRE_REDIS_URL` defaults to the backend's URL, and the master's name comes from
+    `result_backend_transport_options`), so the server finds the primary the workers use,
+    before and after a failover."""
+    master = str((app.conf.result_backend_transport_options or {}).get("master_name") or "")
+    if not explicit_url:
+        try:
+            parse_target(backend_url, sentinel_master=master)
+        except ValueError as exc:
+            raise AttachError(f"the app's Sentinel result backend cannot be followed: {exc}") from None
+        return settings.model_copy(update={"redis_url": backend_url, "redis_sentinel_master": master})
+    ours = settings.redis_target
+    if ours.mode != "sentinel" or ours.master != master:
+        raise AttachError(
+            f"the app's result backend is Sentinel's primary {master!r}, but JOBWIRE_REDIS_URL names "
+            f"{ours.describe()}. jobwire writes each event together with Celery's result: set "
+            "JOBWIRE_REDIS_URL to the backend's sentinel:// URL and JOBWIRE_REDIS_SENTINEL_MASTER to "
+            "its master_name (or leave both unset where the worker runs)."
         )
     return settings
 

@@ -23,12 +23,16 @@ def create_demo_app(settings: Settings | None = None) -> Celery:
     # cluster, the demo keeps Celery's results on its broker's (standalone) Redis.
     backend = settings.effective_broker_url if settings.redis_cluster else settings.redis_url
     app = Celery("jobwire-demo", broker=settings.effective_broker_url, backend=backend)
+    # With Sentinel, Celery finds the primary by the same name jobwire does.
+    master = settings.redis_sentinel_master
+    sentinel = {"master_name": master} if master else {}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
         result_expires=settings.result_expires,
-        result_backend_transport_options={"global_keyprefix": settings.key_prefix},
+        result_backend_transport_options={"global_keyprefix": settings.key_prefix, **sentinel},
+        broker_transport_options=sentinel if settings.effective_broker_url.startswith("sentinel") else {},
         task_default_queue=os.environ.get("JOBWIRE_DEMO_QUEUE", "celery"),
         # One task at a time per process: progress jobs are long, and prefetching would
         # leave submitted jobs sitting PENDING behind a busy process.

@@ -31,6 +31,7 @@ from jobwire.protocol import (
     event_parts,
     progress_from_meta,
 )
+from jobwire.redis_clients import is_transient, sync_client
 from jobwire.settings import Settings
 from jobwire.tasks import registry
 from jobwire.tasks.backend import JobwireBackendMixin
@@ -287,9 +288,9 @@ class Recorder:
         for delay in backoff(0.05, 1.0):
             try:
                 return self._record(keys=keys, args=args)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except Exception as exc:  # a failover under way is retried: see `is_transient`
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or not is_transient(exc):
                     raise
                 delay = min(delay, remaining)  # the last try lands at the window's end, not before it
                 log.warning("jobwire: Redis unavailable (%s); retrying in %.2fs", exc, delay)
@@ -404,11 +405,13 @@ def redis_client_for(app: Celery, settings: Settings) -> redis.Redis:
     """Reuse the result backend's Redis client when it is Redis.
 
     Sharing it keeps jobwire's keys in the same database as Celery's result keys (a Lua
-    script can only touch one database) and costs no extra connection pool.
+    script can only touch one database) and costs no extra connection pool. Celery's
+    Sentinel backend is one too: its client asks the sentinels for the primary on every
+    new connection, so the recorder follows a failover with the workers.
     """
     if settings.redis_cluster:
-        return redis.RedisCluster.from_url(settings.redis_url)  # type: ignore[return-value]
+        return sync_client(settings.redis_target)
     backend = app.backend
     if isinstance(backend, RedisBackend):
         return backend.client  # type: ignore[no-any-return]
-    return redis.Redis.from_url(settings.redis_url)
+    return sync_client(settings.redis_target)

@@ -125,7 +125,7 @@ async def test_tasks_listing_and_health(server: RunningServer) -> None:
         assert all(t["description"] for t in tasks)
         assert (await http.get("/healthz")).json() == {"status": "ok"}
         ready = await http.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["hub"] is True
+        assert ready.status_code == 200 and ready.json() == {"status": "ready", "redis": True, "hub": "ok"}
         unknown = await http.get("/api/v1/nope")
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
 

@@ -35,6 +35,7 @@ from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, TOKEN_EXPIRED, J
 from jobwire.server import validation
 from jobwire.server.auth import Principal, at_expiry, unauthenticated
 from jobwire.server.direct import CLOSE_GRACE, cut_off_when_too_slow
+from jobwire.server.errors import RETRY_AFTER, redis_unreachable
 from jobwire.server.events import Coalesced, Delivery, FromAll
 from jobwire.server.feed import Feed, reply_refused
 from jobwire.server.hub import HubUnavailable
@@ -60,7 +61,7 @@ async def _opening(feed: Feed, release: Callable[[], None]) -> AsyncIterator[Non
         feed.close()
         release()
         if isinstance(exc, HubUnavailable):
-            raise JobwireError("unavailable", str(exc)) from None
+            raise JobwireError("unavailable", str(exc), retry_after=RETRY_AFTER) from None
         raise
 
 
@@ -223,7 +224,9 @@ def _stream(
                 metrics.slow_closed.labels("sse").inc()
             elif not with_ids and not feed.closing:
                 yield _control({"type": Msg.END})
-        except RedisError as exc:
+        except Exception as exc:
+            if not redis_unreachable(exc) and not isinstance(exc, RedisError):
+                raise
             # Too late for a status: say so, and end; the client resumes from its seqs.
             yield _control(
                 JobwireError("unavailable", f"job store unavailable, reconnect: {exc}").as_message()

@@ -104,7 +104,7 @@ async def _run_until_first_done(
             return
         for task in done:
             exc = task.exception()
-            if isinstance(exc, RedisError) and redis_unreachable(exc):
+            if exc is not None and redis_unreachable(exc):
                 log.warning("closing websocket, Redis unreachable: %s", exc)
                 await _close(ws, Close.TRY_AGAIN_LATER, "job store unavailable, reconnect")
             elif isinstance(exc, RedisError):
@@ -424,7 +424,9 @@ async def _op_subscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
     epochs = validation.epoch_map(msg.get("epochs"))
     try:
         refused = await feed.watch_many(since, job_ids=ids, epochs=epochs)
-    except (HubUnavailable, RedisError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, HubUnavailable) and not redis_unreachable(exc):
+            raise
         reply(JobwireError("unavailable", f"job store unavailable, retry: {exc}").as_message())
         return
     reply_refused(refused, reply)
@@ -492,7 +494,9 @@ async def ws_job(ws: WebSocket) -> None:
     try:
         try:
             found = await feed.watch(job_id, since, epoch)
-        except (HubUnavailable, RedisError):
+        except Exception as exc:
+            if not isinstance(exc, HubUnavailable) and not redis_unreachable(exc):
+                raise
             await _close(ws, Close.TRY_AGAIN_LATER, "job store unavailable, retry")
             return
         if not found:
