@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from jobwire.redis_target import parse_target
-from jobwire.settings import Settings, SettingsError
 from jobwire.server.slot_map import SlotMap, moves
+from jobwire.settings import Settings, SettingsError
 
 
 def test_one_redis() -> None:
