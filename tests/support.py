@@ -212,32 +212,288 @@ def _cluster_port() -> int:
         return port
 
 
-@contextlib.contextmanager
-def redis_cluster(nodes: int = 3) -> Iterator[list[RedisServer]]:
-    """A real Redis Cluster of `nodes` primaries on free ports, slots spread by redis-cli."""
-    options = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
-    servers = [RedisServer(extra=options, port=_cluster_port()) for _ in range(nodes)]
+def _ask(port: int, *args: Any) -> Any:
+    """One command to the Redis (or Sentinel) on `port`, or None when it does not answer."""
+    client = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2)
     try:
+        return client.execute_command(*args)
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _role(port: int) -> list[Any] | None:
+    """`ROLE` of the node on `port` (["master", ...] or ["slave", host, port, state, offset])."""
+    answer = _ask(port, "ROLE")
+    return [_text(part) if isinstance(part, bytes) else part for part in answer] if answer else None
+
+
+def _link_up(server: RedisServer) -> bool:
+    """Whether the replica on `server` has its link to its primary up (redis-py parses INFO)."""
+    info = _ask(server.port, "INFO", "replication")
+    return isinstance(info, dict) and info.get("master_link_status") == "up"
+
+
+@contextlib.contextmanager
+def redis_cluster(
+    nodes: int = 3, *, replicas: int = 0, node_timeout_ms: int = 2000
+) -> Iterator[list[RedisServer]]:
+    """A real Redis Cluster of `nodes` primaries, each with `replicas` replicas, on free ports;
+    slots spread and replicas placed by `redis-cli --cluster create`. Yields the primaries first
+    (in slot order), then the replicas (in the order of their primaries). With replicas it comes
+    back only once every replica's link to its primary is up, so a failover can happen at once:
+    a replica may always be promoted (`--cluster-replica-validity-factor 0`)."""
+    options = (
+        "--cluster-enabled",
+        "yes",
+        "--cluster-node-timeout",
+        str(node_timeout_ms),
+        "--cluster-replica-validity-factor",
+        "0",
+    )
+    taken: set[int] = set()
+    servers: list[RedisServer] = []
+    try:
+        while len(servers) < nodes * (1 + replicas):
+            port = _cluster_port()
+            if {port, port + 10000} & taken:
+                continue
+            taken |= {port, port + 10000}
+            servers.append(RedisServer(extra=options, port=port))
         for server in servers:
             server.start()
         subprocess.run(
             ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers)]
-            + ["--cluster-replicas", "0", "--cluster-yes"],
+            + ["--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True,
             capture_output=True,
             timeout=60,
         )
+        everyone = len(servers)
         wait_until_sync(
             lambda: all(
-                b"cluster_state:ok" in s.client().execute_command("CLUSTER", "INFO") for s in servers
+                "cluster_state:ok" in (info := _text(_ask(s.port, "CLUSTER", "INFO") or b""))
+                and f"cluster_known_nodes:{everyone}" in info
+                for s in servers
             ),
-            what="the test cluster reaches cluster_state:ok",
+            what="the test cluster reaches cluster_state:ok and every node knows every other",
             timeout=30,
         )
-        yield servers
+        roles: dict[int, list[Any]] = {}
+
+        def settled() -> bool:  # redis-cli chose the roles; wait until each node has taken its own
+            for server in servers:
+                role = _role(server.port)
+                if role is None or role[0] not in ("master", "slave"):
+                    return False
+                roles[server.port] = role
+            return sum(role[0] == "master" for role in roles.values()) == nodes
+
+        wait_until_sync(settled, what=f"the test cluster has {nodes} primaries", timeout=30)
+        leaders = [s for s in servers if roles[s.port][0] == "master"]
+        leaders.sort(key=lambda s: _first_slot(s.port))
+        followers = [s for s in servers if s not in leaders]
+        order = [s.port for s in leaders]
+        followers.sort(key=lambda s: order.index(int(roles[s.port][2])))
+        wait_until_sync(
+            lambda: all(_link_up(s) for s in followers),
+            what="every replica of the test cluster has its link to its primary up",
+            timeout=30,
+        )
+        yield leaders + followers
     finally:
         for server in servers:
             server.close()
+
+
+def _slot_owners(port: int) -> list[tuple[int, int, int]] | None:
+    """(first slot, last slot, primary's port) for each range, as the node on `port` sees it."""
+    answer = _ask(port, "CLUSTER", "SLOTS")
+    if answer is None:
+        return None
+    return [(int(entry[0]), int(entry[1]), int(entry[2][1])) for entry in answer]
+
+
+def _first_slot(port: int) -> int:
+    owned = [first for first, _, owner in _slot_owners(port) or [] if owner == port]
+    return min(owned, default=16384)
+
+
+def primaries(nodes: list[RedisServer]) -> list[RedisServer]:
+    """The running nodes among `nodes` whose `ROLE` is master now (a failover changes this)."""
+    return [n for n in nodes if n.proc is not None and (_role(n.port) or [None])[0] == "master"]
+
+
+def wait_cluster_ok(nodes: list[RedisServer], *, timeout: float = 30) -> None:
+    """Wait until every running node among `nodes` reports cluster_state:ok and sees all 16384
+    slots served by primaries that are running nodes answering `ROLE` as master, as after a
+    failover has promoted a replica in place of a primary that was stopped."""
+    running = [n for n in nodes if n.proc is not None]
+    if not running:
+        raise ValueError("no running node to ask")
+    ports = {n.port for n in running}
+
+    def ok() -> bool:
+        for node in running:
+            if "cluster_state:ok" not in _text(_ask(node.port, "CLUSTER", "INFO") or b""):
+                return False
+            owners = _slot_owners(node.port)
+            if owners is None or sum(last - first + 1 for first, last, _ in owners) != 16384:
+                return False
+            if not {owner for _, _, owner in owners} <= ports:
+                return False
+        owners = {owner for _, _, owner in _slot_owners(running[0].port) or []}
+        return all((_role(port) or [None])[0] == "master" for port in owners)
+
+    wait_until_sync(
+        ok, what="every running cluster node is ok, all slots served by running primaries", timeout=timeout
+    )
+
+
+@dataclass
+class SentinelSetup:
+    """A primary, its replica and the Sentinels that watch them, all real processes."""
+
+    primary: RedisServer  # the primary at the start; after a failover, ask current_primary_port()
+    replica: RedisServer
+    sentinels: list[subprocess.Popen[bytes]]
+    sentinel_ports: list[int]
+    master_name: str
+
+    @property
+    def url(self) -> str:
+        """The Celery-style broker URL naming every Sentinel."""
+        return ";".join(f"sentinel://127.0.0.1:{port}/0" for port in self.sentinel_ports)
+
+    @property
+    def servers(self) -> list[RedisServer]:
+        return [self.primary, self.replica]
+
+    def running_sentinel_ports(self) -> list[int]:
+        pairs = zip(self.sentinels, self.sentinel_ports, strict=True)
+        return [port for proc, port in pairs if proc.poll() is None]
+
+    def current_primary_port(self) -> int:
+        """The primary's port as the first Sentinel that answers names it."""
+        for port in self.running_sentinel_ports():
+            answer = _ask(port, "SENTINEL", "get-master-addr-by-name", self.master_name)
+            if answer:
+                return int(answer[1])
+        raise RuntimeError("no Sentinel answers")
+
+    def kill_primary(self) -> RedisServer:
+        """SIGKILL whichever server is primary now; return it."""
+        port = self.current_primary_port()
+        (server,) = [s for s in self.servers if s.port == port]
+        server.stop()
+        return server
+
+
+@contextlib.contextmanager
+def redis_sentinel(
+    *,
+    sentinels: int = 3,
+    master_name: str = "jobwire-primary",
+    down_after_ms: int = 1000,
+    failover_timeout_ms: int = 3000,
+) -> Iterator[SentinelSetup]:
+    """A primary, a replica of it, and `sentinels` Sentinels monitoring them (quorum 2, or 1
+    with a single Sentinel). Comes back once the replica is in sync and every Sentinel knows
+    the replica and the other Sentinels, so a failover can start at once."""
+    binary = shutil.which("redis-sentinel")
+    command = [binary] if binary else [shutil.which("redis-server") or "redis-server"]
+    workdir = tempfile.mkdtemp(prefix="jobwire-sentinel-")
+    primary = RedisServer()
+    replica: RedisServer | None = None
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        primary.start()
+        replica = RedisServer(extra=("--replicaof", "127.0.0.1", str(primary.port)))
+        replica.start()
+        wait_until_sync(lambda: _link_up(replica), what="the replica is in sync with the primary")
+        ports = [free_port() for _ in range(sentinels)]
+        quorum = 1 if sentinels == 1 else 2
+        for index, port in enumerate(ports):
+            folder = Path(workdir) / f"sentinel-{index}"
+            folder.mkdir()
+            conf = folder / "sentinel.conf"
+            conf.write_text(
+                f"port {port}\n"
+                "bind 127.0.0.1\n"
+                f'dir "{folder}"\n'
+                f'logfile "{folder / "sentinel.log"}"\n'
+                "sentinel resolve-hostnames no\n"
+                f"sentinel monitor {master_name} 127.0.0.1 {primary.port} {quorum}\n"
+                f"sentinel down-after-milliseconds {master_name} {down_after_ms}\n"
+                f"sentinel failover-timeout {master_name} {failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {master_name} 1\n"
+            )
+            procs.append(
+                subprocess.Popen(
+                    [*command, str(conf)] + ([] if binary else ["--sentinel"]),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        setup = SentinelSetup(primary, replica, procs, ports, master_name)
+
+        def ready(port: int) -> bool:
+            master = _ask(port, "SENTINEL", "MASTER", master_name)  # redis-py: a dict of bytes
+            if not isinstance(master, dict):
+                return False
+            fields = {_text(key): _text(value) for key, value in master.items()}
+            return int(fields.get("num-other-sentinels", -1)) == sentinels - 1 and bool(
+                _ask(port, "SENTINEL", "REPLICAS", master_name)
+            )
+
+        def all_ready() -> bool:
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a Sentinel exited with {proc.returncode}")
+            return all(ready(port) for port in ports)
+
+        wait_until_sync(
+            all_ready, what="every Sentinel knows the replica and the other Sentinels", timeout=30
+        )
+        yield setup
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for server in (primary, replica):
+            if server is not None:
+                server.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_sentinel_failover(setup: SentinelSetup, old_port: int, *, timeout: float = 30) -> int:
+    """Wait until every running Sentinel names the same primary, not on `old_port`, and that
+    primary answers `ROLE` as master; return its port."""
+    found: list[int] = []
+
+    def moved() -> bool:
+        answers = [
+            _ask(port, "SENTINEL", "get-master-addr-by-name", setup.master_name)
+            for port in setup.running_sentinel_ports()
+        ]
+        if not answers or not all(answers):
+            return False
+        named = {int(answer[1]) for answer in answers}
+        if len(named) != 1 or old_port in named:
+            return False
+        (port,) = named
+        if (_role(port) or [None])[0] != "master":
+            return False
+        found[:] = [port]
+        return True
+
+    wait_until_sync(moved, what=f"the Sentinels fail over from the primary on {old_port}", timeout=timeout)
+    return found[0]
 
 
 async def until_serving(proc: subprocess.Popen[bytes], port: int) -> None:
