@@ -21,8 +21,10 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode
 from redis.exceptions import (
     ClusterDownError,
@@ -32,6 +34,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry as SyncRetry
 from redis.sentinel import Sentinel
 
 from jobwire.redis_target import RedisTarget
@@ -39,8 +42,9 @@ from jobwire.redis_target import RedisTarget
 #: How long finding a node may take: a dead seed or sentinel should cost a moment, not
 #: the operating system's TCP timeout.
 CONNECT_TIMEOUT = 2.0
-#: How the sentinels themselves are asked: briefly (a dead one is skipped for the next),
-#: and without the primary's password, as Celery's Sentinel backend does.
+#: How the sentinels themselves are asked: briefly and once each (a dead one is skipped
+#: for the next at once, not retried with redis-py's backoff of seconds), and without the
+#: primary's password, as Celery's Sentinel backend does.
 _SENTINEL_OPTIONS = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": CONNECT_TIMEOUT}
 
 
@@ -84,7 +88,8 @@ def sync_client(target: RedisTarget, **options: Any) -> redis.Redis:
         nodes = [ClusterNode(host, port) for host, port in target.nodes]
         return redis.RedisCluster(startup_nodes=nodes, **_credentials(target), **options)  # type: ignore[return-value]
     if target.mode == "sentinel":
-        sentinel = Sentinel(list(target.nodes), sentinel_kwargs=_SENTINEL_OPTIONS)
+        once = {**_SENTINEL_OPTIONS, "retry": SyncRetry(NoBackoff(), 0)}
+        sentinel = Sentinel(list(target.nodes), sentinel_kwargs=once)
         return sentinel.master_for(target.master, db=target.db, **_credentials(target), **options)
     return redis.Redis.from_url(target.url, **options)
 
@@ -97,7 +102,7 @@ def async_client(target: RedisTarget, *, max_connections: int, wait: float, **op
     options.setdefault("socket_connect_timeout", CONNECT_TIMEOUT)
     if target.mode == "cluster":
         nodes = [AsyncClusterNode(host, port) for host, port in target.nodes]
-        return aredis.RedisCluster(  # type: ignore[return-value]
+        return _Cluster(  # type: ignore[return-value]
             startup_nodes=nodes, max_connections=max_connections, **_credentials(target), **options
         )
     if target.mode == "sentinel":
@@ -132,7 +137,8 @@ async def primary_url(target: RedisTarget) -> str:
 
 
 def _sentinel(target: RedisTarget) -> AsyncSentinel:
-    return AsyncSentinel(list(target.nodes), sentinel_kwargs=_SENTINEL_OPTIONS)
+    once = {**_SENTINEL_OPTIONS, "retry": AsyncRetry(NoBackoff(), 0)}
+    return AsyncSentinel(list(target.nodes), sentinel_kwargs=once)
 
 
 def _credentials(target: RedisTarget) -> dict[str, Any]:
@@ -149,3 +155,25 @@ def _credentials(target: RedisTarget) -> dict[str, Any]:
 class _BlockingSentinelPool(SentinelConnectionPool, aredis.BlockingConnectionPool):
     """Sentinel's pool (connections to whichever server is primary now) that waits for a
     free connection, as the one-server pool does."""
+
+
+class _Cluster(aredis.RedisCluster):
+    """redis-py's asyncio cluster client, retrying a command its own race stopped.
+
+    redis-py 8.1 can hand a command a connection that another command has just torn down:
+    the send fails with `AttributeError: 'NoneType' object has no attribute 'writelines'`
+    (seen with tens of concurrent commands on a fresh client, and in failovers). Nothing
+    was written then, so sending the command again is safe; other errors are redis-py's
+    own to retry, and reach the caller as they are.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        for attempt in range(1, _RACE_TRIES + 1):
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except (AttributeError, TypeError) as exc:
+                if attempt == _RACE_TRIES or not is_transient(exc):
+                    raise
+
+
+_RACE_TRIES = 3

@@ -33,6 +33,8 @@ import logging
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -225,6 +227,7 @@ class ClusterHub:
                 username=self._target.username,
                 password=self._target.password,
                 ssl=self._target.tls,
+                retry=Retry(NoBackoff(), 0),  # the next node is asked instead, at once
             )
             try:
                 reply = await client.execute_command("CLUSTER SLOTS")

@@ -45,6 +45,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from jobwire.backoff import backoff
@@ -79,8 +80,9 @@ class Fanout(Protocol):
     async def stop(self) -> None: ...
 
 
-class HubUnavailable(RuntimeError):
-    """Redis did not confirm a subscription in time (it is down or unreachable)."""
+class HubUnavailable(RedisConnectionError):
+    """Redis did not confirm a subscription in time (it is down or unreachable): a lost
+    connection by another name, handled as one (503, or a websocket closed 1013)."""
 
 
 class Hub:
@@ -94,7 +96,7 @@ class Hub:
         subscribe_timeout: float = 5.0,
         ping_interval: float = 5.0,
         reconnect_min: float = 0.05,
-        reconnect_max: float = 5.0,
+        reconnect_max: float = 2.0,  # a failover takes seconds: look again soon after
         # Observability
         on_event: Callable[[str], None] | None = None,
         # Shard channels (SSUBSCRIBE) on one node of a Redis Cluster, see `ClusterHub`

@@ -50,7 +50,6 @@ from jobwire.server.direct import (
 from jobwire.server.errors import error_response, redis_unreachable
 from jobwire.server.events import Coalesced, Delivery, FromAll, ws_frame
 from jobwire.server.feed import Feed, Item, reply_refused
-from jobwire.server.hub import HubUnavailable
 from jobwire.server.limits import Pace, Refusal
 from jobwire.server.services import Services, services, user_key
 
@@ -422,13 +421,10 @@ async def _op_subscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
     ids = validation.job_ids(msg.get("job_ids"), limit=MAX_IDS_PER_MESSAGE)
     since = validation.since_map(msg.get("since"))
     epochs = validation.epoch_map(msg.get("epochs"))
-    try:
-        refused = await feed.watch_many(since, job_ids=ids, epochs=epochs)
-    except Exception as exc:
-        if not isinstance(exc, HubUnavailable) and not redis_unreachable(exc):
-            raise
-        reply(JobwireError("unavailable", f"job store unavailable, retry: {exc}").as_message())
-        return
+    # Redis out of reach (or a subscription it does not confirm) ends the socket with 1013,
+    # as mid-stream: every client reconnects after it and subscribes again from its seqs,
+    # where an error reply would leave a job unwatched until the client thought to retry.
+    refused = await feed.watch_many(since, job_ids=ids, epochs=epochs)
     reply_refused(refused, reply)
 
 
@@ -442,9 +438,6 @@ async def _op_unsubscribe(msg: dict[str, Any], feed: Feed, reply: Reply) -> None
 async def _op_subscribe_all(msg: dict[str, Any], feed: Feed, reply: Reply) -> None:
     try:
         await feed.watch_all()
-    except HubUnavailable as exc:
-        reply(JobwireError("unavailable", str(exc)).as_message())
-        return
     except JobwireError as exc:
         reply(exc.as_message())
         return
@@ -495,7 +488,7 @@ async def ws_job(ws: WebSocket) -> None:
         try:
             found = await feed.watch(job_id, since, epoch)
         except Exception as exc:
-            if not isinstance(exc, HubUnavailable) and not redis_unreachable(exc):
+            if not redis_unreachable(exc):
                 raise
             await _close(ws, Close.TRY_AGAIN_LATER, "job store unavailable, retry")
             return
