@@ -27,9 +27,9 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode
 from redis.exceptions import (
-    ClusterDownError,
+    ClusterError,
     ReadOnlyError,
-    RedisClusterException,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -49,18 +49,19 @@ _SENTINEL_OPTIONS = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout"
 
 
 #: What Redis says while it fails over: no connection (the primary died), the cluster not
-#: serving a slot yet (CLUSTERDOWN, TRYAGAIN, or a slot missing from the client's map), or a
-#: write that reached a primary just demoted (READONLY). Retrying later succeeds; none of
-#: them means a command was wrong.
+#: serving a slot yet (CLUSTERDOWN, TRYAGAIN, a slot missing from the client's map, or
+#: redirects that ran out while slots moved: ClusterError), or a write that reached a
+#: primary just demoted (READONLY). Retrying later succeeds; none of them means a command
+#: was wrong (a cross-slot command is a RedisClusterException of another kind: not here).
 _TRANSIENT = (
     RedisConnectionError,
     RedisTimeoutError,
-    ClusterDownError,
+    ClusterError,
     TryAgainError,
     ReadOnlyError,
-    RedisClusterException,
+    SlotNotCoveredError,
 )
-_REDIS_PACKAGE = os.path.dirname(redis.__file__)
+_REDIS_PACKAGE = os.path.dirname(redis.__file__) + os.sep
 
 
 def is_transient(exc: BaseException) -> bool:

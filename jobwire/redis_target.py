@@ -86,7 +86,7 @@ def parse_target(url: str, *, cluster: bool = False, sentinel_master: str = "") 
         if target.db != 0:
             raise ValueError(f"a Redis Cluster has database 0 only, not {target.db}")
         return target
-    if "," in url or ";" in url:
+    if len(_addresses(url)) > 1:
         raise ValueError(
             "several addresses are for a Redis Cluster (set JOBWIRE_REDIS_CLUSTER=1) or Sentinel "
             "(sentinel://…); one Redis takes one URL"
@@ -107,7 +107,7 @@ class _Part:
 def _many(url: str, mode: Mode, master: str, *, default_port: int) -> RedisTarget:
     """A list of nodes: whole URLs or bare `host:port`s, separated by `,` or `;`; the
     credentials, TLS and database come from the first."""
-    chunks = [c.strip() for c in url.replace(";", ",").split(",") if c.strip()]
+    chunks = _addresses(url)
     scheme = url.split("://", 1)[0].lower()
     parts: list[_Part] = []
     for chunk in chunks:
@@ -121,12 +121,29 @@ def _many(url: str, mode: Mode, master: str, *, default_port: int) -> RedisTarge
     return RedisTarget(mode, url, nodes, master, first.db, first.username, first.password, scheme == "rediss")
 
 
+def _addresses(url: str) -> list[str]:
+    """The addresses in `url`, split at `,` or `;`, except inside a password (which may
+    hold either): an address's credentials end at its last `@` before the next scheme."""
+    pieces: list[str] = []
+    rest = url
+    while rest:
+        scheme = rest.find("://")
+        following = rest.find("://", scheme + 3) if scheme >= 0 else -1
+        at = rest.rfind("@", 0, following if following >= 0 else len(rest))
+        cuts = [i for i in (rest.find(",", at + 1), rest.find(";", at + 1)) if i >= 0]
+        cut = min(cuts, default=len(rest))
+        pieces.append(rest[:cut])
+        rest = rest[cut + 1 :]
+    return [p.strip() for p in pieces if p.strip()]
+
+
 def _split(url: str, *, default_port: int) -> _Part:
     try:
         parts = urlsplit(url)
         port = parts.port or default_port
-    except ValueError as exc:
-        raise ValueError(f"{_shown(url)!r}: {exc}") from None
+    except ValueError:  # not the parser's words: they can quote a piece of the password
+        host = url.partition("://")[2].rpartition("@")[2].split(":", 1)[0]
+        raise ValueError(f"has an address with no valid port (host {host!r})") from None
     if parts.scheme == "unix":
         if not parts.path:
             raise ValueError(f"{_shown(url)!r} names no socket path")
@@ -153,11 +170,11 @@ def _host(host: str) -> str:
 def _shown(url: str) -> str:
     """`url` with any password masked, for error messages."""
     out = []
-    for chunk in url.replace(";", ",").split(","):
+    for chunk in _addresses(url):
         scheme, sep, rest = chunk.partition("://")
-        if sep and "@" in rest:
+        if "@" in rest:
             auth, _, tail = rest.rpartition("@")
             user = auth.split(":", 1)[0]
-            chunk = f"{scheme}://{user}:***@{tail}" if ":" in auth else chunk
+            chunk = f"{scheme}{sep}{user}:***@{tail}" if ":" in auth else chunk
         out.append(chunk)
     return ",".join(out)

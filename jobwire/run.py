@@ -21,15 +21,19 @@ from urllib.parse import urlparse
 
 import redis
 
-from jobwire.settings import DEFAULT_REDIS_URL
+from jobwire.redis_clients import sync_client
+from jobwire.settings import DEFAULT_REDIS_URL, Settings, SettingsError
 
 RUN_DIR = Path.cwd() / ".run"  # the embedded Redis's files
 
 
 def _answers(url: str) -> bool:
+    """Whether the Redis that the settings name answers (one server, a cluster node, or
+    Sentinel's primary); a URL the settings refuse is said by the processes it starts."""
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except (redis.RedisError, OSError):
+        target = Settings.from_env(redis_url=url).redis_target
+        return bool(sync_client(target, socket_connect_timeout=1).ping())
+    except (redis.RedisError, redis.exceptions.RedisClusterException, OSError, SettingsError):
         return False
 
 
@@ -49,6 +53,12 @@ def _redis_binary() -> str:
 
 
 def _start_redis(url: str) -> subprocess.Popen[bytes]:
+    try:
+        mode = Settings.from_env(redis_url=url).redis_target.mode
+    except SettingsError as exc:
+        sys.exit(f"jobwire: {exc}")
+    if mode != "single":
+        sys.exit(f"jobwire: the Redis {mode} at {url} does not answer (only one local Redis is started here)")
     parsed = urlparse(url)
     if parsed.hostname not in ("127.0.0.1", "localhost", "::1"):
         sys.exit(f"jobwire: Redis at {url} does not answer (and it is not local, so not started)")

@@ -174,6 +174,8 @@ class ClusterHub:
                 await self._refresh()
             except RedisError as exc:
                 log.debug("jobwire hub: slot map not read: %s", exc)
+            except Exception:  # an odd reply must not end the following for good
+                log.exception("jobwire hub: the slot map could not be read")
 
     async def _refresh(self) -> None:
         new = await self._read_map()
@@ -192,12 +194,14 @@ class ClusterHub:
         for channel, (old, owner) in moving.items():
             taken = self._shards[old].release(channel)
             if taken is not None:
-                self._shards[owner].adopt(channel, *taken)
-        for channel in self._dropped:
+                self._shards[owner].adopt(channel, taken)
+        for channel in list(self._dropped):
             hub = self._shards.get(new.owner(channel))
+            if hub is None and channel not in moving:
+                continue  # its slot has no primary yet: kept for the next map
             if hub is not None and channel not in moving:
                 hub.resubscribe(channel)  # dropped, yet its slot stayed here
-        self._dropped.clear()
+            self._dropped.discard(channel)
         if moving:
             self.remaps += 1
             log.warning(

@@ -43,8 +43,10 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -78,6 +80,16 @@ class Fanout(Protocol):
     def subscribers(self, channel: str) -> int: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Moving:
+    """A channel on its way from one shard's hub to another's (`Hub.release`, `Hub.adopt`):
+    its subscribers, the future they wait on, and whether they are owed a resync."""
+
+    sinks: set[Sink]
+    ready: asyncio.Future[None]
+    resync: bool
 
 
 class HubUnavailable(RedisConnectionError):
@@ -216,18 +228,24 @@ class Hub:
         """Every channel with a subscriber."""
         return list(self._sinks)
 
-    def release(self, channel: str) -> tuple[set[Sink], asyncio.Future[None]] | None:
+    def release(self, channel: str) -> Moving | None:
         """Take `channel` away with its subscribers, for `adopt` by another hub (its slot
         moved to another node). Subscribers waiting for confirmation keep waiting, on the
-        future returned, which the adopting hub resolves."""
+        future handed over, which the adopting hub resolves."""
         sinks = self._sinks.pop(channel, None)
         if sinks is None:
             return None
         ready = self._ready.pop(channel)
+        # Live before, or told of an outage and owed a resync: either way they may have
+        # missed events, and re-read history once the new node confirms.
+        resync = ready.done() or channel in self._resync
         self._resync.discard(channel)
+        waiters = self._waiters.get(channel)
+        if waiters:  # a confirmation still due here must not release them there
+            self._waiters[channel] = deque(None for _ in waiters)
         self._changed.add(channel)
         self._dirty.set()
-        return sinks, ready
+        return Moving(sinks, ready, resync)
 
     def resubscribe(self, channel: str) -> None:
         """Subscribe `channel` again here (Redis dropped it, but its slot stayed)."""
@@ -235,17 +253,27 @@ class Hub:
             self._changed.add(channel)
             self._dirty.set()
 
-    def adopt(self, channel: str, sinks: set[Sink], ready: asyncio.Future[None]) -> None:
-        """Take over `channel` from another hub (see `release`). Subscribers that were live
-        there may have missed events in between: they get a `Resync` once it is confirmed
-        here."""
+    def adopt(self, channel: str, moving: Moving) -> None:
+        """Take over `channel` from another hub (see `release`). Subscribers owed a resync
+        get it once the channel is confirmed here."""
+        ready = moving.ready
         if ready.done():
-            self._resync.add(channel)
             ready = asyncio.get_running_loop().create_future()
-        self._sinks.setdefault(channel, set()).update(sinks)
+        self._sinks.setdefault(channel, set()).update(moving.sinks)
         self._ready[channel] = ready
-        self._changed.add(channel)
-        self._dirty.set()
+        if moving.resync:
+            self._resync.add(channel)
+        if channel not in self._sent:
+            self._changed.add(channel)
+            self._dirty.set()
+            return
+        # Still subscribed here (it moved away and back before the UNSUBSCRIBE went out):
+        # live when the confirmation on its way arrives, or now if none is.
+        waiters = self._waiters.get(channel)
+        if waiters:
+            waiters[-1] = ready
+        else:
+            self._live(channel, ready)
 
     # -- the connection ----------------------------------------------------------------
 
@@ -254,7 +282,8 @@ class Hub:
         while True:
             try:
                 url = self._address if isinstance(self._address, str) else await self._address()
-                self._conn = await open_pubsub(url, self._on_reply)
+                on_error = self._on_error_reply if self._sub == "SSUBSCRIBE" else None
+                self._conn = await open_pubsub(url, self._on_reply, on_error=on_error)
                 self._last_heard = asyncio.get_running_loop().time()
                 if self.reconnects:
                     log.warning("jobwire hub: reconnected to Redis")
@@ -377,10 +406,36 @@ class Hub:
             del self._waiters[channel]
         if ready is None or ready.done() or self._ready.get(channel) is not ready:
             return  # confirms a SUBSCRIBE nobody waits for any more
+        self._live(channel, ready)
+
+    def _live(self, channel: str, ready: asyncio.Future[None]) -> None:
+        """Redis delivers `channel` now: release its waiting subscribers, and resync the
+        ones that may have missed events."""
         ready.set_result(None)
         if channel in self._resync:
             self._resync.discard(channel)
             self._fan_out(channel, Resync(channel))
+
+    def _on_error_reply(self, error: str) -> bool:
+        """A cluster node answered an SSUBSCRIBE with MOVED (or ASK): the channel's slot is
+        elsewhere now. Only that channel is dropped, to be moved (`on_dropped`); any other
+        error ends the connection."""
+        kind, _, rest = error.partition(" ")
+        if kind not in ("MOVED", "ASK") or not rest.split(" ", 1)[0].isdigit():
+            return False
+        slot = int(rest.split(" ", 1)[0])
+        for channel in [ch for ch in self._waiters if key_slot(ch.encode()) == slot]:
+            self._waiters.pop(channel)
+            self._sent.discard(channel)
+            self._dropped(channel)
+        return True
+
+    def _dropped(self, channel: str) -> None:
+        if self._on_dropped is not None:
+            self._on_dropped(channel)
+        else:  # no one to move it: subscribe again here
+            self._changed.add(channel)
+            self._dirty.set()
 
     def _unsubscribed_reply(self, channel: str) -> None:
         pending = self._unsent.get(channel, 0)
@@ -398,11 +453,7 @@ class Hub:
                 self._resync.add(channel)
                 self._ready[channel] = asyncio.get_running_loop().create_future()
                 self._fan_out(channel, Outage(channel))
-            if self._on_dropped is not None:
-                self._on_dropped(channel)
-            else:  # no one to move it: subscribe again here
-                self._changed.add(channel)
-                self._dirty.set()
+            self._dropped(channel)
 
     def _dispatch(self, channel: str, data: bytes) -> None:
         if channel not in self._sinks:

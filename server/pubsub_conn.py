@@ -21,14 +21,16 @@ from redis.asyncio.connection import SSLConnection, parse_url
 from redis.exceptions import AuthenticationError, ConnectionError, RedisError, ResponseError
 
 Reply = Callable[[Any], None]
+#: Told an error reply; True if it is handled (the connection goes on), False to end it.
+ErrorReply = Callable[[str], bool]
 
 
 class PubSubConnection(asyncio.Protocol):
     """One connection; `closed` completes (with the reason) when it ends, whichever side
     ended it. Replies go to `on_reply`; an error reply ends the connection."""
 
-    def __init__(self, on_reply: Reply) -> None:
-        self._on_reply = on_reply
+    def __init__(self, on_reply: Reply, on_error: ErrorReply | None = None) -> None:
+        self._on_reply, self._on_error = on_reply, on_error
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -43,7 +45,9 @@ class PubSubConnection(asyncio.Protocol):
         try:
             while (reply := self._reader.gets()) is not False:
                 if isinstance(reply, hiredis.ReplyError):
-                    raise ResponseError(str(reply))
+                    if self._on_error is None or not self._on_error(str(reply)):
+                        raise ResponseError(str(reply))
+                    continue
                 self._on_reply(reply)
         except RedisError as exc:  # an error reply
             self._end(exc)
@@ -74,7 +78,9 @@ class PubSubConnection(asyncio.Protocol):
             self._transport.close()
 
 
-async def open_pubsub(url: str, on_reply: Reply, *, timeout: float = 2.0) -> PubSubConnection:
+async def open_pubsub(
+    url: str, on_reply: Reply, *, on_error: ErrorReply | None = None, timeout: float = 2.0
+) -> PubSubConnection:
     """Connect to the Redis at `url` (redis://, rediss://, unix://) and authenticate.
 
     Raises redis-py's `ConnectionError` (or `AuthenticationError`), as the hub expects."""
@@ -114,7 +120,7 @@ async def open_pubsub(url: str, on_reply: Reply, *, timeout: float = 2.0) -> Pub
         if conn is not None:
             conn.close()
         raise
-    conn._on_reply = on_reply
+    conn._on_reply, conn._on_error = on_reply, on_error
     return conn
 
 

@@ -11,7 +11,7 @@ import redis
 
 from jobwire.server.events import Delivery, Outage, Resync
 from jobwire.server.hub import Hub, HubUnavailable
-from tests.support import RedisServer, wait_until
+from tests.support import RedisServer, redis_server, wait_until
 
 
 def event(job_id: str, seq: int) -> bytes:
@@ -182,3 +182,56 @@ async def test_stop_right_after_unsubscribe_completes(own_redis: RedisServer) ->
         stopping = asyncio.create_task(h.stop())
         await asyncio.wait({stopping}, timeout=3)
         assert stopping.done() and loop.time() - started < 2, "hub did not stop"
+
+
+async def test_a_channel_moved_during_an_outage_is_resynced_where_it_lands(own_redis: RedisServer) -> None:
+    """A shard's Redis dies (its subscribers are told), and the channel moves to another
+    node's hub before it comes back: there, once confirmed, they get their Resync and the
+    new node's events (the case of a cluster primary failing over)."""
+    with redis_server() as other:
+        old, new = Hub(own_redis.url, reconnect_max=0.2), Hub(other.url)
+        await old.start()
+        await new.start()
+        try:
+            sink = Collector()
+            await old.subscribe("moving", sink)
+            own_redis.stop()
+            await sink.wait_for(1, timeout=10)
+            moving = old.release("moving")
+            assert moving is not None and moving.resync
+            new.adopt("moving", moving)
+            await sink.wait_for(2, timeout=10)
+            assert sink.items == [Outage("moving"), Resync("moving")]
+            other.client().publish("moving", event("j", 7))
+            await sink.wait_for(3)
+            assert isinstance(sink.items[2], Delivery) and sink.items[2].seq == 7
+            assert old.subscribers("moving") == 0 and new.subscribers("moving") == 1
+        finally:
+            await old.stop()
+            await new.stop()
+
+
+async def test_a_waiting_subscriber_moves_with_its_channel(own_redis: RedisServer) -> None:
+    """A subscribe() still waiting for a dead node's confirmation completes on the node
+    its channel moved to."""
+    with redis_server() as other:
+        own_redis.stop()
+        old, new = Hub(own_redis.url, subscribe_timeout=10), Hub(other.url)
+        await old.start()
+        await new.start()
+        try:
+            sink = Collector()
+            waiting = asyncio.create_task(old.subscribe("later", sink))
+            await wait_until(lambda: old.subscribers("later") == 1, what="the subscriber waits")
+            moving = old.release("moving-nothing")
+            assert moving is None
+            moving = old.release("later")
+            assert moving is not None and not moving.resync
+            new.adopt("later", moving)
+            await asyncio.wait_for(waiting, 10)
+            other.client().publish("later", event("j", 1))
+            await sink.wait_for(1)
+            assert sink.items[0].seq == 1  # type: ignore[union-attr]
+        finally:
+            await old.stop()
+            await new.stop()

@@ -49,7 +49,8 @@ def test_sentinel_in_celerys_form() -> None:
         ({"JOBWIRE_REDIS_URL": "redis://a:1", "JOBWIRE_REDIS_SENTINEL_MASTER": "m"}, "not a sentinel://"),
         ({"JOBWIRE_REDIS_URL": "redis://a:1,b:2"}, "JOBWIRE_REDIS_CLUSTER=1"),
         ({"JOBWIRE_REDIS_URL": "redis://a:1/4", "JOBWIRE_REDIS_CLUSTER": "1"}, "database 0 only"),
-        ({"JOBWIRE_REDIS_URL": "redis://a:port"}, "Port could not be cast"),
+        ({"JOBWIRE_REDIS_URL": "redis://a:port"}, "no valid port"),
+        ({"JOBWIRE_REDIS_URL": "redis://u:topsecret"}, "no valid port"),
         ({"JOBWIRE_REDIS_URL": "redis://:topsecret@a:1/x"}, "must be a number"),
         (
             {"JOBWIRE_REDIS_URL": "redis://a:1,sentinel://b:2", "JOBWIRE_REDIS_CLUSTER": "1"},
@@ -115,3 +116,9 @@ def test_moves_put_every_channel_on_its_new_primary(
         assert where == (new.owner(channel) or old.owner(channel))
         if channel in planned:
             assert planned[channel][0] == old.owner(channel) != where
+
+
+def test_a_password_may_hold_the_separators() -> None:
+    assert parse_target("redis://:pa,ss@h:1/0").password == "pa,ss"
+    target = parse_target("redis://u:p;w,x@a:1,b:2", cluster=True)
+    assert (target.password, target.nodes) == ("p;w,x", (("a", 1), ("b", 2)))
