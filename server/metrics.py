@@ -73,6 +73,12 @@ class Metrics:
         self.hub_reconnects = Gauge(
             "jobwire_hub_reconnects", "Times the hub lost Redis and reconnected", registry=self.registry
         )
+        self.hub_health = Gauge(
+            "jobwire_hub_health",
+            "1 for the fan-out's state now: ok, degraded (some cluster shards out of reach) or down",
+            ["state"],
+            registry=self.registry,
+        )
         self.redis_latency = Gauge(
             "jobwire_redis_ping_seconds",
             "Round trip of the hub's last keepalive PING to Redis (every 5 s); NaN while it is disconnected",
@@ -120,6 +126,9 @@ def exposition(svc: Services) -> Response:
     """The metrics as a scrape reads them. No Redis command: see the module docstring."""
     svc.metrics.flush()
     svc.metrics.hub_reconnects.set(svc.hub.reconnects)
+    health = svc.hub.health
+    for state in ("ok", "degraded", "down"):
+        svc.metrics.hub_health.labels(state).set(1 if state == health else 0)
     latency = svc.hub.ping_seconds if svc.hub.connected else None
     svc.metrics.redis_latency.set(float("nan") if latency is None else latency)
     return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -130,9 +130,10 @@ def _same_sentinel(app: Celery, settings: Settings, backend_url: str, explicit_u
             raise AttachError(f"the app's Sentinel result backend cannot be followed: {exc}") from None
         return settings.model_copy(update={"redis_url": backend_url, "redis_sentinel_master": master})
     ours = settings.redis_target
-    if ours.mode != "sentinel" or ours.master != master:
+    db = int(getattr(app._get_backend(), "connparams", {}).get("db") or 0)
+    if ours.mode != "sentinel" or ours.master != master or ours.db != db:
         raise AttachError(
-            f"the app's result backend is Sentinel's primary {master!r}, but JOBWIRE_REDIS_URL names "
+            f"the app's result backend is Sentinel's primary {master!r} db {db}, but JOBWIRE_REDIS_URL names "
             f"{ours.describe()}. jobwire writes each event together with Celery's result: set "
             "JOBWIRE_REDIS_URL to the backend's sentinel:// URL and JOBWIRE_REDIS_SENTINEL_MASTER to "
             "its master_name (or leave both unset where the worker runs)."

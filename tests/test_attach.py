@@ -117,6 +117,25 @@ def test_jobwire_redis_defaults_to_the_backends(
     app.close()
 
 
+def test_a_sentinel_backend_is_followed_through_its_sentinels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Celery Sentinel backend: with JOBWIRE_REDIS_URL unset, jobwire (worker and server)
+    asks the same sentinels for the same primary; set to something else, it is refused."""
+    monkeypatch.delenv("JOBWIRE_REDIS_URL", raising=False)
+    url = "sentinel://127.0.0.1:26379/2;sentinel://127.0.0.1:26380/2"
+    app = Celery("s", broker="memory://", backend=url)
+    app.conf.result_backend_transport_options = {"master_name": "mymaster"}
+    jobwire.attach(app)
+    target = registry.settings_for(app).redis_target
+    assert (target.mode, target.master, target.db) == ("sentinel", "mymaster", 2)
+    assert target.nodes == (("127.0.0.1", 26379), ("127.0.0.1", 26380))
+    other = Celery("t", broker="memory://", backend=url)
+    other.conf.result_backend_transport_options = {"master_name": "mymaster"}
+    with pytest.raises(jobwire.AttachError, match="JOBWIRE_REDIS_SENTINEL_MASTER"):
+        jobwire.attach(other, Settings(redis_url="redis://127.0.0.1:6379/2"))
+    app.close()
+    other.close()
+
+
 async def test_server_with_a_users_app_submits_nothing_until_allowed(
     own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

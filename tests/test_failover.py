@@ -172,6 +172,9 @@ async def test_cluster_primary_killed_mid_job_every_client_follows(ha_cluster: l
             lambda: _says(srv.url, code=200, status="degraded", redis=True, hub="degraded"),
             what="/readyz says degraded, not down, while one shard is out",
         )
+        async with httpx.AsyncClient() as http:
+            scraped = (await http.get(f"{srv.url}/metrics")).text
+        assert 'jobwire_hub_health{state="degraded"} 1.0' in scraped
         survivors = [n for n in ha_cluster if n is not first]
         await asyncio.to_thread(wait_cluster_ok, survivors)
         ok_at = time.monotonic()
