@@ -166,9 +166,10 @@ async def test_redis_restart_without_persistence_resets_every_client(
             assert py_events[-1]["state"] == "SUCCESS" and py_events[-1]["epoch"] != old_epoch
             new_epoch = py_events[-1]["epoch"]
             new = [e for e in py_events if e["epoch"] != old_epoch]
-            # The new history, whole: every seq delivered or counted in a `coalesced` (a
-            # reader that joins a live job may get its first progress coalesced; see issue 18).
+            # The new history, whole: every seq delivered or counted in a `coalesced`, and
+            # its first event (a transition) in its own place, never coalesced away.
             assert_gap_free(new)
+            assert new[0]["seq"] == 1 and "coalesced" not in new[0], new[:2]
 
             # /ws and SSE: told of the reset, then the new history to the end.
             for name, task in (("/ws", ws_task), ("SSE", sse_task)):

@@ -47,9 +47,9 @@ async def drain(feed: Feed, job_id: str) -> list[int]:
 
 
 async def test_slow_reader_gets_newest_progress_and_every_transition(parts) -> None:  # type: ignore[no-untyped-def]
-    """While a client reads nothing, its queue keeps one event per run of progress: the
-    newest, marked with how many it replaced; transitions and the final event keep their
-    own places, in order."""
+    """While a client reads nothing, its queue keeps every transition (the first event of
+    each state) and the final event in their places, and one event per run of progress
+    after each: the newest, marked with how many it replaced."""
     hub, store, recorder, settings = parts
     recorder.record("slow", "PENDING")
     feed = Feed(hub, store, settings.keys, DEVELOPER, queue_limit=5, max_jobs=10)
@@ -66,13 +66,17 @@ async def test_slow_reader_gets_newest_progress_and_every_transition(parts) -> N
     while (item := feed.next_nowait()) is not None:
         items.append(item)
     events = [i for i in items if isinstance(i, (Delivery, Coalesced))]
-    assert [type(e).__name__ for e in events] == ["Delivery", "Coalesced", "Coalesced", "Delivery"]
-    working, validating, final = events[1], events[2], events[3]
+    kinds = ["Delivery", "Delivery", "Coalesced", "Delivery", "Coalesced", "Delivery"]
+    assert [type(e).__name__ for e in events] == kinds
+    first_working, working, first_validating, validating, final = events[1:]
+    # The first event of each state keeps its place (a transition), and so does the final one.
+    assert (first_working.seq, first_working.state) == (2, "WORKING")  # type: ignore[union-attr]
+    assert (first_validating.seq, first_validating.state) == (32, "VALIDATING")  # type: ignore[union-attr]
     assert isinstance(working, Coalesced) and isinstance(validating, Coalesced)
-    assert (working.delivery.seq, working.skipped, working.delivery.state) == (31, 29, "WORKING")
+    assert (working.delivery.seq, working.skipped, working.delivery.state) == (31, 28, "WORKING")
     assert orjson.loads(working.delivery.raw)["progress"] == {"step": 29}
-    assert (validating.delivery.seq, validating.skipped) == (48, 16)
-    assert '"coalesced":16,' in validating.frame and orjson.loads(validating.raw)["coalesced"] == 16
+    assert (validating.delivery.seq, validating.skipped) == (48, 15)
+    assert '"coalesced":15,' in validating.frame and orjson.loads(validating.raw)["coalesced"] == 15
     assert isinstance(final, Delivery) and final.seq == 49 and feed.queued_bytes == 0
     feed.close()
 
@@ -96,7 +100,7 @@ async def test_slow_client_overflow_resyncs_from_history(parts) -> None:  # type
         recorder.record("slow", "WORKING", progress={"step": step})
     recorder.record("slow", "SUCCESS", result=None)
     await wait_until(lambda: len(delivered) == 47, what="the hub delivers every live event")
-    assert feed._overflowed and not feed._inbox  # the final event went with the inbox
+    assert feed.core.overflowed and not feed.core._inbox  # the final event went with the inbox
     assert await drain(feed, "slow") == list(range(1, 49))
     feed.close()
 
@@ -156,10 +160,12 @@ async def test_history_trims_progress_never_transitions(parts) -> None:  # type:
     assert [int(score) for _, score in kept] == [1, 2, 6, 7, 9, 10]
     feed = Feed(hub, store, settings.keys, DEVELOPER, queue_limit=100, max_jobs=10)
     assert await feed.watch("trimmed", since=1)
-    items = [feed.next_nowait() for _ in range(4)]
-    assert [(i.delivery.seq, i.skipped) for i in items[:2]] == [(6, 4), (9, 2)]  # type: ignore[union-attr]
-    assert items[2].seq == 10  # type: ignore[union-attr]
-    assert items[3]["type"] == "subscribed"  # type: ignore[index]
+    items = [feed.next_nowait() for _ in range(6)]
+    # Each state's first event keeps its place; the progress after it is the newest kept,
+    # standing for the trimmed ones (a late joiner skips no transition).
+    shown = [(i.seq, 0) if isinstance(i, Delivery) else (i.delivery.seq, i.skipped) for i in items[:5]]  # type: ignore[union-attr]
+    assert shown == [(2, 0), (6, 3), (7, 0), (9, 1), (10, 0)]
+    assert items[5]["type"] == "subscribed"  # type: ignore[index]
     feed.close()
 
 
