@@ -469,3 +469,37 @@ def progress_from_meta(meta: Any) -> dict[str, Any] | None:
     if "percent" not in meta and _count(total) and total > 0 and _count(done) and done <= total:
         progress["percent"] = round(100.0 * done / total, 2)
     return progress
+
+
+# -- The record contract: names workers and servers share ----------------------------------
+#
+# What a job's Celery message carries and what the record script (`scripts/record.lua`)
+# keys on, for every side that publishes jobs or records their events: the worker
+# (`jobwire.tasks`), the server's submit path and its bridge (`jobwire.server`), and
+# `jobwire.record`, which builds the script's call. Here so that the server can agree with
+# the worker without importing the worker's package (and Celery's worker machinery with it).
+
+#: Celery message headers naming a job's owner, set by whoever publishes the job (the
+#: server's submit, a task that publishes more tasks) and recorded by the event that
+#: creates the job; tasks a job publishes inherit them.
+TENANT_HEADER = "jobwire_tenant"
+SUBJECT_HEADER = "jobwire_sub"
+
+#: Celery message headers naming the group or chord a job belongs to, and its role there.
+PARENT_HEADER = "jobwire_parent"
+ROLE_HEADER = "jobwire_role"
+
+#: The roles: a child's final event counts in its group's done/failed aggregate; a chord's
+#: callback ends the chord with its own outcome (the record script stores the role).
+CHILD_ROLE = "child"
+CALLBACK_ROLE = "callback"
+
+#: The kinds of aggregate job, stored as the job's `task`: the record script takes a job
+#: whose children are all in to its callback phase when the kind is a chord, else to its end.
+GROUP_KIND = "group"
+CHORD_KIND = "chord"
+
+#: A group's or chord's state while its children run (its events carry
+#: {done, failed, total, percent}), and a chord's once they are in and its callback runs.
+RUNNING = "RUNNING"
+CALLBACK = "CALLBACK"

@@ -36,8 +36,8 @@ from jobwire import scripts
 from jobwire.backoff import backoff
 from jobwire.foreign import ForeignBackend, digest, event_from_meta
 from jobwire.protocol import FINAL_STATES, JobwireError, check_job_id
+from jobwire.record import MISSING, Owner, RecordCall, index_commands, parent_call, parse_reply, record_call
 from jobwire.settings import Settings
-from jobwire.tasks.recorder import Owner, build_call, index_commands
 
 log = logging.getLogger(__name__)
 
@@ -133,17 +133,41 @@ class Bridge:
     async def _record_event(
         self, backend: ForeignBackend, job_id: str, state: str, fields: dict[str, Any], event_id: str
     ) -> None:
+        """Record one publish heard, with the steps every writer takes after the record
+        script (`jobwire.record`): index a job it created, and count a final event in the
+        job's group or chord.
+
+        A job heard here can have a group: the server's group submit records each child
+        with its parent as it publishes it, and when the app's workers never attached
+        jobwire, this is the only writer to hear the child end. Whichever writer records
+        a child's end first counts it; a later one is refused, the job being final.
+        """
         owner = Owner(backend.tenant, "") if backend.tenant else None
-        call = build_call(self.settings, job_id, state, event_id=event_id, owner=owner, dedupe=True, **fields)
-        reply = await self._record(keys=call.keys, args=call.args)
-        if not reply:
+        call = record_call(
+            self.settings, job_id, state, event_id=event_id, owner=owner, dedupe=True, **fields
+        )
+        reply = parse_reply(await self._record(keys=call.keys(), args=call.argv()))
+        if reply is None:
             return  # heard already (by this process or another), or the job is final
+        count = parent_call(
+            self.settings,
+            reply,
+            state,
+            result=fields.get("result", MISSING),
+            error=fields.get("error"),
+            owner=owner,
+        )
+        created: list[RecordCall] = [call] if reply.created else []
+        if count is not None:
+            counted = parse_reply(await self._record(keys=count.keys(), args=count.argv()))
+            if counted is not None and counted.created:
+                created.append(count)
         live = self.settings.keys.foreign_live(backend.url)
         async with self.redis.pipeline(transaction=False) as pipe:
-            if int(reply[1]):
-                index_commands(pipe, self.settings, job_id, call.ts, owner)
+            for new in created:
+                index_commands(pipe, self.settings, new.job_id, new.ts, owner)
             if state in FINAL_STATES:
                 pipe.srem(live, job_id)
-            elif int(reply[1]):
+            elif reply.created:
                 pipe.sadd(live, job_id)
             await pipe.execute()

@@ -1,9 +1,12 @@
-"""Writes job events to Redis: the only code that writes jobwire's keys.
+"""Writes the events of an attached app's jobs to Redis, from workers and publishers.
 
 Each event costs one round trip: the Lua script allocates the seq, updates the job hash
 and the bounded history, publishes on the job's and the all-jobs channel, and (for custom
 progress states) writes Celery's own result key too, so `AsyncResult(id).state/info`
-keeps working for plain Celery code.
+keeps working for plain Celery code. What the script takes, what it replies and the steps
+around it (indexing a new job, counting a child in its group) are `jobwire.record`'s, which
+the server's bridge follows too: this module adds the Redis client, retries through a
+failover, and Celery's own write when it cannot ride along.
 
 The recorder is synchronous because Celery workers and publishers are; the async server
 calls it through a thread when it must write (revoke, submit).
@@ -13,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -24,36 +25,49 @@ from celery.backends.redis import RedisBackend
 from jobwire import scripts
 from jobwire.backoff import backoff
 from jobwire.protocol import (
-    FINAL_STATES,
+    CALLBACK_ROLE,
+    PARENT_HEADER,
     PENDING,
-    SUCCESS,
-    dumps,
-    event_parts,
+    ROLE_HEADER,
+    SUBJECT_HEADER,
+    TENANT_HEADER,
     progress_from_meta,
+)
+from jobwire.record import (
+    MISSING,
+    CeleryMeta,
+    Owner,
+    Parent,
+    RecordCall,
+    RecordReply,
+    index_commands,
+    parent_call,
+    parse_reply,
+    record_call,
 )
 from jobwire.redis_clients import is_transient, sync_client
 from jobwire.settings import Settings
 from jobwire.tasks import registry
 from jobwire.tasks.backend import JobwireBackendMixin
 
+# The record contract (`Owner`, `Parent`, `CeleryMeta`, the header and role names) moved to
+# `jobwire.record` and `jobwire.protocol`, so that the server follows it without importing
+# the worker's package; tasks/* modules and tests still import these names from here.
+__all__ = [
+    "CALLBACK_ROLE",
+    "PARENT_HEADER",
+    "ROLE_HEADER",
+    "SUBJECT_HEADER",
+    "TENANT_HEADER",
+    "CeleryMeta",
+    "Owner",
+    "Parent",
+    "Recorder",
+    "owner_of",
+    "redis_client_for",
+]
+
 log = logging.getLogger(__name__)
-
-_MISSING: Any = object()
-
-
-@dataclass(frozen=True)
-class Owner:
-    """Who a job belongs to: recorded when it is created, checked on every read."""
-
-    tenant: str
-    subject: str
-
-    def headers(self) -> dict[str, str]:
-        """The Celery message headers that carry it from the publisher."""
-        return {TENANT_HEADER: self.tenant, SUBJECT_HEADER: self.subject}
-
-
-TENANT_HEADER, SUBJECT_HEADER = "jobwire_tenant", "jobwire_sub"
 
 
 def owner_of(request: Any) -> Owner | None:
@@ -64,15 +78,6 @@ def owner_of(request: Any) -> Owner | None:
     this event. None when the message names no owner, or outside a task."""
     tenant = getattr(request, TENANT_HEADER, None)
     return Owner(str(tenant), str(getattr(request, SUBJECT_HEADER, None) or "")) if tenant else None
-
-
-@dataclass(frozen=True)
-class CeleryMeta:
-    """Celery's result key and encoded value, to be written alongside the event."""
-
-    key: bytes | str
-    value: bytes | str
-    ttl: int | None
 
 
 class Recorder:
@@ -154,7 +159,7 @@ class Recorder:
         state: str,
         *,
         progress: dict[str, Any] | None = None,
-        result: Any = _MISSING,
+        result: Any = MISSING,
         error: dict[str, str] | None = None,
         retry: dict[str, Any] | None = None,
         task: str | None = None,
@@ -177,9 +182,9 @@ class Recorder:
         `owner` and `parent` are recorded only by the event that creates the job, so every
         event may carry the owner: one that recreates a lost record restores it, and none
         can take a job over. A final event of a job with a parent counts in the parent's
-        aggregate (see `_count_in`), under the same owner.
+        aggregate (see `jobwire.record.parent_call`), under the same owner.
         """
-        call = build_call(
+        call = record_call(
             self.settings,
             job_id,
             state,
@@ -195,17 +200,24 @@ class Recorder:
             parent=parent,
         )
         if pipe is not None:
-            self._record(keys=call.keys, args=call.args, client=pipe)
+            self._record(keys=call.keys(), args=call.argv(), client=pipe)
             return None
-        reply = self._with_retry(call.keys, call.args)
-        if not reply:
+        reply = self._call(call, owner)
+        if reply is None:
             return None
-        seq, created, parent_id, role = int(reply[0]), int(reply[1]), _text(reply[2]), _text(reply[3])
-        if created:
-            self._index(job_id, call.ts, owner)
-        if parent_id:
-            self._count_in(parent_id, role, state, result, error, owner)
-        return seq
+        count = parent_call(self.settings, reply, state, result=result, error=error, owner=owner)
+        if count is not None:
+            self._call(count, owner)
+        return reply.seq
+
+    def _call(self, call: RecordCall, owner: Owner | None) -> RecordReply | None:
+        """Run one record-script call (retried through a failover) and index the job if
+        the call created it: what every call of this writer takes, its own events and the
+        counts in a parent alike."""
+        reply = parse_reply(self._with_retry(call))
+        if reply is not None and reply.created:
+            self._index(call.job_id, call.ts, owner)
+        return reply
 
     def create_group(
         self, group_id: str, kind: str, children: list[str], *, owner: Owner | None = None
@@ -222,32 +234,9 @@ class Recorder:
             pipe.execute()
         return seq
 
-    def _count_in(
-        self,
-        parent_id: str,
-        role: str,
-        state: str,
-        result: Any,
-        error: dict[str, str] | None,
-        owner: Owner | None,
-    ) -> None:
-        """A child ended: one more done or failed in its group's aggregate (one script call,
-        whatever the group's size). A chord's callback ends the chord with its own outcome.
-        A group and its children have one owner (the children's headers carry the group's)."""
-        if role == CALLBACK_ROLE:
-            self.record(parent_id, state, result=result, error=error, owner=owner)
-            return
-        outcome = "ok" if state == SUCCESS else "failed"
-        call = build_call(self.settings, parent_id, RUNNING, outcome=outcome, owner=owner)
-        self._with_retry(call.keys, call.args)
-
     def _index(self, job_id: str, ts: float, owner: Owner | None) -> None:
-        """Add a new job to the recent-jobs indexes (once per job, not per event).
-
-        Not in the record script: an index spans every job, so on a cluster it lives in
-        another slot than the job. A job whose indexing fails is still streamed and
-        readable by id; only listings miss it.
-        """
+        """Add a new job to the recent-jobs indexes (see `jobwire.record.index_commands`):
+        a failure is logged, not raised, since the event itself is recorded."""
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 index_commands(pipe, self.settings, job_id, ts, owner)
@@ -283,7 +272,8 @@ class Recorder:
         meta["task_id"] = job_id
         return CeleryMeta(backend.get_key_for_task(job_id), backend.encode(meta), backend.expires)
 
-    def _with_retry(self, keys: list[Any], args: list[Any]) -> Any:
+    def _with_retry(self, call: RecordCall) -> Any:
+        keys, args = call.keys(), call.argv()
         deadline = time.monotonic() + self.settings.record_retry_seconds
         for delay in backoff(0.05, 1.0):
             try:
@@ -296,109 +286,6 @@ class Recorder:
                 log.warning("jobwire: Redis unavailable (%s); retrying in %.2fs", exc, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable: backoff() never ends")
-
-
-@dataclass(frozen=True)
-class Parent:
-    """The group or chord a job belongs to, and its part there (a child or the callback)."""
-
-    job_id: str
-    role: str = "child"
-
-
-CALLBACK_ROLE = "callback"
-PARENT_HEADER, ROLE_HEADER = "jobwire_parent", "jobwire_role"
-RUNNING = "RUNNING"  # a group's state while its children run
-
-
-@dataclass(frozen=True)
-class Call:
-    """One record-script call: its keys and arguments, and the event's timestamp."""
-
-    keys: list[Any]
-    args: list[Any]
-    ts: float
-
-
-def build_call(
-    settings: Settings,
-    job_id: str,
-    state: str,
-    *,
-    progress: dict[str, Any] | None = None,
-    result: Any = _MISSING,
-    error: dict[str, str] | None = None,
-    retry: dict[str, Any] | None = None,
-    task: str | None = None,
-    only_if_new: bool = False,
-    celery_meta: CeleryMeta | None = None,
-    event_id: str | None = None,
-    owner: Owner | None = None,
-    parent: Parent | None = None,
-    dedupe: bool = False,
-    outcome: str = "",
-) -> Call:
-    """The record script's call for one event (see `scripts/record.lua`), for the worker's
-    synchronous recorder and the server's asynchronous one alike."""
-    keys_ = settings.keys
-    ts = time.time()
-    final = state in FINAL_STATES
-    body: dict[str, Any] = {"state": state, "progress": progress, "ts": ts, "final": final}
-    if task:
-        body["task"] = task
-    if result is not _MISSING:
-        body["result"] = result
-    if error is not None:
-        body["error"] = error
-    if retry is not None:
-        body["retry"] = retry
-    head, tail = event_parts(job_id, body)
-    keys = [keys_.job(job_id), keys_.history(job_id), keys_.progress(job_id), keys_.event_ids(job_id)]
-    args: list[Any] = [
-        job_id,
-        state,
-        "1" if final else "0",
-        head,
-        tail,
-        dumps(progress) if progress is not None else "",
-        dumps(result) if result is not _MISSING else "",
-        dumps(error) if error is not None else "",
-        task or "",
-        repr(ts),
-        settings.history_limit,
-        settings.result_expires,
-        "1" if only_if_new else "0",
-        keys_.job_channel(job_id),
-        keys_.all_channel,
-        event_id or uuid.uuid4().hex,
-        owner.tenant if owner else "",
-        owner.subject if owner else "",
-        keys_.tenant_channel_prefix,
-        uuid.uuid4().hex[:12],  # the epoch, if this event creates the job record
-        "1" if settings.redis_cluster else "0",
-        max(settings.history_max, settings.history_limit),
-        "1" if dedupe else "0",
-        parent.job_id if parent else "",
-        parent.role if parent else "",
-        outcome,
-    ]
-    if celery_meta is not None:
-        keys.append(celery_meta.key)
-        args += [celery_meta.value, celery_meta.ttl or 0]
-    return Call(keys, args, ts)
-
-
-def index_commands(pipe: Any, settings: Settings, job_id: str, ts: float, owner: Owner | None) -> None:
-    """Queue on `pipe` what adds a new job to the recent-jobs indexes (sync or async)."""
-    keys = settings.keys
-    indexes = [keys.recent] + ([keys.tenant_recent(owner.tenant)] if owner else [])
-    for index in indexes:
-        pipe.zadd(index, {job_id: ts})
-        pipe.zremrangebyrank(index, 0, -(settings.recent_limit + 1))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value or "")
 
 
 def redis_client_for(app: Celery, settings: Settings) -> redis.Redis:

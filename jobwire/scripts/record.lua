@@ -12,12 +12,40 @@
 -- KEYS[3] progress zset: the seqs in the history that are progress, i.e. trimmable
 -- KEYS[4] event-id zset: the last 256 event ids recorded with dedupe
 -- KEYS[5] (optional) Celery result key, written exactly as Celery's Redis backend does
--- ARGV: job_id, state, final('1'/'0'), head, tail, progress_json, result_json, error_json,
---       task, ts, history_limit, ttl, only_if_new('1'/'0'), job_channel, all_channel,
---       event_id, tenant, sub, tenant_channel_prefix, epoch, sharded('1'/'0'), history_max,
---       dedupe('1'/'0'), parent, role, child_outcome, celery_value, celery_ttl
 --
--- child_outcome ('ok'/'failed', else '') makes this event a group's or chord's aggregate:
+-- ARGV, by position. The callers build it from jobwire/record.py, whose ARGV tuple writes
+-- this order once; the locals below carry the same names, and tests/test_record_contract.py
+-- reads both this list and the locals' ARGV[n] and holds them to that tuple.
+--   ARGV[1]  job_id
+--   ARGV[2]  state
+--   ARGV[3]  final          '1'/'0'
+--   ARGV[4]  head           the event's JSON up to its seq
+--   ARGV[5]  tail           the event's JSON after its seq
+--   ARGV[6]  progress       JSON, or '' for none
+--   ARGV[7]  result         JSON, or ''
+--   ARGV[8]  err            JSON, or ''
+--   ARGV[9]  task           the task's name, or ''
+--   ARGV[10] ts             seconds since the epoch, as a JSON number
+--   ARGV[11] limit          history length past which progress is trimmed
+--   ARGV[12] ttl            seconds every key lives after the last event
+--   ARGV[13] only_new       '1'/'0': refuse the event if the job exists
+--   ARGV[14] chan_job       the job's channel
+--   ARGV[15] chan_all       the all-jobs channel
+--   ARGV[16] event_id
+--   ARGV[17] owner_tenant   the owner ('' for none), set only when the job is created
+--   ARGV[18] owner_sub
+--   ARGV[19] tenant_chan    prefix of the tenant channels
+--   ARGV[20] new_epoch      the epoch, if this event creates the job record
+--   ARGV[21] sharded        '1'/'0': publish on the job's shard channel
+--   ARGV[22] history_max    history length past which even transitions go
+--   ARGV[23] dedupe         '1'/'0': refuse an event id among the job's last 256
+--   ARGV[24] parent         the group or chord ('' for none), set only when created
+--   ARGV[25] role           'child' or 'callback'
+--   ARGV[26] outcome        'ok'/'failed' (a child's end counted in this group), or ''
+--   ARGV[27] celery_value   only with KEYS[5]: Celery's encoded result meta
+--   ARGV[28] celery_ttl     only with KEYS[5]: its expiry in seconds, 0 for none
+--
+-- outcome ('ok'/'failed', else '') makes this event a group's or chord's aggregate:
 -- the job's done or failed counter goes up by one, and the script writes the event itself
 -- from the counters, so counts in the stream only rise however children race: RUNNING
 -- with {done, failed, total, percent}; when every child is in, a group's final SUCCESS

@@ -16,12 +16,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jobwire.protocol import MAX_BODY_BYTES, JobNotFound, JobwireError
+from jobwire.record import Owner
 from jobwire.server import schemas, validation
 from jobwire.server.auth import Principal
 from jobwire.server.errors import JSON
 from jobwire.server.services import Services, services, user_key
 from jobwire.tasks.control import Call, revoke_job, submit, submit_group
-from jobwire.tasks.recorder import Owner
 
 
 async def read_json(request: Request) -> Any:
