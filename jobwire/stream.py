@@ -370,6 +370,18 @@ class ClientStream:
         """What waits for this client, in bytes (events as sent, control messages as 64)."""
         return self._out_bytes + self._inbox_bytes
 
+    def stalled(
+        self, now: float, timeout: float, sending_since: float | None, pinged: float | None
+    ) -> str | None:
+        """The clock's tick: why the client is too slow to keep, if it accepted nothing for
+        `timeout` seconds (a send blocked since `sending_since`, or a keepalive ping
+        unanswered since `pinged`); else None."""
+        if sending_since is not None and now - sending_since > timeout:
+            return f"client too slow: accepted nothing for {timeout:g}s; resume by seq"
+        if pinged is not None and now - pinged > timeout:
+            return f"client too slow: answered no ping for {timeout:g}s; resume by seq"
+        return None
+
     def mark_too_slow(self, reason: str) -> None:
         """The client cannot keep up: drop what waits; its transport closes it (1013)."""
         if self.too_slow is None:

@@ -42,14 +42,7 @@ class StallWatch:
             await asyncio.sleep(self._interval)
             now = loop.time()
             for feed in list(self._feeds):
-                since = feed.sending_since
-                if since is not None and now - since > self.timeout:
-                    feed.mark_too_slow(
-                        f"client too slow: accepted nothing for {self.timeout:g}s; resume by seq"
-                    )
-                    continue
                 pinged = feed.ping_since() if feed.ping_since is not None else None
-                if pinged is not None and now - pinged > self.timeout:
-                    feed.mark_too_slow(
-                        f"client too slow: answered no ping for {self.timeout:g}s; resume by seq"
-                    )
+                reason = feed.core.stalled(now, self.timeout, feed.sending_since, pinged)
+                if reason is not None:
+                    feed.mark_too_slow(reason)
