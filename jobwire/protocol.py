@@ -109,6 +109,47 @@ TERMINAL_CLOSE_CODES = frozenset(
     }
 )
 
+
+@dataclass(frozen=True)
+class Disconnect:
+    """Why the server ends a connection, as one value: the websocket close code and reason,
+    whether reconnecting can help (`terminal`: it cannot), and the metric label it is
+    counted under. Every transport closes with one of these (an SSE stream ends, saying
+    the reason where it still can)."""
+
+    code: int
+    reason: str
+    label: str
+
+    @property
+    def terminal(self) -> bool:
+        return self.code in TERMINAL_CLOSE_CODES
+
+    def because(self, reason: str) -> Disconnect:
+        """The same disconnect, saying more precisely why."""
+        return Disconnect(self.code, reason, self.label)
+
+
+class Disconnects:
+    """The disconnects jobwire uses (see `Disconnect`)."""
+
+    JOB_FINISHED = Disconnect(Close.NORMAL, "job finished", "finished")
+    CLOSED = Disconnect(Close.NORMAL, "", "closed")  # nothing more to say (the stream is over)
+    GOING_AWAY = Disconnect(Close.GOING_AWAY, "server shutting down; reconnect", "going_away")
+    TRANSPORT_OFF = Disconnect(Close.POLICY, "websockets are turned off here", "transport_off")
+    TOO_MANY_MESSAGES = Disconnect(Close.POLICY, "too many messages", "too_many_messages")
+    TOO_BIG = Disconnect(Close.TOO_BIG, "request head over the size limit", "too_big")
+    INTERNAL = Disconnect(Close.INTERNAL_ERROR, "job store error", "internal")
+    UNAVAILABLE = Disconnect(Close.TRY_AGAIN_LATER, "job store unavailable, reconnect", "unavailable")
+    TOO_SLOW = Disconnect(Close.TRY_AGAIN_LATER, "client too slow; resume by seq", "too_slow")
+    LOAD = Disconnect(Close.TRY_AGAIN_LATER, "too many connections; retry later", "load")
+    BAD_REQUEST = Disconnect(Close.BAD_REQUEST, "bad request", "bad_request")
+    UNAUTHENTICATED = Disconnect(Close.UNAUTHENTICATED, "unauthenticated", "unauthenticated")
+    TOKEN_EXPIRED = Disconnect(Close.UNAUTHENTICATED, TOKEN_EXPIRED, "token_expired")
+    FORBIDDEN = Disconnect(Close.FORBIDDEN, "origin not allowed", "forbidden")
+    NOT_FOUND = Disconnect(Close.NOT_FOUND, "job not found", "not_found")
+
+
 #: Every error code jobwire answers with, and the HTTP status it carries on REST and SSE.
 #: On `/ws` the same codes arrive in `{"type": "error"}` messages.
 ERROR_STATUS: dict[str, int] = {

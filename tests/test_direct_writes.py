@@ -29,12 +29,11 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
-from jobwire.server import direct
+from jobwire.server import direct, transports
 from jobwire.server.direct import frame_writer
 from jobwire.server.events import ws_frame
 from jobwire.server.metrics import Tally
 from jobwire.server.routes import sse as sse_routes
-from jobwire.server.routes import ws as ws_routes
 from jobwire.tasks.recorder import Recorder
 from tests.clients import assert_gap_free, next_of, recv_json, until_subscribed
 from tests.support import ROOT, RedisServer, run_server, settings_for
@@ -249,7 +248,7 @@ async def test_a_real_uvicorn_connection_has_everything_direct_reads(
     """Through a real server: the objects behind a websocket's send and an SSE request's
     transport have every attribute, of the type expected, and every feature is on."""
     seen: dict[str, Any] = {}
-    real_frame_writer, real_cut_off = ws_routes.frame_writer, sse_routes.cut_off_when_too_slow
+    real_frame_writer, real_cut_off = transports.frame_writer, sse_routes.cut_off_when_too_slow
 
     def frame_writer_spy(send: Any, written: Tally) -> Any:
         seen["send"], seen["write"] = send, real_frame_writer(send, written)
@@ -261,7 +260,7 @@ async def test_a_real_uvicorn_connection_has_everything_direct_reads(
         seen["too slow"] = real_cut_off(scope, delay)
         return seen["too slow"]
 
-    monkeypatch.setattr(ws_routes, "frame_writer", frame_writer_spy)
+    monkeypatch.setattr(transports, "frame_writer", frame_writer_spy)
     monkeypatch.setattr(sse_routes, "cut_off_when_too_slow", cut_off_spy)
     caplog.set_level(logging.DEBUG, logger=WARNINGS)
     settings = settings_for(own_redis.url)

@@ -22,25 +22,26 @@ with `{"type": "error", "code": "unauthenticated", "message": "token expired"}`,
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-import orjson
 from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope
 
-from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, TOKEN_EXPIRED, JobwireError, Msg
+from jobwire.protocol import MAX_JOBS_PER_STREAM, SSE_RETRY_MS, Disconnects, JobwireError
 from jobwire.server import validation
-from jobwire.server.auth import Principal, at_expiry, unauthenticated
+from jobwire.server.auth import Principal, at_expiry
 from jobwire.server.direct import CLOSE_GRACE, cut_off_when_too_slow
 from jobwire.server.errors import RETRY_AFTER, redis_unreachable
-from jobwire.server.events import Coalesced, Delivery, FromAll
 from jobwire.server.feed import Feed, reply_refused
 from jobwire.server.hub import HubUnavailable
+from jobwire.server.render import sse_control
 from jobwire.server.routes.jobs import path_job_id
 from jobwire.server.services import Services, services, user_key
+from jobwire.server.transports import Send, SseTransport, pump
 
 
 def _sse_services(request: Request) -> Services:
@@ -148,21 +149,6 @@ def _also(*calls: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def _control(message: dict[str, object]) -> str:
-    return f"event: control\ndata: {orjson.dumps(message).decode()}\n\n"
-
-
-def _frame(item: Delivery | Coalesced, with_ids: bool) -> str:
-    event = item if isinstance(item, Delivery) else item.delivery
-    # `<epoch>:<seq>`: what EventSource sends back as Last-Event-ID
-    if isinstance(item, Coalesced) and item.from_all:
-        return f"event: all\ndata: {item.raw.decode()}\n\n"
-    if not with_ids:
-        return f"data: {item.raw.decode()}\n\n"
-    tag = f"{event.epoch}:{event.seq}" if event.epoch else str(event.seq)
-    return f"id: {tag}\ndata: {item.raw.decode()}\n\n"
-
-
 def _stream(
     feed: Feed,
     svc: Services,
@@ -171,7 +157,7 @@ def _stream(
     *,
     with_ids: bool = False,
     notices: list[dict[str, object]] | None = None,
-) -> StreamingResponse:
+) -> Response:
     """The feed as SSE. A single-job stream (`with_ids`) ends after the job's final event;
     a multiplexed one ends with `end` once the feed is exhausted. A client too slow to
     keep (see `Feed`) has its stream ended without `end`: it reconnects and resumes.
@@ -179,10 +165,8 @@ def _stream(
     When the token expires, the stream ends with an `unauthenticated` error ("token
     expired") and no `end`, as a websocket closes 4401 then: the client comes back with a
     new token and resumes from its seqs (`Last-Event-ID`, `since`)."""
-    heartbeat, metrics = svc.settings.heartbeat_interval, svc.metrics
-    loop = asyncio.get_running_loop()
 
-    async def body() -> AsyncIterator[str]:
+    async def run(transport: SseTransport) -> None:
         expired = False
 
         def expire() -> None:
@@ -191,57 +175,74 @@ def _stream(
             feed.shutdown()  # wakes the stream, and nothing more is queued for it
 
         expiry = at_expiry(principal, expire)
+        disconnect = Disconnects.JOB_FINISHED
         try:
-            yield f"retry: {SSE_RETRY_MS}\n\n"
-            for notice in notices or ():
-                yield _control(notice)
-            while not feed.exhausted:
-                item = await feed.next(idle=heartbeat)
-                if expired:
-                    break  # not even what a history read in flight brought: the token is spent
-                if item is None:
-                    text = ": keepalive\n\n"
-                elif isinstance(item, FromAll):
-                    text = f"event: all\ndata: {item.delivery.raw.decode()}\n\n"
-                elif isinstance(item, (Delivery, Coalesced)):
-                    metrics.sse_deliveries.inc()
-                    if isinstance(item, Coalesced):
-                        metrics.coalesced.inc(item.skipped)
-                    text = _frame(item, with_ids)
-                elif not with_ids or item.get("type") == Msg.RESET:  # a reset matters to all
-                    text = _control(item)
-                else:
-                    continue
-                feed.sending_since = loop.time()
-                yield text
-                feed.sending_since = None
-                event = item.delivery if isinstance(item, Coalesced) else item
-                if with_ids and isinstance(event, Delivery) and event.final:
-                    return
+            await transport.text(f"retry: {SSE_RETRY_MS}\n\n")
+            if notices:
+                await transport.text("".join(sse_control(notice) for notice in notices))
+            await pump(
+                feed,
+                transport,
+                heartbeat_every=svc.settings.heartbeat_interval,
+                after_final=with_ids,
+                while_open=True,
+            )
             if expired:
-                yield _control(unauthenticated(TOKEN_EXPIRED).as_message())
+                disconnect = Disconnects.TOKEN_EXPIRED
             elif feed.too_slow is not None:
-                metrics.slow_closed.labels("sse").inc()
-            elif not with_ids and not feed.closing:
-                yield _control({"type": Msg.END})
+                disconnect = Disconnects.TOO_SLOW
+            elif feed.closing:
+                disconnect = Disconnects.GOING_AWAY
         except Exception as exc:
             if not redis_unreachable(exc) and not isinstance(exc, RedisError):
                 raise
             # Too late for a status: say so, and end; the client resumes from its seqs.
-            yield _control(
-                JobwireError("unavailable", f"job store unavailable, reconnect: {exc}").as_message()
-            )
+            disconnect = Disconnects.UNAVAILABLE.because(f"job store unavailable, reconnect: {exc}")
         finally:
             if expiry is not None:
                 expiry.cancel()
             feed.close()
             release()
+        await transport.close(disconnect)
 
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return _SseResponse(run, lambda send: SseTransport(send, feed, svc.metrics, with_ids=with_ids))
+
+
+class _SseResponse(Response):
+    """An SSE response whose body `run` writes through an `SseTransport`, until it returns
+    or the client goes (then it is cancelled)."""
+
+    def __init__(
+        self,
+        run: Callable[[SseTransport], Awaitable[None]],
+        transport: Callable[[Send], SseTransport],
+    ) -> None:
+        # Not Response.__init__: it would add `content-length: 0` for the empty body.
+        self.status_code, self.background = 200, None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        self._run, self._transport = run, transport
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+
+        async def gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        tasks = {asyncio.ensure_future(self._run(self._transport(send))), asyncio.ensure_future(gone())}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception) and not isinstance(result, OSError):
+                raise result
 
 
 routes = [

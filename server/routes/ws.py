@@ -33,41 +33,23 @@ from urllib.parse import urlsplit
 import orjson
 from redis.exceptions import RedisError
 from starlette.routing import WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from jobwire.protocol import MAX_IDS_PER_MESSAGE, TOKEN_EXPIRED, Close, JobwireError, Msg, Op
+from jobwire.protocol import MAX_IDS_PER_MESSAGE, Disconnect, Disconnects, JobwireError, Msg, Op
 from jobwire.server import validation
 from jobwire.server.auth import Principal, at_expiry
-from jobwire.server.direct import (
-    CLOSE_GRACE,
-    bound_kernel_buffer,
-    cut_off_later,
-    denial_sent,
-    frame_writer,
-    ping_waiting_since,
-    raw_send,
-)
+from jobwire.server.direct import denial_sent, raw_send
 from jobwire.server.errors import error_response, redis_unreachable
-from jobwire.server.events import Coalesced, Delivery, FromAll, ws_frame
-from jobwire.server.feed import Feed, Item, reply_refused
+from jobwire.server.feed import Feed, reply_refused
 from jobwire.server.limits import Pace, Refusal
 from jobwire.server.services import Services, services, user_key
+from jobwire.server.transports import WebSocketTransport, close_websocket, pump
 
 log = logging.getLogger(__name__)
 
 
-def _text(item: Item) -> str:
-    if isinstance(item, Delivery):
-        return item.frame
-    if isinstance(item, FromAll):
-        return item.delivery.all_frame
-    if isinstance(item, Coalesced):
-        return item.frame
-    return orjson.dumps(item).decode()
-
-
 async def _run_until_first_done(
-    ws: WebSocket, svc: Services, feed: Feed, principal: Principal, *coros: Awaitable[None]
+    transport: WebSocketTransport, feed: Feed, principal: Principal, *coros: Awaitable[None]
 ) -> None:
     """Run the socket's reader and writer; when one ends (disconnect, close), stop both.
 
@@ -78,15 +60,15 @@ async def _run_until_first_done(
     seq, which loses nothing, where limping on could.
     """
     tasks = [asyncio.ensure_future(c) for c in coros]
-    stopped: list[tuple[int, str]] = []
+    stopped: list[Disconnect] = []
 
-    def stop(code: int, reason: str) -> None:
-        stopped.append((code, reason))
+    def stop(disconnect: Disconnect) -> None:
+        stopped.append(disconnect)
         for task in tasks:
             task.cancel()
 
-    feed.on_too_slow = lambda reason: stop(Close.TRY_AGAIN_LATER, reason)
-    expiry = at_expiry(principal, lambda: stop(Close.UNAUTHENTICATED, TOKEN_EXPIRED))
+    feed.on_too_slow = lambda reason: stop(Disconnects.TOO_SLOW.because(reason))
+    expiry = at_expiry(principal, lambda: stop(Disconnects.TOKEN_EXPIRED))
     try:
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         # Stop the others before closing: the writer may be blocked in a send to a client
@@ -95,20 +77,18 @@ async def _run_until_first_done(
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         if stopped:
-            code, reason = stopped[0]
-            if code == Close.TRY_AGAIN_LATER:
-                log.info("closing websocket: %s", reason)
-                svc.metrics.slow_closed.labels("websocket").inc()
-            await _close(ws, code, reason)
+            if stopped[0].label == Disconnects.TOO_SLOW.label:
+                log.info("closing websocket: %s", stopped[0].reason)
+            await transport.close(stopped[0])
             return
         for task in done:
             exc = task.exception()
             if exc is not None and redis_unreachable(exc):
                 log.warning("closing websocket, Redis unreachable: %s", exc)
-                await _close(ws, Close.TRY_AGAIN_LATER, "job store unavailable, reconnect")
+                await transport.close(Disconnects.UNAVAILABLE)
             elif isinstance(exc, RedisError):
                 log.error("closing websocket, Redis error: %s", exc)
-                await _close(ws, Close.INTERNAL_ERROR, "job store error")
+                await transport.close(Disconnects.INTERNAL)
             # Starlette raises RuntimeError for a send on a socket the client already closed.
             elif exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):
                 raise exc
@@ -132,32 +112,6 @@ async def _receive_json(ws: WebSocket) -> Any:
         return orjson.loads(message["text"])
     except orjson.JSONDecodeError:
         raise JobwireError("invalid_json", "message is not valid JSON") from None
-
-
-def _reason(text: str) -> str:
-    """A close reason fits in 123 bytes of UTF-8 (RFC 6455): cut by bytes, not characters,
-    or a reason quoting a non-ASCII id cannot be sent and the socket just drops."""
-    raw = text.encode()
-    return raw[:123].decode(errors="ignore") if len(raw) > 123 else text
-
-
-async def _close(ws: WebSocket, code: int, reason: str = "", *, grace: float = CLOSE_GRACE) -> None:
-    """Close with `code`, giving the client `grace` seconds to take the close frame.
-
-    The frame waits behind whatever the client has not read, and uvicorn, closing, waits
-    for its buffer to drain first: a client that reads nothing would hold the connection
-    open (ESTABLISHED, measured 30 s and more) however the close was meant. So a client
-    that has not gone after `grace` is cut off (a reset, nothing more sent); it resumes
-    by seq, as after any drop.
-    """
-    if ws.application_state != WebSocketState.CONNECTED:
-        return
-    cut_off_later(raw_send(ws), grace)
-    try:
-        async with asyncio.timeout(grace):  # the send waits while the socket is full
-            await ws.close(code, _reason(reason))
-    except (RuntimeError, OSError, WebSocketDisconnect, TimeoutError):
-        pass  # the client is already gone, or is being cut off
 
 
 # -- connecting ---------------------------------------------------------------------------
@@ -186,10 +140,10 @@ async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]]
     svc = services(ws)
     settings = svc.settings
     if "websocket" not in settings.transports:
-        await ws.close(code=Close.POLICY)
+        await ws.close(code=Disconnects.TRANSPORT_OFF.code)
         return None
     if not _origin_allowed(ws, settings.allowed_origins):
-        await ws.close(code=Close.FORBIDDEN)
+        await ws.close(code=Disconnects.FORBIDDEN.code)
         return None
     # An address over its limits is refused before the upgrade: the cheapest answer to a flood.
     address = ws.client.host if ws.client else "?"
@@ -219,7 +173,7 @@ async def _refuse_for_load(ws: WebSocket, refused: Refusal) -> None:
         denial_sent(raw_send(ws))
     else:
         await ws.accept()
-        await _close(ws, Close.TRY_AGAIN_LATER, refused.message)
+        await close_websocket(ws, Disconnects.LOAD.because(refused.message))
 
 
 async def _authenticate(
@@ -237,20 +191,22 @@ async def _authenticate(
                 raise JobwireError("unauthenticated", 'authenticate first: {"op": "auth", "token": ...}')
             principal = svc.auth.verify(msg.get("token"))  # type: ignore[arg-type]
     except TimeoutError:
-        await _close(ws, Close.UNAUTHENTICATED, f"no token within {settings.auth_timeout:g}s")
+        await close_websocket(
+            ws, Disconnects.UNAUTHENTICATED.because(f"no token within {settings.auth_timeout:g}s")
+        )
         return None
     except JobwireError as exc:
-        await _close(ws, Close.UNAUTHENTICATED, exc.message)
+        await close_websocket(ws, Disconnects.UNAUTHENTICATED.because(exc.message))
         return None
     user = user_key(principal)
     refused = svc.connections.acquire_user(user)
     if refused is not None:
         svc.metrics.rejected.labels(refused.reason).inc()
-        await _close(ws, Close.TRY_AGAIN_LATER, refused.message)
+        await close_websocket(ws, Disconnects.LOAD.because(refused.message))
         return None
 
     async def goodbye() -> None:
-        await _close(ws, Close.GOING_AWAY, "server shutting down; reconnect")
+        await close_websocket(ws, Disconnects.GOING_AWAY)
 
     svc.goodbyes.add(goodbye)
     uncount = svc.metrics.connection("websocket")
@@ -303,7 +259,7 @@ async def ws_multi(ws: WebSocket) -> None:
                     if pace.refused == 1:
                         raise JobwireError("rate_limited", "too many messages; slow down")
                     if pace.refused > pace.capacity:
-                        await _close(ws, Close.POLICY, "too many messages")
+                        await close_websocket(ws, Disconnects.TOO_MANY_MESSAGES)
                         return
                     continue
                 if cost > BIG_MESSAGE_COST:
@@ -315,93 +271,18 @@ async def ws_multi(ws: WebSocket) -> None:
                 feed.post(exc.as_message())
 
     try:
-        await _run_until_first_done(ws, svc, feed, principal, read(), _pump(ws, feed, svc))
+        transport = _transport(ws, feed, svc)
+        beat = svc.settings.heartbeat_interval
+        await _run_until_first_done(
+            transport, feed, principal, read(), pump(feed, transport, heartbeat_every=beat)
+        )
     finally:
         feed.close()
         release()
 
 
-async def _pump(ws: WebSocket, feed: Feed, svc: Services, *, close_after_final: bool = False) -> None:
-    """The socket's only writer (so frames never interleave): the feed's events and
-    replies, and a heartbeat when idle. A burst is drained without a wait per event, and
-    events waiting together go out in one write. While a send is blocked,
-    `feed.sending_since` says since when (see `StallWatch`)."""
-    heartbeat, delivered, coalesced = (
-        svc.settings.heartbeat_interval,
-        svc.metrics.ws_deliveries.inc,
-        svc.metrics.coalesced.inc,
-    )
-    loop = asyncio.get_running_loop()
-    # The server's own ASGI send: Starlette's WebSocket.send re-checks the socket's state
-    # and its wrappers add a call per layer, a real share of the cost of a delivery. An
-    # event's message is built once and shared by every watcher (`Delivery.message`), and
-    # when the socket can take it at once, the hub's dispatch writes its frame directly.
-    send = raw_send(ws)
-    bound_kernel_buffer(send, svc.settings.socket_send_buffer)
-    write = feed.write_now = frame_writer(send, svc.metrics.ws_written)
-    feed.ping_since = ping_waiting_since(send)  # an unanswered ping is a stall too (see StallWatch)
-    feed.write_finals = not close_after_final
-
-    async def send_one(item: Item) -> None:
-        """Through ASGI, which waits while the socket is full (`sending_since` says since when)."""
-        feed.sending_since = loop.time()
-        if isinstance(item, Delivery):
-            await send(item.message)
-        else:
-            await send({"type": "websocket.send", "text": _text(item)})
-        feed.sending_since = None
-        if isinstance(item, _EVENTS):
-            delivered()
-            if isinstance(item, Coalesced):
-                coalesced(item.skipped)
-
-    while True:
-        item: Item | None = await feed.next(idle=heartbeat)
-        if item is None:
-            item = {"type": Msg.HEARTBEAT, "ts": time.time()}
-        while item is not None:
-            if write is not None and isinstance(item, _EVENTS):
-                batch = _take_events(feed, item)
-                if write(b"".join(map(_ws_frame, batch)), len(batch)):
-                    for event in batch:
-                        if isinstance(event, Coalesced):
-                            coalesced(event.skipped)
-                else:
-                    for event in batch:
-                        await send_one(event)
-                last = batch[-1]
-            else:
-                await send_one(item)
-                last = item
-            if close_after_final and _final(last):
-                await ws.close(Close.NORMAL, "job finished")
-                return
-            item = feed.next_nowait()
-
-
-_EVENTS = (Delivery, FromAll, Coalesced)
-_BATCH = 64  # events joined into one write, at most
-
-
-def _take_events(feed: Feed, first: Item) -> list[Item]:
-    """`first` and the queued events after it, up to `_BATCH` and up to a final one."""
-    batch = [first]
-    while not _final(batch[-1]) and len(batch) < _BATCH and (nxt := feed.next_queued_event()) is not None:
-        batch.append(nxt)
-    return batch
-
-
-def _final(item: Item) -> bool:
-    delivery = item if isinstance(item, Delivery) else getattr(item, "delivery", None)
-    return bool(delivery is not None and delivery.final)
-
-
-def _ws_frame(item: Item) -> bytes:
-    if isinstance(item, Delivery):
-        return item.ws_frame
-    if isinstance(item, FromAll):
-        return item.delivery.all_ws_frame
-    return ws_frame(_text(item))
+def _transport(ws: WebSocket, feed: Feed, svc: Services) -> WebSocketTransport:
+    return WebSocketTransport(ws, feed, svc.metrics, socket_send_buffer=svc.settings.socket_send_buffer)
 
 
 async def _handle(msg: Any, feed: Feed) -> None:
@@ -481,7 +362,7 @@ async def ws_job(ws: WebSocket) -> None:
         epoch = validation.epoch(ws.query_params["epoch"]) if "epoch" in ws.query_params else None
     except JobwireError as exc:
         release()
-        await _close(ws, Close.BAD_REQUEST, exc.message)
+        await close_websocket(ws, Disconnects.BAD_REQUEST.because(exc.message))
         return
     feed = svc.feed(principal)
     try:
@@ -490,10 +371,10 @@ async def ws_job(ws: WebSocket) -> None:
         except Exception as exc:
             if not redis_unreachable(exc):
                 raise
-            await _close(ws, Close.TRY_AGAIN_LATER, "job store unavailable, retry")
+            await close_websocket(ws, Disconnects.UNAVAILABLE)
             return
         if not found:
-            await _close(ws, Close.NOT_FOUND, "job not found")
+            await close_websocket(ws, Disconnects.NOT_FOUND)
             return
 
         async def read() -> None:
@@ -504,12 +385,18 @@ async def ws_job(ws: WebSocket) -> None:
                 except JobwireError:
                     pass
 
-        pump = _pump(ws, feed, svc, close_after_final=True)
-        await _run_until_first_done(ws, svc, feed, principal, read(), pump)
+        transport = _transport(ws, feed, svc)
+        feed.write_finals = False  # the final event goes through the queue: the close follows it
+
+        async def to_the_end() -> None:
+            await pump(feed, transport, heartbeat_every=svc.settings.heartbeat_interval, after_final=True)
+            await transport.close(Disconnects.JOB_FINISHED)
+
+        await _run_until_first_done(transport, feed, principal, read(), to_the_end())
     finally:
         feed.close()
         release()
-        await _close(ws, Close.NORMAL)
+        await close_websocket(ws, Disconnects.CLOSED)
 
 
 routes = [
