@@ -48,14 +48,9 @@ class Services:
         once: a client that reads nothing holds its goodbye for a grace period."""
         await asyncio.gather(*(goodbye() for goodbye in list(self.goodbyes)), return_exceptions=True)
 
-    def admit(self, user: str | None, address: str) -> Refusal | None:
-        """Count one more connection of `user` from `address`, or say why not now (the
-        pace of new connections, or too many open), counting the refusal. Nothing is
-        counted on a refusal; `connections.release` undoes an admission."""
-        refused = self.connections.opening(address) or self.connections.acquire(user, address)
-        if refused is not None:
-            self.metrics.rejected.labels(refused.reason).inc()
-        return refused
+    def admission(self, kind: str, address: str) -> Admission:
+        """A new connection's place in the limits (see `Admission`)."""
+        return Admission(self, kind, address)
 
     def feed(self, principal: Principal) -> Feed:
         feed = Feed(
@@ -69,6 +64,65 @@ class Services:
         )
         self.stalls.add(feed)
         return feed
+
+
+class Admission:
+    """One connection's place in the limits, for every transport alike: its address is
+    admitted first (the pace of new connections, and how many are open), its user once
+    known (a websocket learns it after the upgrade), and everything is released once,
+    whatever ends the connection. A refusal is counted in the metrics, and nothing is
+    held for it."""
+
+    def __init__(self, svc: Services, kind: str, address: str) -> None:
+        self._svc, self._kind, self._address = svc, kind, address
+        self._user: str | None = None
+        self._address_held = self._user_held = False
+        self._uncount: Callable[[], None] | None = None
+        self._goodbye: Callable[[], Awaitable[None]] | None = None
+
+    def admit(self, user: str | None = None, *, complete: bool = True) -> Refusal | None:
+        """Admit the address (and `user`, when known); None if admitted, else why not now."""
+        connections = self._svc.connections
+        refused = connections.opening(self._address) or connections.acquire(user, self._address)
+        if refused is not None:
+            return self._refused(refused)
+        self._address_held, self._user, self._user_held = True, user, user is not None
+        if complete:
+            self._opened()
+        return None
+
+    def admit_user(self, user: str | None) -> Refusal | None:
+        """Admit the user of a connection whose address is admitted already."""
+        refused = self._svc.connections.acquire_user(user)
+        if refused is not None:
+            return self._refused(refused)
+        self._user, self._user_held = user, user is not None
+        self._opened()
+        return None
+
+    def on_goodbye(self, goodbye: Callable[[], Awaitable[None]]) -> None:
+        """Tell this connection `goodbye()` when the server goes away (until released)."""
+        self._goodbye = goodbye
+        self._svc.goodbyes.add(goodbye)
+
+    def release(self) -> None:
+        """Give back everything held; a second call does nothing."""
+        if self._uncount is not None:
+            self._uncount()
+            self._uncount = None
+        if self._goodbye is not None:
+            self._svc.goodbyes.discard(self._goodbye)
+            self._goodbye = None
+        if self._address_held:
+            self._svc.connections.release(self._user if self._user_held else None, self._address)
+            self._address_held = self._user_held = False
+
+    def _opened(self) -> None:
+        self._uncount = self._svc.metrics.connection(self._kind)
+
+    def _refused(self, refused: Refusal) -> Refusal:
+        self._svc.metrics.rejected.labels(refused.reason).inc()
+        return refused
 
 
 def services(conn: HTTPConnection) -> Services:

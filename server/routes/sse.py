@@ -40,7 +40,7 @@ from jobwire.server.feed import Feed, reply_refused
 from jobwire.server.hub import HubUnavailable
 from jobwire.server.render import sse_control
 from jobwire.server.routes.jobs import path_job_id
-from jobwire.server.services import Services, services, user_key
+from jobwire.server.services import Admission, Services, services, user_key
 from jobwire.server.transports import Send, SseTransport, pump
 
 
@@ -66,30 +66,24 @@ async def _opening(feed: Feed, release: Callable[[], None]) -> AsyncIterator[Non
         raise
 
 
-def _connect(svc: Services, request: Request) -> tuple[Principal, Callable[[], None]]:
+def _connect(svc: Services, request: Request) -> tuple[Principal, Admission]:
     """Who is asking, and a slot for their stream (429 when they hold too many)."""
     principal = svc.auth.require(request)
-    user, address = user_key(principal), request.client.host if request.client else "?"
-    refused = svc.admit(user, address)
+    admission = svc.admission("sse", request.client.host if request.client else "?")
+    refused = admission.admit(user_key(principal))
     if refused is not None:
         raise refused.error()  # 429 with Retry-After: come back later
-    uncount = svc.metrics.connection("sse")
-
-    def release() -> None:
-        uncount()
-        svc.connections.release(user, address)
-
-    return principal, release
+    return principal, admission
 
 
-def _goodbye(svc: Services, feed: Feed) -> Callable[[], None]:
-    """Register the stream to be ended when the server goes away; return the unregister."""
+def _ends_on_goodbye(admission: Admission, feed: Feed) -> Callable[[], None]:
+    """End the stream when the server goes away; return what releases the connection."""
 
     async def goodbye() -> None:
         feed.shutdown()  # no `end`: the client must reconnect (to another process, perhaps)
 
-    svc.goodbyes.add(goodbye)
-    return lambda: svc.goodbyes.discard(goodbye)
+    admission.on_goodbye(goodbye)
+    return admission.release
 
 
 async def job_events(request: Request) -> Response:
@@ -101,7 +95,8 @@ async def job_events(request: Request) -> Response:
     else:
         since = validation.seq(request.query_params.get("since") or "0", field="since")
         epoch = validation.epoch(request.query_params["epoch"]) if "epoch" in request.query_params else None
-    principal, release = _connect(svc, request)
+    principal, admission = _connect(svc, request)
+    release = admission.release
     feed = svc.feed(principal)
     feed.on_too_slow = cut_off_when_too_slow(request.scope, CLOSE_GRACE)  # its writer is stuck
     async with _opening(feed, release):
@@ -111,7 +106,7 @@ async def job_events(request: Request) -> Response:
             release()
             return Response(status_code=204)
         await feed.watch(job_id, since, epoch)
-    release = _also(release, _goodbye(svc, feed))
+    release = _ends_on_goodbye(admission, feed)
     return _stream(feed, svc, principal, release, with_ids=True)
 
 
@@ -128,7 +123,8 @@ async def events(request: Request) -> Response:
         job_id, _, value = item.rpartition(":")
         epochs[validation.job_id(job_id)] = validation.epoch(value, field=f"epoch for {job_id!r}")
     want_all = params.get("all") in ("1", "true")
-    principal, release = _connect(svc, request)
+    principal, admission = _connect(svc, request)
+    release = admission.release
     feed = svc.feed(principal)
     feed.on_too_slow = cut_off_when_too_slow(request.scope, CLOSE_GRACE)  # its writer is stuck
     async with _opening(feed, release):
@@ -137,16 +133,8 @@ async def events(request: Request) -> Response:
         refused = await feed.watch_many(since, job_ids=job_ids, epochs=epochs)
     notices: list[dict[str, object]] = []
     reply_refused(refused, notices.append)
-    release = _also(release, _goodbye(svc, feed))
+    release = _ends_on_goodbye(admission, feed)
     return _stream(feed, svc, principal, release, notices=notices)
-
-
-def _also(*calls: Callable[[], None]) -> Callable[[], None]:
-    def run() -> None:
-        for call in calls:
-            call()
-
-    return run
 
 
 def _stream(

@@ -42,7 +42,7 @@ from jobwire.server.direct import denial_sent, raw_send
 from jobwire.server.errors import error_response, redis_unreachable
 from jobwire.server.feed import Feed, reply_refused
 from jobwire.server.limits import Pace, Refusal
-from jobwire.server.services import Services, services, user_key
+from jobwire.server.services import Admission, Services, services, user_key
 from jobwire.server.transports import WebSocketTransport, close_websocket, pump
 
 log = logging.getLogger(__name__)
@@ -146,17 +146,17 @@ async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]]
         await ws.close(code=Disconnects.FORBIDDEN.code)
         return None
     # An address over its limits is refused before the upgrade: the cheapest answer to a flood.
-    address = ws.client.host if ws.client else "?"
-    refused = svc.admit(None, address)
+    admission = svc.admission("websocket", ws.client.host if ws.client else "?")
+    refused = admission.admit(complete=False)
     if refused is not None:
         await _refuse_for_load(ws, refused)
         return None
     opened = None
     try:
-        opened = await _authenticate(ws, svc)
+        opened = await _authenticate(ws, svc, admission)
     finally:
         if not opened:
-            svc.connections.release(None, address)
+            admission.release()
     return opened
 
 
@@ -177,10 +177,9 @@ async def _refuse_for_load(ws: WebSocket, refused: Refusal) -> None:
 
 
 async def _authenticate(
-    ws: WebSocket, svc: Services
+    ws: WebSocket, svc: Services, admission: Admission
 ) -> tuple[Services, Principal, Callable[[], None]] | None:
     settings = svc.settings
-    address = ws.client.host if ws.client else "?"
     await ws.accept()
     try:
         principal = svc.auth.principal(ws)
@@ -198,25 +197,16 @@ async def _authenticate(
     except JobwireError as exc:
         await close_websocket(ws, Disconnects.UNAUTHENTICATED.because(exc.message))
         return None
-    user = user_key(principal)
-    refused = svc.connections.acquire_user(user)
+    refused = admission.admit_user(user_key(principal))
     if refused is not None:
-        svc.metrics.rejected.labels(refused.reason).inc()
         await close_websocket(ws, Disconnects.LOAD.because(refused.message))
         return None
 
     async def goodbye() -> None:
         await close_websocket(ws, Disconnects.GOING_AWAY)
 
-    svc.goodbyes.add(goodbye)
-    uncount = svc.metrics.connection("websocket")
-
-    def release() -> None:
-        uncount()
-        svc.goodbyes.discard(goodbye)
-        svc.connections.release(user, address)
-
-    return svc, principal, release
+    admission.on_goodbye(goodbye)
+    return svc, principal, admission.release
 
 
 def _cost(msg: Any) -> float:
