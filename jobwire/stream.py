@@ -192,16 +192,16 @@ class ClientStream:
 
     # -- live items ----------------------------------------------------------------------
 
-    def live(self, item: Live, from_all: bool = False) -> bool:
-        """A live item from the hub. True if the driver should wake its writer (there is
-        something to send or to read), or see that the client became `too_slow`.
+    def live(self, item: Live) -> None:
+        """A live item of a watched job's channel, from the hub (its sink: no wrapper, as
+        this runs once per event and watcher). The driver's `wake` is called when there
+        is something to send or to read, or the client became `too_slow`.
 
-        The common case first, since it runs once per event and watcher: the next
-        progress event of a watched job, nothing waiting, and the socket takes it now.
+        The common case first: the next event of a watched job, not final, nothing
+        waiting, and the socket takes it now.
         """
         if (
             type(item) is Delivery
-            and not from_all
             and self.write_now is not None
             and not (self._out or self._inbox or self.overflowed or item.final or self.sending)
             and self.too_slow is None
@@ -210,12 +210,22 @@ class ClientStream:
             if (
                 self.last.get(job_id, -1) + 1 == item.seq
                 and item.epoch == self.epoch.get(job_id)
-                and self._state.get(job_id) == item.state  # a transition takes the queue's path
                 and self.write_now(item.ws_frame, 1)
             ):
                 self.last[job_id] = item.seq
-                return False
-        return self._push(from_all, item)
+                if self._state.get(job_id) != item.state:  # a transition: it went out in its place
+                    self._state[job_id] = item.state
+                return
+        if self._push(False, item):
+            self.wake()
+
+    def live_all(self, item: Live) -> None:
+        """A live item of the all-jobs stream, from the hub (see `live`)."""
+        if self._push(True, item):
+            self.wake()
+
+    def wake(self) -> None:
+        """Set by the driver: there is something to send or to read (or the client must go)."""
 
     def _push(self, from_all: bool, item: Live) -> bool:
         """Handled at once when it needs no history read and nothing waits before it, else

@@ -50,6 +50,10 @@ class Feed:
         self._hub, self._store, self._keys, self._principal = hub, store, keys, principal
         self._max_jobs = max_jobs
         self.core = ClientStream(keys, queue_limit=queue_limit, max_bytes=max_bytes)
+        self.core.wake = self._woken  # type: ignore[method-assign]
+        # The hub's sinks are the core's own methods: one call per event and watcher.
+        self._job_sink: Callable[[Delivery | Outage | Resync], None] = self.core.live
+        self._all_sink: Callable[[Delivery | Outage | Resync], None] = self.core.live_all
         self.on_too_slow: Callable[[str], None] | None = None  # the transport's, to close it
         self._sending_since: float | None = None
         # The transport's: since when its keepalive ping waits for a pong (see StallWatch)
@@ -286,14 +290,6 @@ class Feed:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(timed_out)
-
-    def _job_sink(self, item: Delivery | Outage | Resync) -> None:
-        if self.core.live(item):
-            self._woken()
-
-    def _all_sink(self, item: Delivery | Outage | Resync) -> None:
-        if self.core.live(item, from_all=True):
-            self._woken()
 
     def _woken(self) -> None:
         if self.core.too_slow is not None:

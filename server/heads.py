@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from websockets import http11
 
-from jobwire.protocol import JobwireError
+from jobwire.protocol import Disconnects, JobwireError
 from jobwire.server.direct import TRANSPORT
 
 try:
@@ -80,7 +80,9 @@ async def _answer(scope: dict[str, Any], send: Any, error: JobwireError) -> None
     prefix = "http"
     if scope["type"] == "websocket":
         if "websocket.http.response" not in scope.get("extensions", {}):
-            await send({"type": "websocket.close", "code": 1009})  # the server can say no more
+            # The server can say no more before the upgrade than a close (HTTP 403 to the client).
+            too_big = Disconnects.TOO_BIG.because(error.message)
+            await send({"type": "websocket.close", "code": too_big.code, "reason": too_big.reason})
             return
         prefix = "websocket.http"
     await send({"type": f"{prefix}.response.start", "status": error.status, "headers": headers})
