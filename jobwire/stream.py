@@ -218,6 +218,8 @@ class ClientStream:
                 return
         if self._push(False, item):
             self.wake()
+        if self.effects:
+            self.perform()
 
     def live_all(self, item: Live) -> None:
         """A live item of the all-jobs stream, from the hub (see `live`)."""
@@ -226,6 +228,10 @@ class ClientStream:
 
     def wake(self) -> None:
         """Set by the driver: there is something to send or to read (or the client must go)."""
+
+    def perform(self) -> None:
+        """Set by the driver: carry out `effects` (and clear them). Not a wake: a final
+        event written at once leaves the writer nothing to do, only a subscription to drop."""
 
     def _push(self, from_all: bool, item: Live) -> bool:
         """Handled at once when it needs no history read and nothing waits before it, else
@@ -247,7 +253,7 @@ class ClientStream:
         if self._out_bytes + self._inbox_bytes > self._max_bytes:
             self.mark_too_slow(f"client too slow: over {self._max_bytes} bytes queued; resume by seq")
             return True
-        return bool(self._out or self._inbox or self.overflowed or self.effects)
+        return bool(self._out or self._inbox or self.overflowed)
 
     def need(self) -> str | list[str] | None:
         """Work through the inbox as far as it goes without Redis. Returns what must be read

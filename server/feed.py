@@ -51,6 +51,7 @@ class Feed:
         self._max_jobs = max_jobs
         self.core = ClientStream(keys, queue_limit=queue_limit, max_bytes=max_bytes)
         self.core.wake = self._woken  # type: ignore[method-assign]
+        self.core.perform = self._perform  # type: ignore[method-assign]
         # The hub's sinks are the core's own methods: one call per event and watcher.
         self._job_sink: Callable[[Delivery | Outage | Resync], None] = self.core.live
         self._all_sink: Callable[[Delivery | Outage | Resync], None] = self.core.live_all
@@ -296,7 +297,6 @@ class Feed:
             self._too_slow_now()
             return
         self._wake()
-        self._perform()
 
     def _perform(self) -> None:
         """Carry out what the core asked for: let go of the subscriptions of ended jobs."""
