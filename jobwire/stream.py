@@ -438,8 +438,7 @@ class ClientStream:
             and (self.write_finals or not event.final)
             and self.write_now(event.all_ws_frame if from_all else event.ws_frame, 1)
         ):
-            merge.pop(job_id, None)
-            return
+            return  # (nothing was queued, so no slot waits to be replaced)
         slot = merge.get(job_id)
         if not transition and slot is not None and slot.delivery.epoch == event.epoch:
             self._out_bytes += len(event.raw) - len(slot.delivery.raw)

@@ -55,6 +55,11 @@ class Feed:
         # The hub's sinks are the core's own methods: one call per event and watcher.
         self._job_sink: Callable[[Delivery | Outage | Resync], None] = self.core.live
         self._all_sink: Callable[[Delivery | Outage | Resync], None] = self.core.live_all
+        #: The next queued item if it is an event, else None: for joining events into one
+        #: write. It never handles the inbox, so nothing is written directly meanwhile, while
+        #: the transport holds events it has taken but not sent. (The core's own method:
+        #: called once per event of a batch.)
+        self.next_queued_event: Callable[[], Item | None] = self.core.pop_event
         self.on_too_slow: Callable[[str], None] | None = None  # the transport's, to close it
         self._sending_since: float | None = None
         # The transport's: since when its keepalive ping waits for a pong (see StallWatch)
@@ -231,6 +236,7 @@ class Feed:
             if item is not None:
                 return item
             needed = core.need()
+            self._perform()  # a final event handled from the inbox ends its subscription
             if isinstance(needed, str):
                 await self._backfill(needed)
             elif needed is not None:
@@ -255,12 +261,6 @@ class Feed:
             if not core.ready_without_reads():
                 return None
             self._perform()
-
-    def next_queued_event(self) -> Item | None:
-        """The next queued item if it is an event, else None: for joining events into one
-        write. It never handles the inbox, so nothing is written directly meanwhile, while
-        the transport holds events it has taken but not sent."""
-        return self.core.pop_event()
 
     @property
     def queued_bytes(self) -> int:
