@@ -27,6 +27,7 @@ from jobwire.server.direct import RawSend
 from jobwire.server.errors import EXCEPTION_HANDLERS
 from jobwire.server.heads import HeadLimit
 from jobwire.server.hub import Fanout, Hub
+from jobwire.server.lifecycle import Lifecycle, StartOnFirstUse
 from jobwire.server.limits import Connections
 from jobwire.server.metrics import Metrics
 from jobwire.server.routes import admin, health, jobs, results, sse, ws
@@ -37,9 +38,11 @@ from jobwire.settings import Settings
 from jobwire.storage import store_for
 from jobwire.tasks import registry
 
-# `static/` sits beside `server/` in the repository and beside `jobwire/server/` once
-# installed (package data), so one path serves both.
+# `static/` (the dashboard) and `js/` (the npm package `jobwire`: the client and the progress
+# element, served as they are published) sit beside `server/` in the repository and beside
+# `jobwire/server/` once installed (package data), so one path serves both.
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+CLIENT_DIR = Path(__file__).resolve().parent.parent / "js"
 _REDACT = RedactTokens()  # one instance: addFilter() ignores a filter it already has
 
 
@@ -62,7 +65,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     logging.getLogger("uvicorn.access").addFilter(_REDACT)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def run() -> AsyncIterator[Services]:
+        """Build the services, and tear them down (see `server.lifecycle`: when)."""
         redis = async_client(
             target,
             max_connections=settings.redis_max_connections,
@@ -98,10 +102,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         )
         try:
             if settings.metrics_listen is None:
-                yield
+                yield svc
             else:
                 async with metrics_routes.listener(svc, *settings.metrics_listen):
-                    yield
+                    yield svc
         finally:
             if bridge is not None:
                 await bridge.stop()
@@ -122,9 +126,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *jobs.id_routes,  # last: see server.routes.jobs
     ]
     if STATIC_DIR.is_dir():
-        routes.append(Mount("/", app=Static(directory=STATIC_DIR, html=True), name="static"))
+        static = Static(directory=STATIC_DIR, html=True)
+        if CLIENT_DIR.is_dir():  # `/jobwire.js`, `/jobwire-progress.js`: one copy, the package's
+            static.all_directories.append(CLIENT_DIR)
+        routes.append(Mount("/", app=static, name="static"))
+    lifecycle = Lifecycle(run)
     middleware = [
         Middleware(RawSend),  # first: it must see the server's own send (see server.direct)
+        Middleware(StartOnFirstUse, lifecycle=lifecycle),  # mounted where no lifespan runs
         Middleware(HeadLimit, max_url=settings.max_url_bytes, max_headers=settings.max_header_bytes),
         Middleware(
             CORSMiddleware,
@@ -134,9 +143,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
             max_age=600,
         ),
     ]
-    return Starlette(
-        routes=routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware
+    app = Starlette(
+        routes=routes,
+        lifespan=lifecycle.lifespan,
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=middleware,
     )
+    app.state.lifecycle = lifecycle  # for a host that starts and stops it (`server.mount`)
+    return app
 
 
 def _hub(settings: Settings, metrics: Metrics) -> Fanout:

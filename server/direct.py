@@ -204,14 +204,18 @@ def _websocket(send: Send) -> tuple[Any, frozenset[str]]:
 
 class RawSend:
     """ASGI middleware, outermost: keeps the server's own `send` in a websocket's scope,
-    before Starlette wraps it (its wrappers only matter for HTTP responses)."""
+    before Starlette wraps it (its wrappers only matter for HTTP responses).
+
+    jobwire's app has it first; an app that mounts jobwire adds it too, outside its own
+    middleware (`jobwire.mount()` does), and the outermost one wins: the host's wrappers
+    of `send` would otherwise turn the direct writes off."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
         if scope["type"] == "websocket":
-            scope[RAW_SEND] = send
+            scope.setdefault(RAW_SEND, send)
         await self.app(scope, receive, send)
 
 

@@ -294,7 +294,9 @@ _DOCUMENT = document()
 
 
 async def openapi(request: Request) -> Response:
-    return JSON(_DOCUMENT)
+    # Mounted under a prefix (`jobwire.mount()`), the paths are relative to it: say where.
+    root = request.scope.get("root_path", "")
+    return JSON({**_DOCUMENT, "servers": [{"url": root}]} if root else _DOCUMENT)
 
 
 routes = [Route("/openapi.json", openapi, methods=["GET"])]

@@ -25,6 +25,7 @@ from typing import Any
 
 import uvicorn
 
+from jobwire.server import lifecycle
 from jobwire.server.heads import HttpProtocol
 from jobwire.settings import Settings
 
@@ -68,10 +69,5 @@ class Server(uvicorn.Server):
     """uvicorn's server, with jobwire's goodbye before uvicorn's shutdown."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        app: Any = self.config.loaded_app
-        while app is not None and not hasattr(app, "state"):  # unwrap uvicorn's middleware
-            app = getattr(app, "app", None)
-        services = getattr(getattr(app, "state", None), "jobwire", None)
-        if services is not None:
-            await services.going_away()
+        await lifecycle.going_away(self.config.loaded_app)  # mounted jobwire apps too
         await super().shutdown(sockets)

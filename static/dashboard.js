@@ -3,7 +3,7 @@
 // Events are applied to plain models as they arrive, and rows are re-rendered at most once
 // per animation frame, so a burst of thousands of events costs a few paints, not thousands.
 
-import { JobwireClient, RETRYABLE_STATUS, backoff, notBefore } from "/jobwire.js";
+import { JobwireClient, RETRYABLE_STATUS, backoff, notBefore } from "./jobwire.js";
 
 const MAX_ROWS = 100;
 const FINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
@@ -150,7 +150,7 @@ function render(job) {
     // A result kept in object storage: the event carries only its reference.
     const link = document.createElement("a");
     link.className = "download";
-    link.href = `/api/v1/jobs/${encodeURIComponent(job.id)}/result` + (token ? `?token=${encodeURIComponent(token)}` : "");
+    link.href = `${BASE}/api/v1/jobs/${encodeURIComponent(job.id)}/result` + (token ? `?token=${encodeURIComponent(token)}` : "");
     link.textContent = `Download ${job.result.filename} (${formatBytes(job.result.size_bytes)})`;
     outcome.replaceChildren(link);
   } else if (job.state === "SUCCESS" && job.result !== undefined) {
@@ -297,7 +297,11 @@ if (params.get("token")) {
   history.replaceState(null, "", window.location.pathname + (rest ? `?${rest}` : ""));
 }
 const token = sessionStorage.getItem("jobwire.token") || undefined;
+// Where jobwire is: the folder this module came from, so the dashboard works at the site's
+// root and under a prefix it is mounted at (`/progress/`) alike.
+const BASE = new URL(".", import.meta.url).href.replace(/\/$/, "");
 const client = new JobwireClient({
+  baseUrl: BASE,
   token,
   transports: params.get("transports") ? params.get("transports").split(",") : undefined,
   upgradeInterval: params.get("upgrade") ? Number(params.get("upgrade")) : undefined,
@@ -331,7 +335,7 @@ async function api(path, init = {}) {
   const method = (init.method || "GET").toUpperCase();
   let resp;
   for (let attempt = 0; ; attempt += 1) {
-    resp = await fetch(path, { ...init, headers });
+    resp = await fetch(BASE + path, { ...init, headers });
     // Only reads are repeated: a refused submit or cancel is the user's to retry.
     if (method !== "GET" || !RETRYABLE_STATUS.has(resp.status) || attempt + 1 >= API_TRIES) break;
     const delay = notBefore(resp.headers.get("retry-after"), backoff(attempt, 500, 10000));
@@ -422,12 +426,27 @@ window.jobwire = { client, jobs };
 
 // -- rate limits panel (admin) --------------------------------------------------------------
 
+/** Whether the token may read admin endpoints: without a token (no auth) the server decides;
+ * a token without the admin scope is not asked at all (a 403 every 5 s says nothing new). */
+function mayBeAdmin() {
+  if (!token) return true;
+  try {
+    const claims = JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
+    const scope = Array.isArray(claims.scope) ? claims.scope : String(claims.scope || "").split(" ");
+    return scope.includes("admin") && !claims.jobs;
+  } catch (err) {
+    return false;
+  }
+}
+
+let limitsTimer = null;
 async function loadLimits() {
   let limits;
   try {
     ({ limits } = await api("/api/v1/admin/rate-limits"));
   } catch (err) {
-    return; // not an admin (403), or none defined: no panel
+    if (err.code === "forbidden" || err.code === "unauthenticated") clearInterval(limitsTimer);
+    return; // not an admin, or none defined: no panel
   }
   const panel = $("#limits");
   panel.hidden = limits.length === 0;
@@ -444,8 +463,10 @@ async function loadLimits() {
   );
 }
 
-loadLimits();
-setInterval(loadLimits, 5000);
+if (mayBeAdmin()) {
+  loadLimits();
+  limitsTimer = setInterval(loadLimits, 5000);
+}
 // Waiting jobs count down their "retry in" every second.
 setInterval(() => {
   for (const job of jobs.values()) if (job.state === "RATE_LIMITED") touch(job);

@@ -155,11 +155,12 @@ class RunningServer:
 
 @contextlib.asynccontextmanager
 async def run_server(
-    settings: Settings, port: int | None = None, **config: Any
+    settings: Settings, port: int | None = None, *, app: Any = None, **config: Any
 ) -> AsyncIterator[RunningServer]:
-    """uvicorn serving `create_app(settings)` in this event loop, on `port` or a free one,
-    configured as `jobwire serve` configures it (`config` overrides uvicorn's options)."""
-    app = create_app(settings)
+    """uvicorn serving `create_app(settings)` (or `app`: a host jobwire is mounted in) in
+    this event loop, on `port` or a free one, configured as `jobwire serve` configures it
+    (`config` overrides uvicorn's options)."""
+    app = create_app(settings) if app is None else app
     port = port or free_port()
     options: dict[str, Any] = dict(log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
     server = Server(uvicorn_config(app, settings, host="127.0.0.1", port=port, **{**options, **config}))

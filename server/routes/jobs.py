@@ -67,10 +67,20 @@ def full_access(principal: Principal, action: str) -> None:
 def job_links(request: Request, job_id: str) -> dict[str, str]:
     quoted = quote(job_id, safe="")  # any id Celery takes: '/', spaces, '#' ... percent-encoded
     return {
-        "self": str(request.url_for("job_status", job_id=quoted)),
-        "events": str(request.url_for("job_events", job_id=quoted)),
-        "ws": str(request.url_for("ws_job", job_id=quoted)),
+        "self": url_for(request, "job_status", job_id=quoted),
+        "events": url_for(request, "job_events", job_id=quoted),
+        "ws": url_for(request, "ws_job", job_id=quoted),
     }
+
+
+def url_for(request: Request, name: str, **params: str) -> str:
+    """The absolute URL of one of jobwire's routes. From jobwire's own router, under the
+    prefix it is mounted at (`root_path`): Starlette's `request.url_for` asks the outermost
+    router, where a host that named its mount would need the name prefixed."""
+    path = request.app.router.url_path_for(name, **params)
+    secure = request.url.is_secure
+    scheme = ("wss" if secure else "ws") if path.protocol == "websocket" else request.url.scheme
+    return str(request.url.replace(scheme=scheme, path=request.scope.get("root_path", "") + path, query=""))
 
 
 async def list_tasks(request: Request) -> Response:
