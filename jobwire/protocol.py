@@ -1,5 +1,5 @@
 """The contract every jobwire component reads: worker (`jobwire.tasks`), server
-(`jobwire.server`) and clients (`jobwire.client`; `static/jobwire.js` mirrors it).
+(`jobwire.server`) and clients (`jobwire.client`; `js/jobwire.js`, the npm package, mirrors it).
 
 Everything two sides must agree on lives here and nowhere else: job states, the event
 format, the messages and close codes of the client protocol, error codes and their HTTP
