@@ -16,6 +16,7 @@ from jobwire.server.feed import Feed
 from jobwire.server.hub import Fanout
 from jobwire.server.limits import Connections, Refusal
 from jobwire.server.metrics import Metrics
+from jobwire.server.refusals import RefusalLog
 from jobwire.server.stalls import StallWatch
 from jobwire.server.store import JobStore
 from jobwire.settings import Settings
@@ -42,6 +43,8 @@ class Services:
     # One websocket message naming many job ids at a time, process-wide (see
     # `server.routes.ws`): a flood of them from many sockets queues here, not in the loop.
     big_messages: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Every refused websocket and SSE stream is said here (see `server.refusals`).
+    refusals: RefusalLog = field(default_factory=RefusalLog)
 
     async def going_away(self) -> None:
         """The server is shutting down: close every client, asking it to reconnect. All at
@@ -70,8 +73,8 @@ class Admission:
     """One connection's place in the limits, for every transport alike: its address is
     admitted first (the pace of new connections, and how many are open), its user once
     known (a websocket learns it after the upgrade), and everything is released once,
-    whatever ends the connection. A refusal is counted in the metrics, and nothing is
-    held for it."""
+    whatever ends the connection. A refusal for load is counted in the metrics, and
+    nothing is held for it; every refusal, for load or not, is said in the log (`refuse`)."""
 
     def __init__(self, svc: Services, kind: str, address: str) -> None:
         self._svc, self._kind, self._address = svc, kind, address
@@ -117,11 +120,17 @@ class Admission:
             self._svc.connections.release(self._user if self._user_held else None, self._address)
             self._address_held = self._user_held = False
 
+    def refuse(self, reason: str, detail: str) -> None:
+        """This connection is refused for `reason` (a `Disconnect` label), before or instead
+        of being admitted: said in the log, once, with the address."""
+        self._svc.refusals(self._kind, reason, detail, self._address)
+
     def _opened(self) -> None:
         self._uncount = self._svc.metrics.connection(self._kind)
 
     def _refused(self, refused: Refusal) -> Refusal:
         self._svc.metrics.rejected.labels(refused.reason).inc()
+        self.refuse("load", refused.message)
         return refused
 
 

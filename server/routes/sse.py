@@ -43,6 +43,30 @@ from jobwire.server.routes.jobs import path_job_id
 from jobwire.server.services import Admission, Services, services, user_key
 from jobwire.server.transports import Send, SseTransport, pump
 
+#: Refusals of a stream said in the log, by error code (a 4xx for what the client sent is a
+#: bad request). A refusal for load is said where it is decided (`Admission`).
+_REFUSALS = {"unauthenticated": "unauthenticated", "transport_disabled": "transport_off"}
+_BAD_REQUEST = (400, 413, 414, 422)
+
+
+def _refusals_said(
+    endpoint: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """A stream refused before it starts is said in the log, as a websocket's refusal is:
+    an EventSource shows its page nothing of a 401's or a 400's JSON."""
+
+    async def said(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except JobwireError as exc:
+            reason = _REFUSALS.get(exc.code) or ("bad_request" if exc.status in _BAD_REQUEST else None)
+            if reason is not None:
+                address = request.client.host if request.client else "?"
+                services(request).refusals("sse", reason, exc.message, address)
+            raise
+
+    return said
+
 
 def _sse_services(request: Request) -> Services:
     svc = services(request)
@@ -234,6 +258,8 @@ class _SseResponse(Response):
 
 
 routes = [
-    Route("/api/v1/jobs/{job_id:path}/events", job_events, methods=["GET"], name="job_events"),
-    Route("/api/v1/events", events, methods=["GET"], name="events"),
+    Route(
+        "/api/v1/jobs/{job_id:path}/events", _refusals_said(job_events), methods=["GET"], name="job_events"
+    ),
+    Route("/api/v1/events", _refusals_said(events), methods=["GET"], name="events"),
 ]

@@ -127,6 +127,15 @@ def _origin_allowed(ws: WebSocket, allowed: tuple[str, ...]) -> bool:
     return urlsplit(origin).netloc.lower() == ws.headers.get("host", "").lower()  # the server's own
 
 
+def _origin_refused(ws: WebSocket, allowed: tuple[str, ...]) -> str:
+    """What the log says of a refused Origin: the page's browser shows nothing of it."""
+    return (
+        f"Origin {ws.headers.get('origin')!r:.200} is neither this server's own "
+        f"({ws.headers.get('host', '?')!r:.200}) nor in JOBWIRE_ALLOWED_ORIGINS "
+        f"({', '.join(allowed) or 'empty'}); add it there to let pages from it connect"
+    )
+
+
 async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]] | None:
     """Accept the socket and learn who is on it, or refuse it (and return None).
 
@@ -139,14 +148,17 @@ async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]]
     """
     svc = services(ws)
     settings = svc.settings
+    admission = svc.admission("websocket", ws.client.host if ws.client else "?")  # says refusals too
     if "websocket" not in settings.transports:
-        await ws.close(code=Disconnects.TRANSPORT_OFF.code)
+        off = Disconnects.TRANSPORT_OFF
+        admission.refuse(off.label, f"{off.reason} (JOBWIRE_TRANSPORTS={','.join(settings.transports)})")
+        await ws.close(code=off.code)
         return None
     if not _origin_allowed(ws, settings.allowed_origins):
+        admission.refuse(Disconnects.FORBIDDEN.label, _origin_refused(ws, settings.allowed_origins))
         await ws.close(code=Disconnects.FORBIDDEN.code)
         return None
     # An address over its limits is refused before the upgrade: the cheapest answer to a flood.
-    admission = svc.admission("websocket", ws.client.host if ws.client else "?")
     refused = admission.admit(complete=False)
     if refused is not None:
         await _refuse_for_load(ws, refused)
@@ -190,12 +202,12 @@ async def _authenticate(
                 raise JobwireError("unauthenticated", 'authenticate first: {"op": "auth", "token": ...}')
             principal = svc.auth.verify(msg.get("token"))  # type: ignore[arg-type]
     except TimeoutError:
-        await close_websocket(
-            ws, Disconnects.UNAUTHENTICATED.because(f"no token within {settings.auth_timeout:g}s")
+        await _refuse(
+            ws, admission, Disconnects.UNAUTHENTICATED.because(f"no token within {settings.auth_timeout:g}s")
         )
         return None
     except JobwireError as exc:
-        await close_websocket(ws, Disconnects.UNAUTHENTICATED.because(exc.message))
+        await _refuse(ws, admission, Disconnects.UNAUTHENTICATED.because(exc.message))
         return None
     refused = admission.admit_user(user_key(principal))
     if refused is not None:
@@ -207,6 +219,12 @@ async def _authenticate(
 
     admission.on_goodbye(goodbye)
     return svc, principal, admission.release
+
+
+async def _refuse(ws: WebSocket, admission: Admission, disconnect: Disconnect) -> None:
+    """Refuse an accepted socket: said in the log, then closed with the code and reason."""
+    admission.refuse(disconnect.label, disconnect.reason)
+    await close_websocket(ws, disconnect)
 
 
 def _cost(msg: Any) -> float:
@@ -352,6 +370,9 @@ async def ws_job(ws: WebSocket) -> None:
         epoch = validation.epoch(ws.query_params["epoch"]) if "epoch" in ws.query_params else None
     except JobwireError as exc:
         release()
+        svc.refusals(
+            "websocket", Disconnects.BAD_REQUEST.label, exc.message, ws.client.host if ws.client else "?"
+        )
         await close_websocket(ws, Disconnects.BAD_REQUEST.because(exc.message))
         return
     feed = svc.feed(principal)
