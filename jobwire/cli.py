@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from rich.console import Console
@@ -22,6 +23,9 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from jobwire.client import DEFAULT_URL, JobNotFound, Jobwire, JobwireError, watch
+
+if TYPE_CHECKING:
+    from jobwire.settings import Settings
 
 EXIT = {"SUCCESS": 0, "FAILURE": 1, "REVOKED": 2}
 EXIT_NOT_FOUND, EXIT_UNREACHABLE = 3, 4
@@ -127,6 +131,8 @@ def cmd_serve(host: str, port: int, forwarded_allow_ips: str | None = None) -> i
     config = uvicorn_config(
         app, settings, host=host, port=port, log_level=os.environ.get("JOBWIRE_LOG_LEVEL", "info").lower()
     )
+    _log_like_uvicorn()
+    _say_which_app(settings)
     # The cyclic GC walks every tracked object in its older generations, and a server with
     # thousands of sockets has hundreds of thousands of them, long-lived: a collection per
     # 700 new containers cost ~9% of the CPU at 50,000 deliveries/s. Freeze what startup
@@ -135,6 +141,38 @@ def cmd_serve(host: str, port: int, forwarded_allow_ips: str | None = None) -> i
     gc.set_threshold(20_000, 20, 20)
     Server(config).run()  # closes jobwire's clients with 1001 before uvicorn shuts down
     return 0
+
+
+def _log_like_uvicorn() -> None:
+    """jobwire's own lines (a refused connection, the app it serves) through uvicorn's
+    handler, at its level: left alone, only warnings would show, and unformatted."""
+    uvicorn_log, jobwire_log = logging.getLogger("uvicorn"), logging.getLogger("jobwire")
+    if not jobwire_log.handlers:
+        for handler in uvicorn_log.handlers:
+            jobwire_log.addHandler(handler)
+    jobwire_log.setLevel(logging.getLogger("uvicorn.error").level)
+
+
+#: Said at start when JOBWIRE_CELERY_APP is unset: an adopter who forgot it had every job
+#: answer 404, with nothing saying that the demo app was served.
+DEMO_WARNING = (
+    "JOBWIRE_CELERY_APP is not set, so this server serves jobwire's demo app "
+    "(jobwire.tasks.demo:app, on {redis}): jobs of your own app will answer 404. Set "
+    "JOBWIRE_CELERY_APP to your Celery app as you pass it to `celery -A` (e.g. proj.celery "
+    "or proj.celery:app)"
+)
+
+
+def _say_which_app(settings: Settings) -> None:
+    """Warn when the demo app is served because nothing else was named; when it was named
+    (`make run` names it), say so calmly."""
+    from jobwire.settings import DEMO_APP
+
+    log = logging.getLogger("jobwire.cli")
+    if "celery_app" not in settings.model_fields_set:
+        log.warning(DEMO_WARNING.format(redis=settings.redis_target.describe()))
+    elif settings.celery_app == DEMO_APP:
+        log.info("serving jobwire's demo app (JOBWIRE_CELERY_APP=%s)", DEMO_APP)
 
 
 def cmd_cleanup_results() -> int:

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import redis
 
 from jobwire.redis_clients import sync_client
-from jobwire.settings import DEFAULT_REDIS_URL, Settings, SettingsError
+from jobwire.settings import DEFAULT_REDIS_URL, DEMO_APP, Settings, SettingsError
 
 RUN_DIR = Path.cwd() / ".run"  # the embedded Redis's files
 
@@ -115,7 +115,9 @@ def main() -> None:
     ]
     web = [python, "-m", "jobwire.cli", "serve", "--host", host, "--port", port]
     procs.append(subprocess.Popen(worker, env=env))
-    procs.append(subprocess.Popen(web, env=env))
+    # The demo on purpose, named so: `serve` warns only when it serves the demo by default.
+    web_env = {**env, "JOBWIRE_CELERY_APP": os.environ.get("JOBWIRE_CELERY_APP") or DEMO_APP}
+    procs.append(subprocess.Popen(web, env=web_env))
 
     def stop(*_: object) -> None:
         for p in reversed(procs):

@@ -20,13 +20,15 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import websockets
 from celery import Celery
 from celery.app import utils as celery_utils
+from websockets.exceptions import InvalidStatus
 
 from jobwire.server.celery_app import CeleryAppError, find_app, load_celery_app
 from jobwire.settings import Settings, SettingsError
 from jobwire.tasks import registry
-from tests.support import RedisServer
+from tests.support import RedisServer, free_port, until_serving, wait_until
 
 APP = 'from celery import Celery\n{name} = Celery("{label}", broker="memory://", set_as_current=False)\n'
 
@@ -286,3 +288,66 @@ def test_jobwire_serve_imports_from_its_working_directory_and_refuses_in_one_lin
     assert "Traceback" not in done.stderr
     assert "flaskish_srv:app is Flask, not a Celery app" in done.stderr
     assert "write JOBWIRE_CELERY_APP=flaskish_srv:celery" in done.stderr
+
+
+# -- the demo app, said ------------------------------------------------------------------------
+
+
+async def _serve_briefly(env: dict[str, str], tmp_path: Path, *, origin: str | None = None) -> str:
+    """Run `jobwire serve` until it is ready (and, with `origin`, refuses a websocket from
+    it); its output, as a user sees it."""
+    port = free_port()
+    out = tmp_path / f"serve-{port}.log"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobwire.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await until_serving(proc, port)
+            if origin is not None:
+                with pytest.raises(InvalidStatus):
+                    await websockets.connect(f"ws://127.0.0.1:{port}/ws", origin=origin)
+                await wait_until(lambda: "refused (forbidden)" in out.read_text(), what="the refusal is said")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+    return out.read_text()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("JOBWIRE_")}, **extra}
+
+
+async def test_serving_the_demo_by_default_is_one_warning_at_start(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """An adopter who forgot JOBWIRE_CELERY_APP had every job answer 404, and nothing said
+    that the demo app was served. And jobwire's own lines reach the same output as
+    uvicorn's, at its level: a refused Origin shows as INFO's neighbours do."""
+    output = await _serve_briefly(
+        _env(JOBWIRE_REDIS_URL=own_redis.url), tmp_path, origin="https://page.example"
+    )
+    warnings = [line for line in output.splitlines() if "JOBWIRE_CELERY_APP is not set" in line]
+    assert warnings == [
+        f"WARNING:  JOBWIRE_CELERY_APP is not set, so this server serves jobwire's demo app "
+        f"(jobwire.tasks.demo:app, on {own_redis.url}): jobs of your own app will answer 404. Set "
+        "JOBWIRE_CELERY_APP to your Celery app as you pass it to `celery -A` (e.g. proj.celery "
+        "or proj.celery:app)"
+    ], output
+    assert output.index("JOBWIRE_CELERY_APP is not set") < output.index("Application startup complete")
+    refused = [line for line in output.splitlines() if "websocket refused (forbidden)" in line]
+    assert len(refused) == 1 and refused[0].startswith(
+        "WARNING:  websocket refused (forbidden) from 127.0.0.1"
+    )
+    assert "JOBWIRE_ALLOWED_ORIGINS" in refused[0]
+
+
+async def test_the_demo_named_on_purpose_is_said_calmly(own_redis: RedisServer, tmp_path: Path) -> None:
+    """`make run` names the demo app (it serves it on purpose): one INFO line, no warning."""
+    env = _env(JOBWIRE_REDIS_URL=own_redis.url, JOBWIRE_CELERY_APP="jobwire.tasks.demo:app")
+    output = await _serve_briefly(env, tmp_path)
+    assert "JOBWIRE_CELERY_APP is not set" not in output
+    assert "INFO:     serving jobwire's demo app (JOBWIRE_CELERY_APP=jobwire.tasks.demo:app)" in output
