@@ -3,20 +3,30 @@
     import jobwire
     jobwire.attach(app)          # in your Celery app's module, after configuring it
 
-`attach` and `ProgressTask` are imported on first use, so `import jobwire` (say, for the
-client) does not import Celery.
+    with jobwire.owner(tenant, sub):
+        export_rows.delay(42)    # a job of that tenant's: its tokens see it
+
+    jobwire.mint_token(sub, tenant)   # an HS256 token the server accepts
+
+`attach`, `ProgressTask` and `mint_token` are imported on first use, so `import jobwire`
+(say, for the client) does not import Celery. `owner` is imported at once: its module is
+the standard library only, and a lazy name would be shadowed by the submodule
+`jobwire.owner` as soon as anything imported it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from jobwire.owner import owner
+
 __version__ = "0.3.0"
-__all__ = ["attach", "ProgressTask", "AttachError"]
+__all__ = ["attach", "ProgressTask", "AttachError", "owner", "mint_token", "TokenError"]
 
 if TYPE_CHECKING:
     from jobwire.tasks.attach import AttachError, attach
     from jobwire.tasks.progress import ProgressTask
+    from jobwire.tokens import TokenError, mint_token
 
 
 def __getattr__(name: str) -> Any:
@@ -28,4 +38,8 @@ def __getattr__(name: str) -> Any:
         from jobwire.tasks.progress import ProgressTask
 
         return ProgressTask
+    if name in ("mint_token", "TokenError"):
+        from jobwire import tokens
+
+        return getattr(tokens, name)
     raise AttributeError(f"module 'jobwire' has no attribute {name!r}")

@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     jwt_public_key_file: str = ""  # a PEM public key: RS256 or ES256
     jwks_file: str = ""  # a JWKS document: keys chosen by the token's `kid`
     jwt_audience: str = ""  # when set, tokens must carry it in `aud`
+    # "single": one tenant, so a token needs no `tenant` and every authenticated caller
+    # sees every job (owner-less ones too); admin endpoints still need the admin scope.
+    tenancy: Literal["multi", "single"] = "multi"
     link_secret: str = ""  # signs single-job link tokens (default: jwt_secret)
     link_token_ttl: Annotated[int, Field(ge=10)] = 600  # seconds a link token lives
     auth_timeout: Annotated[float, Field(gt=0)] = 5.0  # seconds a /ws client has to authenticate

@@ -1,7 +1,10 @@
 """Who is asking: bearer JWTs, checked with pyjwt, and what they may see.
 
 A token carries `sub`, `tenant` and `exp`; optionally `aud`, `scope` (with `admin`: every
-tenant's jobs) and `jobs` (the only job ids it may touch). Keys: HS256 with
+tenant's jobs) and `jobs` (the only job ids it may touch). With `JOBWIRE_TENANCY=single`
+there is one tenant: `tenant` may be left out, and every caller sees every job, the ones
+published with no owner included (`Principal.single_tenant`); the admin scope still guards
+admin endpoints, and `jobs` still narrows a token to its jobs. Keys: HS256 with
 `JOBWIRE_JWT_SECRET`, or RS256/ES256 with a PEM public key or a JWKS file. Only the
 configured algorithms are accepted, so `alg: none` and algorithm confusion are refused by
 construction.
@@ -46,11 +49,18 @@ class Principal:
     admin: bool = False
     jobs: frozenset[str] | None = None  # a single-job (link) token: these and nothing else
     expires: float | None = None
+    single_tenant: bool = False  # JOBWIRE_TENANCY=single: every job is everyone's
+
+    @property
+    def sees_every_tenant(self) -> bool:
+        """Whether owners do not limit this caller (listings and the all-jobs stream read
+        every job's index and channel): an admin, or anyone on a single-tenant server."""
+        return self.admin or self.single_tenant
 
     def may_see(self, job_id: str, owner_tenant: str | None) -> bool:
         if self.jobs is not None and job_id not in self.jobs:
             return False
-        if self.admin:
+        if self.sees_every_tenant:
             return True
         return owner_tenant is not None and owner_tenant == self.tenant
 
@@ -85,6 +95,7 @@ class Auth:
 
     def __init__(self, settings: Settings) -> None:
         self.enabled = settings.auth == "jwt"
+        self.single_tenant = settings.tenancy == "single"
         self.audience = settings.jwt_audience or None
         self.link_ttl = settings.link_token_ttl
         self._link_secret = settings.link_secret or settings.jwt_secret
@@ -123,7 +134,7 @@ class Auth:
                 claims = self._decode(token, key, self._algorithms)
         except (jwt.PyJWTError, KeyError, ValueError) as exc:
             raise unauthenticated(f"invalid token: {_reason(exc)}") from None
-        return _principal(claims)
+        return _principal(claims, single_tenant=self.single_tenant)
 
     def _decode(self, token: str, key: Any, algorithms: list[str]) -> dict[str, Any]:
         if key is None:
@@ -192,7 +203,7 @@ def bearer(header: str | None) -> str | None:
     return None
 
 
-def _principal(claims: dict[str, Any]) -> Principal:
+def _principal(claims: dict[str, Any], *, single_tenant: bool = False) -> Principal:
     sub, tenant = claims.get("sub"), claims.get("tenant")
     scope = claims.get("scope", "")
     scopes = set(scope.split()) if isinstance(scope, str) else set(scope if isinstance(scope, list) else [])
@@ -201,14 +212,19 @@ def _principal(claims: dict[str, Any]) -> Principal:
         raise unauthenticated("invalid token: `sub` must be a string")
     if tenant is not None and (not isinstance(tenant, str) or not tenant):
         raise unauthenticated("invalid token: `tenant` must be a non-empty string")
-    if tenant is None and not admin:
-        raise unauthenticated("invalid token: `tenant` is required")
+    if tenant is None and not admin and not single_tenant:
+        raise unauthenticated("invalid token: `tenant` is required (or JOBWIRE_TENANCY=single on the server)")
     jobs = claims.get("jobs")
     if jobs is not None and (not isinstance(jobs, list) or not all(isinstance(j, str) for j in jobs)):
         raise unauthenticated("invalid token: `jobs` must be a list of job ids")
     exp = claims.get("exp")
     return Principal(
-        sub, tenant, admin, frozenset(jobs) if jobs is not None else None, float(exp) if exp else None
+        sub,
+        tenant,
+        admin,
+        frozenset(jobs) if jobs is not None else None,
+        float(exp) if exp else None,
+        single_tenant,
     )
 
 

@@ -329,7 +329,7 @@ def _all_channel(keys: Keys, principal: Principal) -> str | None:
     """Where a principal's all-jobs stream comes from; None for single-job tokens."""
     if principal.jobs is not None:
         return None
-    if principal.admin:
+    if principal.sees_every_tenant:
         return keys.all_channel
     return keys.tenant_channel(principal.tenant) if principal.tenant else None
 

@@ -166,7 +166,7 @@ class JobStore:
         before `before`: every job for an admin, the tenant's own for anyone else."""
         if principal.jobs is not None:
             raise JobwireError("forbidden", "this token may watch its own job only; it cannot list jobs")
-        if principal.admin:
+        if principal.sees_every_tenant:
             index = self.keys.recent
         elif principal.tenant is not None:
             index = self.keys.tenant_recent(principal.tenant)

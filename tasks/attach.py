@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -28,7 +29,18 @@ class AttachError(RuntimeError):
     """The app's configuration cannot be served by jobwire; the message says what to change."""
 
 
-def attach(app: Celery, settings: Settings | None = None, *, allow_other_backend: bool = False) -> Celery:
+#: `attach(app, owner=...)`: asked at each publish that names no owner otherwise, in the
+#: publishing thread and context; (tenant, sub), or None for a job without an owner.
+OwnerSource = Callable[[], tuple[str, str] | None]
+
+
+def attach(
+    app: Celery,
+    settings: Settings | None = None,
+    *,
+    allow_other_backend: bool = False,
+    owner: OwnerSource | None = None,
+) -> Celery:
     """Report `app`'s jobs to jobwire; return `app`.
 
     - Lifecycle events (PENDING at publish, STARTED, RETRY, SUCCESS, FAILURE, REVOKED) for
@@ -44,7 +56,16 @@ def attach(app: Celery, settings: Settings | None = None, *, allow_other_backend
     `settings`, they come from the environment, and `JOBWIRE_REDIS_URL` defaults to that
     backend's URL. Raises `AttachError` when the backend is not Redis (unless
     `allow_other_backend`), or is another Redis than `JOBWIRE_REDIS_URL`.
+
+    `owner` derives a job's owner when it is published with none otherwise (no owner
+    headers, no `jobwire.owner()` block, no parent task with one): say, the signed-in
+    user of the web request publishing it. It is called in the publishing thread, so it
+    may read that thread's request context; a callable that raises or answers something
+    other than (tenant, sub) or None leaves that job without an owner, saying so in the
+    log.
     """
+    if owner is not None and not callable(owner):
+        raise AttachError(f"owner must be a callable returning (tenant, sub) or None, got {owner!r:.80}")
     explicit_url = settings is not None or bool(os.environ.get("JOBWIRE_REDIS_URL"))
     settings = settings or Settings.from_env()
     backend_url = app.conf.result_backend
@@ -69,6 +90,7 @@ def attach(app: Celery, settings: Settings | None = None, *, allow_other_backend
     else:
         app.conf.task_track_started = True
     app.__dict__.pop("_jobwire_recorder", None)
+    app._jobwire_owner = owner  # type: ignore[attr-defined]  # read by the publish signal
     registry.add(app, settings)
     signals.connect()
     return app

@@ -19,7 +19,9 @@ Where each lifecycle event is recorded, and why there:
   `jobwire.tasks.control.revoke_job` for jobs no worker holds yet.
 
 Every event names the job's owner, from the message's headers (`jobwire_tenant`,
-`jobwire_sub`). The record script sets an owner only when an event creates the job, so
+`jobwire_sub`), which the publish signal fills in when the publisher did not: from a
+`jobwire.owner()` block, the publishing task's own owner, or `attach(app, owner=...)`
+(see `_owner`). The record script sets an owner only when an event creates the job, so
 for a job that exists this is ignored; for one whose record was lost (Redis restarted
 without persistence), the worker's next event recreates it with its owner, and the
 owning tenant can still read it. It costs no round trip: the owner rides in the script's
@@ -44,6 +46,7 @@ from celery.signals import (
     worker_ready,
 )
 
+from jobwire.owner import check_owner, current_owner
 from jobwire.protocol import FAILURE, PENDING, RETRY, REVOKED, STARTED, SUCCESS, error_from_celery
 from jobwire.tasks import registry
 from jobwire.tasks.recorder import (
@@ -113,7 +116,7 @@ def _on_publish(sender: str | None = None, headers: dict[str, Any] | None = None
         return  # a rate-limited job re-scheduled: not a new job, not a retry
     recorder = Recorder.for_app(app)
     retries = int(headers.get("retries") or 0)
-    owner = _owner(headers)
+    owner = _owner(headers, app)
     if retries == 0:
         recorder.record(job_id, PENDING, task=name, only_if_new=True, owner=owner, parent=_parent(headers))
         return
@@ -142,16 +145,51 @@ def _parent(headers: dict[str, Any]) -> Parent | None:
     return Parent(str(parent), str(headers.get(ROLE_HEADER) or "child")) if parent else None
 
 
-def _owner(headers: dict[str, Any]) -> Owner | None:
-    """The job's owner: the publisher's headers (the server's submit sets them), else the
-    task publishing it from a worker, whose ownership its children inherit."""
+def _owner(headers: dict[str, Any], app: Any) -> Owner | None:
+    """The job's owner, first found of:
+
+    1. the message's own headers (an explicit `headers=`, or the server's submit);
+    2. the innermost `jobwire.owner()` block around the publish (`jobwire.owner`);
+    3. the task publishing it from a worker, whose ownership its children inherit;
+    4. the app's `attach(app, owner=...)` callable, asked at publish time.
+
+    An owner found past the first step is written into the headers, so the worker's
+    events name it too (`owner_of`) and the job's own children inherit it."""
     tenant, subject = headers.get(TENANT_HEADER), headers.get(SUBJECT_HEADER)
-    if not tenant:
-        parent = getattr(current_task, "request", None)
-        tenant, subject = getattr(parent, TENANT_HEADER, None), getattr(parent, SUBJECT_HEADER, None)
-        if tenant:  # carried on the message, so grandchildren inherit it too
-            headers.update(Owner(str(tenant), str(subject or "")).headers())
-    return Owner(str(tenant), str(subject or "")) if tenant else None
+    if tenant:
+        return Owner(str(tenant), str(subject or ""))
+    found = current_owner() or _inherited() or _derived(app)
+    if found is None:
+        return None
+    owner = Owner(*found)
+    headers.update(owner.headers())
+    return owner
+
+
+def _inherited() -> tuple[str, str] | None:
+    parent = getattr(current_task, "request", None)
+    tenant = getattr(parent, TENANT_HEADER, None)
+    return (str(tenant), str(getattr(parent, SUBJECT_HEADER, None) or "")) if tenant else None
+
+
+def _derived(app: Any) -> tuple[str, str] | None:
+    """What the app's owner callable says. A callable that raises or answers something
+    that is no owner leaves the job without one (said in the log): the publish and the
+    job's PENDING go ahead, as for any app without a callable."""
+    derive = getattr(app, "_jobwire_owner", None)
+    if derive is None:
+        return None
+    try:
+        found = derive()
+        if found is None:
+            return None
+        if not isinstance(found, tuple) or len(found) != 2:
+            raise ValueError(f"must return (tenant, sub) or None, got {found!r:.80}")
+        check_owner(*found)
+    except Exception as exc:
+        log.error("jobwire: the owner callable %r failed, so this job has no owner: %s", derive, exc)
+        return None
+    return found
 
 
 @_safely
