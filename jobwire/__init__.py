@@ -8,7 +8,9 @@
 
     jobwire.mint_token(sub, tenant)   # an HS256 token the server accepts
 
-`attach`, `ProgressTask` and `mint_token` are imported on first use, so `import jobwire`
+    app = jobwire.mount(app, "/progress")   # the server inside your ASGI app (FastAPI, Django…)
+
+`attach`, `ProgressTask`, `mint_token` and `mount` are imported on first use, so `import jobwire`
 (say, for the client) does not import Celery. `owner` is imported at once: its module is
 the standard library only, and a lazy name would be shadowed by the submodule
 `jobwire.owner` as soon as anything imported it.
@@ -21,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 from jobwire.owner import owner
 
 __version__ = "0.3.0"
-__all__ = ["attach", "ProgressTask", "AttachError", "owner", "mint_token", "TokenError"]
+__all__ = ["attach", "ProgressTask", "AttachError", "owner", "mint_token", "TokenError", "mount"]
 
 if TYPE_CHECKING:
+    from jobwire.server.mount import mount
     from jobwire.tasks.attach import AttachError, attach
     from jobwire.tasks.progress import ProgressTask
     from jobwire.tokens import TokenError, mint_token
@@ -42,4 +45,8 @@ def __getattr__(name: str) -> Any:
         from jobwire import tokens
 
         return getattr(tokens, name)
+    if name == "mount":
+        from jobwire.server.mount import mount
+
+        return mount
     raise AttributeError(f"module 'jobwire' has no attribute {name!r}")

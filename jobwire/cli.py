@@ -1,6 +1,7 @@
 """`jobwire` console command: run the server; watch, submit and check jobs.
 
     jobwire serve [--host H] [--port P] [--forwarded-allow-ips IPS]   # the web server (JOBWIRE_* variables)
+    jobwire serve --app main:app            # your ASGI app, with jobwire mounted in it
     jobwire watch|submit|status …           # a client of a running server
 
 Client exit codes: 0 SUCCESS, 1 FAILURE, 2 REVOKED, 3 job not found, 4 server unreachable
@@ -109,8 +110,11 @@ async def cmd_status(url: str, job_ids: list[str], as_json: bool, token: str | N
     return EXIT_NOT_FOUND if any(s["status"] == "UNKNOWN" for s in jobs.values()) else 0
 
 
-def cmd_serve(host: str, port: int, forwarded_allow_ips: str | None = None) -> int:
-    """Serve with uvicorn, as the Procfile's `web` does; settings from the environment."""
+def cmd_serve(
+    host: str, port: int, forwarded_allow_ips: str | None = None, asgi_app: str | None = None
+) -> int:
+    """Serve with uvicorn, as the Procfile's `web` does; settings from the environment.
+    `asgi_app` (`module:attribute`): a host app with jobwire mounted in it, served instead."""
     from jobwire.server.app import create_app
     from jobwire.server.serving import Server, uvicorn_config
     from jobwire.settings import Settings, SettingsError
@@ -124,7 +128,8 @@ def cmd_serve(host: str, port: int, forwarded_allow_ips: str | None = None) -> i
         overrides["forwarded_allow_ips"] = os.environ["FORWARDED_ALLOW_IPS"]
     try:
         settings = Settings.from_env(**overrides)
-        app = create_app(settings)  # here, not in uvicorn: a bad setting is one clear line, not a traceback
+        # here, not in uvicorn: a bad setting is one clear line, not a traceback
+        app = create_app(settings) if asgi_app is None else _host_app(asgi_app)
     except (SettingsError, AttachError) as exc:
         _say_error(exc)
         return 2
@@ -141,6 +146,32 @@ def cmd_serve(host: str, port: int, forwarded_allow_ips: str | None = None) -> i
     gc.set_threshold(20_000, 20, 20)
     Server(config).run()  # closes jobwire's clients with 1001 before uvicorn shuts down
     return 0
+
+
+def _host_app(target: str) -> Any:
+    """The app named `module:attribute` (imported from the working directory, as uvicorn
+    does), which must have jobwire mounted in it (`jobwire.server.mount.mount`)."""
+    import importlib
+
+    from jobwire.server.lifecycle import lifecycles_in
+    from jobwire.settings import SettingsError
+
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise SettingsError(f"--app {target!r}: write it as module:attribute (e.g. main:app)")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise SettingsError(f"--app {target!r}: cannot import {module_name!r} ({exc})") from None
+    app = getattr(module, attr, None)
+    if app is None or not lifecycles_in(app):
+        raise SettingsError(
+            f"--app {target!r}: {module_name}.{attr} has no jobwire mounted in it; call "
+            "jobwire.mount(app, '/prefix') where the app is built"
+        )
+    return app
 
 
 def _log_like_uvicorn() -> None:
@@ -219,6 +250,12 @@ def parser() -> argparse.ArgumentParser:
         help="reverse proxies whose X-Forwarded-For is believed: IPs or networks, comma-separated, "
         "or * (env JOBWIRE_FORWARDED_ALLOW_IPS; default: none)",
     )
+    sv.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="serve your ASGI app, with jobwire mounted in it, as jobwire serves itself (keepalive, "
+        "proxies, bounded heads, the 1001 goodbye)",
+    )
     w = sub.add_parser("watch", help="follow a job until it ends; exit code tells how")
     w.add_argument("job_id")
     w.add_argument("--since", type=int, default=0, help="skip events up to this seq")
@@ -235,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "serve":
-        return cmd_serve(args.host, args.port, args.forwarded_allow_ips)
+        return cmd_serve(args.host, args.port, args.forwarded_allow_ips, args.app)
     if args.command == "cleanup-results":
         return cmd_cleanup_results()
     try:

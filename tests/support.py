@@ -497,14 +497,15 @@ def wait_sentinel_failover(setup: SentinelSetup, old_port: int, *, timeout: floa
     return found[0]
 
 
-async def until_serving(proc: subprocess.Popen[bytes], port: int) -> None:
-    """Wait until a `jobwire serve` subprocess answers /readyz on `port` (failing if it exits)."""
+async def until_serving(proc: subprocess.Popen[bytes], port: int, prefix: str = "") -> None:
+    """Wait until a `jobwire serve` subprocess answers /readyz on `port`, under `prefix` where
+    it is mounted (failing if it exits)."""
 
     async def ready() -> bool:
         assert proc.poll() is None, "jobwire serve exited"
         try:
             async with httpx.AsyncClient() as http:
-                return (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+                return (await http.get(f"http://127.0.0.1:{port}{prefix}/readyz")).status_code == 200
         except httpx.TransportError:
             return False
 

@@ -7,11 +7,16 @@ job hands out, `openapi.json`, and the dashboard in Chromium.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import django
@@ -26,12 +31,12 @@ from starlette.middleware import Middleware
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
+import jobwire
 from jobwire.server.app import create_app
 from jobwire.server.direct import RawSend
-from jobwire.server.mount import mount
 from jobwire.settings import Settings
 from tests.clients import assert_gap_free, next_of, sse_blocks, transitions
-from tests.support import run_server, wait_until
+from tests.support import RedisServer, free_port, run_server, until_serving, wait_until
 from tests.test_browser import (
     CHROMIUM,  # noqa: F401  (importing it applies the never-skip rule)
     browser,  # noqa: F401  (the fixture)
@@ -123,7 +128,7 @@ async def test_fastapi_host_serves_jobwire_under_a_prefix(
     async def hello() -> dict[str, str]:
         return {"hello": "from the host"}
 
-    assert mount(host, PREFIX, settings=settings) is host
+    assert jobwire.mount(host, PREFIX, settings=settings) is host
     jobwire_app = next(r.app for r in host.routes if isinstance(r, Mount))
     lifecycle = jobwire_app.state.lifecycle
     async with run_server(settings, app=host) as srv:
@@ -160,14 +165,14 @@ async def test_mounted_by_hand_starts_at_first_use(settings: Settings, worker: o
 def test_a_bad_prefix_or_a_started_host_is_refused(settings: Settings) -> None:
     for bad in ("progress", "", "/", "/a b", "/x?y=1"):
         with pytest.raises(ValueError, match="prefix"):
-            mount(FastAPI(), bad, settings=settings)
+            jobwire.mount(FastAPI(), bad, settings=settings)
     with pytest.raises(TypeError, match="ASGI app"):
-        mount(object(), PREFIX, settings=settings)
+        jobwire.mount(object(), PREFIX, settings=settings)
     host = FastAPI()
     host.build_middleware_stack()
     host.middleware_stack = host.build_middleware_stack()
     with pytest.raises(RuntimeError, match="already started"):
-        mount(host, PREFIX, settings=settings)
+        jobwire.mount(host, PREFIX, settings=settings)
 
 
 # -- Django --------------------------------------------------------------------------------
@@ -203,7 +208,7 @@ async def test_django_asgi_project_serves_jobwire_under_a_prefix(
     worker: object,
 ) -> None:
     """The README's Django recipe: `application = jobwire.mount(get_asgi_application(), "/progress")`."""
-    application = mount(_django_app(), PREFIX, settings=settings)
+    application = jobwire.mount(_django_app(), PREFIX, settings=settings)
     async with run_server(settings, app=application) as srv:
         assert application.lifecycle.running  # started by the lifespan, which Django refuses
         async with httpx.AsyncClient(base_url=srv.url) as http:
@@ -213,3 +218,48 @@ async def test_django_asgi_project_serves_jobwire_under_a_prefix(
         await _check_everything_under_the_prefix(srv.url, srv.ws_url)
         await _dashboard_runs_a_job(browser, srv.url)
     assert not application.lifecycle.running
+
+
+# -- `jobwire serve --app`: the host served as jobwire serves itself -----------------------
+
+HOST_MODULE = """
+from fastapi import FastAPI
+import jobwire
+
+app = jobwire.mount(FastAPI(), "/progress")
+plain = FastAPI()
+"""
+
+
+async def test_jobwire_serve_app_says_goodbye_to_the_mounted_apps_clients(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """`jobwire serve --app main:app` serves the host with jobwire's uvicorn settings and its
+    graceful goodbye: at SIGTERM the mounted app's websockets close 1001, not uvicorn's 1012.
+    An app without jobwire mounted is refused with one line."""
+    (tmp_path / "hostapp.py").write_text(HOST_MODULE)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("JOBWIRE_")},
+        "JOBWIRE_REDIS_URL": own_redis.url,
+        "JOBWIRE_CELERY_APP": "jobwire.tasks.demo:app",
+    }
+    command = [sys.executable, "-m", "jobwire.cli", "serve"]
+    refused = subprocess.run(
+        [*command, "--app", "hostapp:plain"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "has no jobwire mounted" in refused.stdout + refused.stderr
+
+    port = free_port()
+    proc = subprocess.Popen([*command, "--app", "hostapp:app", "--port", str(port)], cwd=tmp_path, env=env)
+    try:
+        await until_serving(proc, port, PREFIX)
+        async with websockets.connect(f"ws://127.0.0.1:{port}{PREFIX}/ws") as ws:
+            await next_of(ws, "welcome")
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 15)
+            assert ws.close_code == 1001
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
