@@ -30,7 +30,7 @@ from jobwire.server.hub import Fanout, Hub
 from jobwire.server.lifecycle import Lifecycle, StartOnFirstUse
 from jobwire.server.limits import Connections
 from jobwire.server.metrics import Metrics
-from jobwire.server.routes import admin, health, jobs, results, sse, ws
+from jobwire.server.routes import admin, celery_progress, health, jobs, results, sse, ws
 from jobwire.server.services import Services
 from jobwire.server.stalls import StallWatch
 from jobwire.server.store import JobStore
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *results.routes,
         *sse.routes,
         *ws.routes,
+        *celery_progress.routes,
         *admin.routes,
         *openapi.routes,
         # On its own listener when JOBWIRE_METRICS_ADDR names one (then not here at all).

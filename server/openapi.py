@@ -212,6 +212,20 @@ PATHS: dict[str, dict[str, Any]] = {
             body=LimitRequest,
         )
     },
+    # celery-progress's view, for pages built on its JS (a websocket at the same path too);
+    # the trailing slash is optional.
+    **dict.fromkeys(
+        ("/celery-progress/{task_id}/", "/celery-progress/{task_id}"),
+        {
+            "get": _op(
+                "One job in celery-progress's JSON: {state, complete, success, progress, result}",
+                200,
+                "{state, complete, success, progress, result?}; PENDING for an unknown id",
+                503,
+                params=[_path_param("task_id", maxLength=MAX_JOB_ID_CHARS)],
+            )
+        },
+    ),
     "/healthz": {
         "get": {"summary": "The process answers", "responses": {"200": {"description": "ok"}}, "security": []}
     },
