@@ -1,34 +1,98 @@
-// jobwire.js — a small browser client for jobwire. Plain ES module, no build step.
+// jobwire.js — the jobwire client, for browsers and Node >= 20. Plain ES module, no build
+// step, no dependencies; its types are in jobwire.d.ts (hand-written, kept beside it).
 //
-//   import { JobwireClient } from "/jobwire.js";
+//   import { JobwireClient } from "jobwire";            // or "/jobwire.js" from a jobwire server
 //   const client = new JobwireClient({
 //     onEvent: (event) => render(event),          // events in seq order per job, each once
 //     onStatus: ({ status, transport }) => show(status, transport),
 //   });
 //   client.subscribe(["4c7f…"]);
+//   …
+//   client.close();                                // every timer and connection let go
 //
-// Transports, in order: WebSocket, then Server-Sent Events, then polling. The client moves
-// down when a transport cannot be opened `failuresBeforeFallback` times in a row, and says
-// which one it is on through onStatus. On every reconnect it resumes each job from the last
-// seq it delivered, so across drops, restarts and fallbacks no transition is missed and no
-// event is delivered twice. When the client falls behind, the server coalesces progress:
-// an event with `coalesced: n` stands for itself and the n progress events before it, which
-// were never sent (its progress is the newest).
+// In Node, pass `baseUrl` (there is no page to default to) and, for WebSocket, `ws`'s
+// constructor: `new JobwireClient({ baseUrl, WebSocket })`. Without one Node 20 polls
+// through its fetch.
+//
+// Transports, in order: WebSocket, then Server-Sent Events, then polling; one whose
+// constructor is missing here is left out. The client moves down when a transport cannot
+// be opened `failuresBeforeFallback` times in a row, and says which one it is on through
+// onStatus. When even the last one keeps failing and nothing has ever opened, onError gets
+// `{code: "unreachable"}` once, and the client goes on trying. On every reconnect it resumes
+// each job from the last seq it delivered, so across drops, restarts and fallbacks no
+// transition is missed and no event is delivered twice. When the client falls behind, the
+// server coalesces progress: an event with `coalesced: n` stands for itself and the n
+// progress events before it, which were never sent (its progress is the newest).
 
-const TRANSPORTS = ["websocket", "sse", "polling"];
+// -- The contract ------------------------------------------------------------------------
+//
+// Mirrored from jobwire/protocol.py, the one contract module: change names there first.
+// tests/test_js_contract.py holds these to the Python classes, name by name and value by
+// value, and tests/test_js_package.py holds jobwire.d.ts to them.
 
-// The protocol's names, mirrored from jobwire/protocol.py (the one contract module; change
-// them there first). Only what this client reads is here.
-const Op = { SUBSCRIBE: "subscribe", UNSUBSCRIBE: "unsubscribe", SUBSCRIBE_ALL: "subscribe_all", AUTH: "auth" };
-const Msg = {
+/** What a client sends on `/ws`: `{"op": <Op>, ...}`. */
+export const Op = Object.freeze({
+  SUBSCRIBE: "subscribe",
+  UNSUBSCRIBE: "unsubscribe",
+  SUBSCRIBE_ALL: "subscribe_all",
+  UNSUBSCRIBE_ALL: "unsubscribe_all",
+  PING: "ping",
+  AUTH: "auth",
+});
+
+/** The `type` of what the server sends, on `/ws` frames and SSE `event: control` data. */
+export const Msg = Object.freeze({
+  WELCOME: "welcome",
   EVENT: "event",
+  SUBSCRIBED: "subscribed",
+  UNSUBSCRIBED: "unsubscribed",
+  SUBSCRIBED_ALL: "subscribed_all",
+  UNSUBSCRIBED_ALL: "unsubscribed_all",
+  GAP: "gap",
+  RESET: "reset",
+  RESYNC: "resync",
+  HEARTBEAT: "heartbeat",
+  PONG: "pong",
   ERROR: "error",
   END: "end",
-  RESET: "reset",
-  SUBSCRIBED_ALL: "subscribed_all",
-  RESYNC: "resync",
-};
-const Close = { TRY_AGAIN_LATER: 1013, UNAUTHENTICATED: 4401, FORBIDDEN: 4403 };
+});
+
+/** Websocket close codes (4000-4999 are jobwire's own). */
+export const Close = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  POLICY: 1008,
+  TOO_BIG: 1009,
+  INTERNAL_ERROR: 1011,
+  TRY_AGAIN_LATER: 1013,
+  BAD_REQUEST: 4400,
+  UNAUTHENTICATED: 4401,
+  FORBIDDEN: 4403,
+  NOT_FOUND: 4404,
+});
+
+/** Close codes after which reconnecting cannot help. */
+export const TERMINAL_CLOSE_CODES = new Set([
+  Close.NORMAL,
+  Close.POLICY,
+  Close.TOO_BIG,
+  Close.BAD_REQUEST,
+  Close.UNAUTHENTICATED,
+  Close.FORBIDDEN,
+  Close.NOT_FOUND,
+]);
+
+/** States after which a job never changes again (its event has `final: true`). */
+export const FINAL_STATES = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
+
+/** Why a stream ended at its token's `exp`: the message of that `unauthenticated` error. */
+export const TOKEN_EXPIRED = "token expired";
+
+/** The transports, best first. */
+export const TRANSPORTS = Object.freeze(["websocket", "sse", "polling"]);
+
+/** Statuses that mean "later" (too many connections, overloaded), not "no". */
+export const RETRYABLE_STATUS = new Set([408, 429, 502, 503, 504]);
 
 /** Exponential backoff with jitter (as jobwire/backoff.py): the delay in ms for `attempt`. */
 export function backoff(attempt, min, max) {
@@ -45,90 +109,219 @@ export function notBefore(retryAfter, delay) {
   return Math.max(delay, seconds * 1000 * (1 + Math.random() / 2));
 }
 
-/** Statuses that mean "later" (too many connections, overloaded), not "no". */
-export const RETRYABLE_STATUS = new Set([408, 429, 502, 503, 504]);
+const OPEN = 1; // WebSocket.OPEN, in browsers and in `ws` alike
+const LOST_JOB_RETRY_MS = 1000;
+const LOST_JOB_PATIENCE_MS = 60000;
+const CLOSE_HANDSHAKE_MS = 1000; // then a Node `ws` socket whose server went quiet is dropped
+
+// -- Checking options --------------------------------------------------------------------
+
+function fail(message) {
+  throw new TypeError(`JobwireClient: ${message}`);
+}
+
+/** The server's URL, without a trailing slash. Relative URLs resolve against the page; with
+ * no page (Node) there is nothing to default to, so `baseUrl` is required. */
+function serverUrl(baseUrl) {
+  const page = globalThis.location && globalThis.location.href;
+  if (baseUrl === undefined || baseUrl === null || baseUrl === "") {
+    if (!page) {
+      fail(
+        "`baseUrl` is required where there is no page to default to (Node, for one): " +
+          'new JobwireClient({ baseUrl: "http://127.0.0.1:8000" })',
+      );
+    }
+    return globalThis.location.origin;
+  }
+  if (typeof baseUrl !== "string") fail(`baseUrl must be a string, got ${typeof baseUrl}`);
+  let url;
+  try {
+    url = new URL(baseUrl, page || undefined);
+  } catch (e) {
+    fail(`baseUrl ${JSON.stringify(baseUrl)} is not a URL${page ? "" : " (without a page it must be absolute)"}`);
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") {
+    fail(`baseUrl must be http: or https: (the websocket URL is derived from it), got ${JSON.stringify(baseUrl)}`);
+  }
+  return (url.origin + url.pathname).replace(/\/+$/, "");
+}
+
+function callback(options, name) {
+  const fn = options[name];
+  if (fn === undefined || fn === null) return () => {};
+  if (typeof fn !== "function") fail(`${name} must be a function, got ${typeof fn}`);
+  return fn;
+}
+
+function number(options, name, fallback, { min, integer = false }) {
+  const value = options[name];
+  if (value === undefined || value === null) return fallback;
+  if (typeof value !== "number" || !Number.isFinite(value) || value < min || (integer && !Number.isInteger(value))) {
+    fail(`${name} must be ${integer ? "an integer" : "a number"} >= ${min}, got ${String(value)}`);
+  }
+  return value;
+}
+
+function injected(options, name) {
+  const given = options[name];
+  if (given !== undefined && given !== null) {
+    if (typeof given !== "function") fail(`${name} must be a function or constructor, got ${typeof given}`);
+    return given;
+  }
+  return typeof globalThis[name] === "function" ? globalThis[name] : null;
+}
+
+function jobIds(ids, method) {
+  if (!Array.isArray(ids)) fail(`${method} takes an array of job ids, got ${ids === null ? "null" : typeof ids}`);
+  for (const id of ids) {
+    if (typeof id !== "string" || !id) fail(`${method}: job ids are non-empty strings, got ${JSON.stringify(id)}`);
+  }
+  return ids;
+}
+
+function parse(text) {
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    return undefined;
+  }
+}
+
+/** Let go of a connection: no more callbacks from it, and closed. A `ws` socket that
+ * errors with no listener would throw, so a quiet one stays; one that does not finish its
+ * close handshake soon is dropped, so it cannot keep Node running. */
+function letGo(conn, { force = false } = {}) {
+  conn.onopen = conn.onmessage = conn.onclose = null;
+  conn.onerror = () => {};
+  try {
+    if (force && typeof conn.terminate === "function") {
+      conn.terminate();
+      return;
+    }
+    conn.close();
+  } catch (e) {
+    return; // already closed
+  }
+  if (typeof conn.terminate === "function") {
+    const timer = setTimeout(() => conn.terminate(), CLOSE_HANDSHAKE_MS);
+    if (timer.unref) timer.unref();
+  }
+}
+
+function describe(error) {
+  if (!error) return "";
+  const cause = error.cause && (error.cause.code || error.cause.message);
+  return [error.message, cause].filter(Boolean).join(": ");
+}
+
+// -- The client --------------------------------------------------------------------------
 
 export class JobwireClient {
-  /**
-   * @param {object} [options]
-   * @param {string} [options.baseUrl]  the jobwire server (default: this page's origin)
-   * @param {string|(() => string|Promise<string>)} [options.token]  a bearer token, or a
-   *        function that fetches one: it is called again on every reconnect, so a token
-   *        that expired is replaced (at expiry the server closes a websocket 4401, ends an
-   *        SSE stream with an `unauthenticated` error and answers polls 401; the client
-   *        then asks the function again and resumes every job from its seq)
-   * @param {string[]} [options.transports]  allowed transports, in order of preference
-   * @param {(event: object) => void} [options.onEvent]  a job event, ordered and deduplicated
-   * @param {(s: {status: string, transport: string}) => void} [options.onStatus]
-   *        status: "connecting" | "live" | "reconnecting" | "closed"
-   * @param {(jobId: string, info: object) => void} [options.onNewJob]  with subscribeAll(): a
-   *   job appeared (`info`: its event or listing entry; `info.parent` marks a group's child)
-   * @param {() => void} [options.onAllSync]  with subscribeAll(): the all-jobs stream is live
-   *        (again); jobs created before that were not announced, so list them now (the
-   *        dashboard reloads its listing). Called on every (re)subscription and resync.
-   * @param {(error: object) => void} [options.onError]  {code, message, job_id?} from the server
-   * @param {(jobId: string) => void} [options.onReset]  the job's history was lost and began
-   *        again (Redis restarted without persistence): forget its events; they come again
-   * @param {number} [options.pollInterval]  ms between polls (default 1000)
-   * @param {number} [options.failuresBeforeFallback]  failed opens before moving on (default 3)
-   * @param {number} [options.upgradeInterval]  ms between attempts to climb back to a better
-   *        transport after a fallback (default 30000; 0 disables)
-   */
+  /** See jobwire.d.ts (`JobwireOptions`) for every option. */
   constructor(options = {}) {
-    this.baseUrl = (options.baseUrl || window.location.origin).replace(/\/$/, "");
-    this.transports = (options.transports || TRANSPORTS).filter((t) => TRANSPORTS.includes(t));
-    this.onEvent = options.onEvent || (() => {});
-    this.onStatus = options.onStatus || (() => {});
-    this.onNewJob = options.onNewJob || (() => {});
-    this.onAllSync = options.onAllSync || (() => {});
-    this.onError = options.onError || (() => {});
-    this.onReset = options.onReset || (() => {});
-    this.pollInterval = options.pollInterval || 1000;
-    this.failuresBeforeFallback = options.failuresBeforeFallback || 3;
-    this.upgradeInterval = options.upgradeInterval ?? 30000;
-    this.token = options.token;
-    this._token = typeof this.token === "string" ? this.token : null;
+    if (options === null || typeof options !== "object") fail(`options must be an object, got ${options}`);
+    this.baseUrl = serverUrl(options.baseUrl);
+    this._WebSocket = injected(options, "WebSocket");
+    this._EventSource = injected(options, "EventSource");
+    const fetchImpl = injected(options, "fetch");
+    // Called as a plain function: a browser's fetch refuses to run as another object's method.
+    this._fetch = fetchImpl && ((url, init) => fetchImpl(url, init));
+
+    const wanted = options.transports ?? TRANSPORTS;
+    if (!Array.isArray(wanted) || !wanted.length) fail("transports must be a non-empty array");
+    for (const t of wanted) {
+      if (!TRANSPORTS.includes(t)) fail(`unknown transport ${JSON.stringify(t)}: choose from ${TRANSPORTS.join(", ")}`);
+    }
+    const usable = { websocket: this._WebSocket, sse: this._EventSource, polling: this._fetch };
+    this.transports = [...new Set(wanted)].filter((t) => usable[t]);
+    if (!this.transports.length) {
+      fail(
+        `none of the transports ${wanted.join(", ")} can run here: no WebSocket, EventSource or fetch. ` +
+          "In Node, pass `WebSocket` (from the `ws` package), or run Node >= 20 for fetch.",
+      );
+    }
+
+    this.onEvent = callback(options, "onEvent");
+    this.onStatus = callback(options, "onStatus");
+    this.onNewJob = callback(options, "onNewJob");
+    this.onAllSync = callback(options, "onAllSync");
+    this.onError = callback(options, "onError");
+    this.onReset = callback(options, "onReset");
+    this.pollInterval = number(options, "pollInterval", 1000, { min: 1 });
+    this.failuresBeforeFallback = number(options, "failuresBeforeFallback", 3, { min: 1, integer: true });
+    this.upgradeInterval = number(options, "upgradeInterval", 30000, { min: 0 });
+    const token = options.token;
+    if (token !== undefined && token !== null && typeof token !== "string" && typeof token !== "function") {
+      fail(`token must be a string or a function that returns one, got ${typeof token}`);
+    }
+    this.token = token ?? undefined;
+    this._token = typeof token === "string" ? token : null;
     this.backoffMin = 250;
     this.backoffMax = 10000;
 
-    this._jobs = new Map(); // jobId -> {last: seq delivered, final: bool}
+    this._jobs = new Map(); // jobId -> {last: seq delivered, final, epoch, lostSince}
     this._all = false;
     this._known = new Set(); // jobs announced through onNewJob
     this._level = 0; // index into this.transports
     this._failures = 0; // consecutive failed opens on the current transport
     this._refusals = 0; // sockets closed "try again later" (1013) before anything arrived
-    this._everOpened = false;
-    this._conn = null; // the current transport's handle
-    this._timer = null;
+    this._everOpened = false; // some transport reached the server once
+    this._toldUnreachable = false;
+    this._attempt = 0; // bumped by every connect and teardown: a stale open is dropped
+    this._conn = null; // the current transport's handle (a poll's is its AbortController's)
+    this._polling = null; // the poll in flight
+    this._pollAgain = false;
+    this._timer = null; // reconnect or next poll
+    this._watchdog = null;
+    this._upgradeTimer = null;
+    this._probeDone = null; // ends the upgrade probe in flight
+    this._lostTimers = new Set();
     this._closed = false;
     this.status = "connecting";
     this.transport = this.transports[0];
     this._connect();
   }
 
-  /** Watch jobs; `since` maps job id to the last seq already seen (default: all history). */
-  subscribe(jobIds, since = {}) {
+  /** Watch jobs; `since` maps job id to the last seq already seen (default: all history).
+   * A job already watched is left as it is. */
+  subscribe(ids, since = {}) {
+    jobIds(ids, "subscribe()");
+    if (since === null || typeof since !== "object") fail("subscribe(): since must be an object of job id -> seq");
+    if (this._closed) return;
     const added = [];
-    for (const id of jobIds) {
-      if (!this._jobs.has(id)) {
-        this._jobs.set(id, { last: since[id] || 0, final: false, epoch: null });
-        added.push(id);
-      }
+    for (const id of ids) {
+      if (this._jobs.has(id)) continue;
+      const from = Object.hasOwn(since, id) ? since[id] : 0;
+      if (!Number.isSafeInteger(from) || from < 0) fail(`subscribe(): since[${JSON.stringify(id)}] must be a seq >= 0`);
+      this._jobs.set(id, { last: from, final: false, epoch: null, lostSince: null });
+      added.push(id);
     }
     if (added.length) this._changed(added);
   }
 
-  unsubscribe(jobIds) {
-    for (const id of jobIds) this._jobs.delete(id);
-    if (this.transport === "websocket") this._wsSend({ op: Op.UNSUBSCRIBE, job_ids: jobIds });
-    else if (this.transport === "sse") this._restart();
+  /** Stop watching jobs: no event of theirs is delivered from now on. */
+  unsubscribe(ids) {
+    jobIds(ids, "unsubscribe()");
+    if (this._closed) return;
+    const dropped = ids.filter((id) => this._jobs.delete(id));
+    if (!dropped.length) return;
+    if (this.transport === "websocket") this._wsSend({ op: Op.UNSUBSCRIBE, job_ids: dropped });
+    else if (this.transport === "sse") this._restart(); // the job set is in the stream's URL
   }
 
   /** Be told (onNewJob) about jobs created anywhere; subscribe to those you want to watch. */
   subscribeAll() {
-    if (this._all) return;
+    if (this._all || this._closed) return;
     this._all = true;
     this._changed([], true);
+  }
+
+  /** No longer be told about new jobs (the jobs subscribed stay). */
+  unsubscribeAll() {
+    if (!this._all || this._closed) return;
+    this._all = false;
+    if (this.transport === "websocket") this._wsSend({ op: Op.UNSUBSCRIBE_ALL });
+    else if (this.transport === "sse") this._restart();
   }
 
   /** The last seq delivered for a job (0 if none). */
@@ -137,16 +330,26 @@ export class JobwireClient {
     return job ? job.last : 0;
   }
 
+  /** Stop for good: every connection is closed, an in-flight poll aborted, every timer
+   * cleared, and no callback is called again except onStatus's "closed". Nothing is left to
+   * keep a Node process running. Calling it again does nothing. */
   close() {
+    if (this._closed) return;
     this._closed = true;
     clearTimeout(this._upgradeTimer);
+    this._upgradeTimer = null;
+    for (const timer of this._lostTimers) clearTimeout(timer);
+    this._lostTimers.clear();
+    if (this._probeDone) this._probeDone(false);
     this._teardown();
-    this._setStatus("closed");
+    this.status = "closed";
+    this.onStatus({ status: "closed", transport: this.transport });
   }
 
   // -- delivery ------------------------------------------------------------------------
 
   _deliver(event) {
+    if (this._closed || !event) return;
     const job = this._jobs.get(event.job_id);
     if (!job) return; // unsubscribed meanwhile
     if (event.epoch && job.epoch && event.epoch !== job.epoch) this._reset(event.job_id, event.epoch);
@@ -159,6 +362,12 @@ export class JobwireClient {
     this.onEvent(clean);
   }
 
+  _error(message) {
+    if (this._closed) return;
+    const { type, ...error } = message;
+    this.onError(error);
+  }
+
   /** A job this client has seen events of, now "not found": its record was lost (Redis
    * restarted without persistence) and the worker's next event recreates it. Retry for a
    * minute before believing it is gone. */
@@ -166,20 +375,22 @@ export class JobwireClient {
     const job = error.code === "job_not_found" && this._jobs.get(error.job_id);
     if (!job || !job.epoch) return false;
     job.lostSince = job.lostSince || Date.now();
-    return Date.now() - job.lostSince < 60000;
+    return Date.now() - job.lostSince < LOST_JOB_PATIENCE_MS;
   }
 
   _retryLost(jobId) {
-    setTimeout(() => {
+    const timer = setTimeout(() => {
+      this._lostTimers.delete(timer);
       if (this._closed || !this._jobs.has(jobId)) return;
       if (this.transport === "websocket") this._wsSubscribe([jobId]);
-    }, 1000);
+    }, LOST_JOB_RETRY_MS);
+    this._lostTimers.add(timer);
   }
 
   /** The job's history began again under `epoch`: its seqs count from 0 once more. */
   _reset(jobId, epoch) {
     const job = this._jobs.get(jobId);
-    if (!job || job.epoch === epoch) return;
+    if (this._closed || !job || job.epoch === epoch) return;
     job.last = 0;
     job.final = false;
     job.epoch = epoch;
@@ -189,10 +400,15 @@ export class JobwireClient {
   /** `info` is what announced the job: its event or listing entry (`parent` says it is a
    * group's child). */
   _announce(jobId, info = {}) {
+    if (this._closed) return;
     if (this._all && !this._jobs.has(jobId) && !this._known.has(jobId)) {
       this._known.add(jobId);
       this.onNewJob(jobId, info);
     }
+  }
+
+  _allSync() {
+    if (!this._closed) this.onAllSync();
   }
 
   _changed(added, all = false) {
@@ -207,6 +423,7 @@ export class JobwireClient {
   }
 
   _setStatus(status) {
+    if (this._closed) return; // "closed" is the last word (close() says it)
     if (status === this.status && this._shownTransport === this.transport) return;
     this.status = status;
     this._shownTransport = this.transport;
@@ -217,10 +434,13 @@ export class JobwireClient {
 
   _connect(quietly = false) {
     if (this._closed) return;
+    const attempt = ++this._attempt;
     this.transport = this.transports[this._level];
     if (!quietly) this._setStatus(this._everOpened ? "reconnecting" : "connecting");
     this._refreshToken().then(() => {
-      if (this._closed) return;
+      // Closed, or superseded while the token was fetched (two subscribe() calls in one
+      // tick restart an SSE stream twice): open nothing, or one stream would be orphaned.
+      if (this._closed || attempt !== this._attempt) return;
       if (this.transport === "websocket") this._openWebSocket();
       else if (this.transport === "sse") this._openEventSource();
       else this._schedulePoll(0);
@@ -233,7 +453,7 @@ export class JobwireClient {
     try {
       this._token = await this.token();
     } catch (e) {
-      this.onError({ code: "unauthenticated", message: `token function failed: ${e}` });
+      if (!this._closed) this.onError({ code: "unauthenticated", message: `token function failed: ${e}` });
     }
   }
 
@@ -242,16 +462,25 @@ export class JobwireClient {
     return url + (url.includes("?") ? "&" : "?") + `token=${encodeURIComponent(this._token)}`;
   }
 
-  _opened() {
+  _wsUrl() {
+    return this.baseUrl.replace(/^http/, "ws") + "/ws";
+  }
+
+  /** A transport reached the server (`reached`), or has nothing to ask it yet. */
+  _opened(reached = true) {
+    if (this._closed) return;
     this._failures = 0;
-    this._everOpened = true;
+    if (reached) {
+      this._everOpened = true;
+      this._toldUnreachable = false;
+    }
     this._setStatus("live");
     this._scheduleUpgrade();
   }
 
   /** After a fallback, now and then check whether a better transport works again. */
   _scheduleUpgrade() {
-    if (this._upgradeTimer || this._level === 0 || !this.upgradeInterval) return;
+    if (this._closed || this._upgradeTimer || this._level === 0 || !this.upgradeInterval) return;
     this._upgradeTimer = setTimeout(() => {
       this._upgradeTimer = null;
       this._probe(this.transports[0]).then((ok) => {
@@ -274,35 +503,27 @@ export class JobwireClient {
     return new Promise((resolve) => {
       let conn;
       const done = (ok) => {
-        if (conn) conn.onopen = conn.onerror = conn.onclose = null;
-        try {
-          conn && conn.close();
-        } catch (e) {
-          /* ignore */
-        }
+        this._probeDone = null;
+        if (conn) letGo(conn);
         resolve(ok);
       };
       try {
-        if (transport === "websocket") {
-          conn = new WebSocket(this.baseUrl.replace(/^http/, "ws") + "/ws");
-        } else if (transport === "sse") {
-          conn = new EventSource(this._withToken(`${this.baseUrl}/api/v1/events`));
-        } else {
-          resolve(true);
-          return;
-        }
+        if (transport === "websocket") conn = new this._WebSocket(this._wsUrl());
+        else if (transport === "sse") conn = new this._EventSource(this._withToken(`${this.baseUrl}/api/v1/events`));
+        else return resolve(true);
       } catch (e) {
-        resolve(false);
-        return;
+        return resolve(false);
       }
+      this._probeDone = done;
       conn.onopen = () => done(true);
       conn.onerror = conn.onclose = () => done(false);
     });
   }
 
-  /** The connection dropped or could not be opened: retry with backoff, or fall back. */
-  _lost(neverOpened) {
-    this._teardown();
+  /** The connection dropped or could not be opened: retry with backoff, or fall back.
+   * `cause` says what failed, where the runtime tells (Node does; browsers do not). */
+  _lost(neverOpened, cause = "", { force = false } = {}) {
+    this._teardown({ force });
     if (this._closed) return;
     if (neverOpened) this._failures += 1;
     const limit = this.failuresBeforeFallback * (this._everOpened ? 3 : 1);
@@ -313,10 +534,30 @@ export class JobwireClient {
       return;
     }
     this._setStatus("reconnecting");
+    this._checkReachable(cause);
+    if (this._closed) return; // onError closed it
     // A refusal for load counts toward the delay, not toward a fallback: the next
     // transport would be refused the same way.
     const delay = backoff(this._failures + this._refusals, this.backoffMin, this.backoffMax);
     this._timer = setTimeout(() => this._connect(), delay);
+  }
+
+  /** Nothing has ever opened, and the last transport has failed as often as the others:
+   * say so once, with what usually causes it. The client goes on trying until close(). */
+  _checkReachable(cause) {
+    if (this._everOpened || this._toldUnreachable) return;
+    if (this._level < this.transports.length - 1 || this._failures < this.failuresBeforeFallback) return;
+    this._toldUnreachable = true;
+    const tried = this.transports.join(", then ");
+    this.onError({
+      code: "unreachable",
+      message:
+        `cannot reach the jobwire server at ${this.baseUrl} (${tried}; ` +
+        `${this.failuresBeforeFallback} failed ${this.failuresBeforeFallback === 1 ? "try" : "tries"} each` +
+        `${cause ? `; last: ${this.transport}: ${cause}` : ""}). Is the server running, and is baseUrl right? ` +
+        "A page on another origin also needs that origin in the server's JOBWIRE_ALLOWED_ORIGINS " +
+        "(websocket Origin check and CORS). Still trying until close().",
+    });
   }
 
   /** Reopen with the current job set (SSE carries it in the URL). */
@@ -325,20 +566,16 @@ export class JobwireClient {
     this._connect(true);
   }
 
-  _teardown() {
+  _teardown({ force = false } = {}) {
+    this._attempt += 1;
     clearTimeout(this._timer);
     clearTimeout(this._watchdog);
-    this._timer = null;
+    this._timer = this._watchdog = null;
+    this._polling = null;
+    this._pollAgain = false;
     const conn = this._conn;
     this._conn = null;
-    if (conn) {
-      conn.onopen = conn.onmessage = conn.onerror = conn.onclose = null;
-      try {
-        conn.close();
-      } catch (e) {
-        /* already closed */
-      }
-    }
+    if (conn) letGo(conn, { force });
   }
 
   _pending() {
@@ -358,10 +595,11 @@ export class JobwireClient {
   _openWebSocket() {
     let ws;
     let opened = false;
+    let cause = "";
     try {
-      ws = new WebSocket(this.baseUrl.replace(/^http/, "ws") + "/ws");
+      ws = new this._WebSocket(this._wsUrl());
     } catch (e) {
-      this._lost(true);
+      this._lost(true, describe(e));
       return;
     }
     this._conn = ws;
@@ -375,20 +613,19 @@ export class JobwireClient {
       if (this._all) this._wsSend({ op: Op.SUBSCRIBE_ALL });
     };
     ws.onmessage = (msg) => {
-      let data;
-      try {
-        data = JSON.parse(msg.data);
-      } catch (e) {
-        return;
-      }
+      const data = parse(msg.data);
+      if (!data || this._conn !== ws) return;
       this._refusals = 0; // served, not just accepted
       this._armWatchdog(data.heartbeat);
       if (data.type === Msg.EVENT && data.stream === "all") this._announce(data.job_id, data);
       else if (data.type === Msg.EVENT) this._deliver(data);
       else if (data.type === Msg.RESET) this._reset(data.job_id, data.epoch);
-      else if (data.type === Msg.SUBSCRIBED_ALL || data.type === Msg.RESYNC) this.onAllSync();
+      else if (data.type === Msg.SUBSCRIBED_ALL || data.type === Msg.RESYNC) this._allSync();
       else if (data.type === Msg.ERROR && this._lostForNow(data)) this._retryLost(data.job_id);
-      else if (data.type === Msg.ERROR) this.onError(data);
+      else if (data.type === Msg.ERROR) this._error(data);
+    };
+    ws.onerror = (e) => {
+      cause = (e && e.message) || cause; // Node's `ws` says why; a browser does not
     };
     ws.onclose = (e) => {
       // Too many connections (or the server is short of Redis): later, with a longer wait
@@ -403,7 +640,7 @@ export class JobwireClient {
           return;
         }
       }
-      this._lost(!opened);
+      this._lost(!opened, cause || `closed ${e.code}${e.reason ? ` (${e.reason})` : ""}`);
     };
   }
 
@@ -420,17 +657,20 @@ export class JobwireClient {
 
   _wsSend(message) {
     const ws = this._conn;
-    if (this.transport === "websocket" && ws && ws.readyState === WebSocket.OPEN) {
+    if (this.transport === "websocket" && ws && ws.readyState === OPEN) {
       ws.send(JSON.stringify(message));
     } // otherwise onopen sends the whole state
   }
 
-  /** No frame for 2.5 heartbeats means a dead link the browser has not noticed: reconnect. */
+  /** No frame for 2.5 heartbeats means a dead link the runtime has not noticed: reconnect. */
   _armWatchdog(heartbeat) {
     if (heartbeat) this._heartbeat = heartbeat * 1000;
     if (!this._heartbeat) return;
     clearTimeout(this._watchdog);
-    this._watchdog = setTimeout(() => this._lost(false), this._heartbeat * 2.5);
+    this._watchdog = setTimeout(
+      () => this._lost(false, "no frame for 2.5 heartbeats", { force: true }),
+      this._heartbeat * 2.5,
+    );
   }
 
   // -- Server-Sent Events ------------------------------------------------------------------
@@ -439,7 +679,7 @@ export class JobwireClient {
     const { ids, since } = this._pending();
     if (!ids.length && !this._all) {
       // Nothing to follow: hold no stream until subscribe() or subscribeAll() (_changed).
-      this._opened();
+      this._opened(false);
       return;
     }
     const params = new URLSearchParams();
@@ -452,30 +692,36 @@ export class JobwireClient {
     if (this._all) params.set("all", "1");
     let opened = false;
     if (this._token) params.set("token", this._token);
-    const es = new EventSource(`${this.baseUrl}/api/v1/events?${params}`);
+    let es;
+    try {
+      es = new this._EventSource(`${this.baseUrl}/api/v1/events?${params}`);
+    } catch (e) {
+      this._lost(true, describe(e));
+      return;
+    }
     this._conn = es;
     es.onopen = () => {
       opened = true;
       this._opened();
-      if (this._all) this.onAllSync(); // the server subscribed before it answered
+      if (this._all) this._allSync(); // the server subscribed before it answered
     };
-    es.onmessage = (msg) => this._deliver(JSON.parse(msg.data));
+    es.onmessage = (msg) => this._deliver(parse(msg.data));
     es.addEventListener("all", (msg) => {
       if (this._conn !== es) return;
-      const event = JSON.parse(msg.data);
-      this._announce(event.job_id, event);
+      const event = parse(msg.data);
+      if (event) this._announce(event.job_id, event);
     });
     es.addEventListener("control", (msg) => {
       if (this._conn !== es) return; // a stream already let go (its events may still be queued)
-      const data = JSON.parse(msg.data);
+      const data = parse(msg.data) || {};
       if (data.type === Msg.ERROR && data.code === "unauthenticated") this._expired(data);
-      else if (data.type === Msg.ERROR) this.onError(data);
+      else if (data.type === Msg.ERROR) this._error(data);
       else if (data.type === Msg.RESET) this._reset(data.job_id, data.epoch);
-      else if (data.type === Msg.RESYNC) this.onAllSync();
+      else if (data.type === Msg.RESYNC) this._allSync();
       else if (data.type === Msg.END) this._teardown(); // every job ended: do not reconnect
     });
     // EventSource would reconnect to the same URL with stale `since`; resume ourselves.
-    es.onerror = () => this._lost(!opened);
+    es.onerror = (e) => this._lost(!opened, (e && e.message) || "");
   }
 
   /** The stream's token expired (the server ends it, as a websocket closes 4401): a token
@@ -483,7 +729,7 @@ export class JobwireClient {
    * token will not become valid, so the client stops. */
   _expired(error) {
     if (this._closed) return; // told once: a closed client reports nothing more
-    this.onError(error);
+    this._error(error);
     this._teardown();
     if (typeof this.token !== "function") {
       this.close();
@@ -495,58 +741,99 @@ export class JobwireClient {
   // -- polling -----------------------------------------------------------------------------
 
   _schedulePoll(delay) {
-    clearTimeout(this._timer);
     if (this.transport !== "polling" || this._closed) return;
+    if (this._polling) {
+      // One poll at a time: a subscribe() meanwhile is asked about as soon as it ends.
+      if (delay === 0) this._pollAgain = true;
+      return;
+    }
+    clearTimeout(this._timer);
     this._timer = setTimeout(() => this._poll(), delay);
   }
 
   async _poll() {
+    this._timer = null;
+    const controller = new AbortController();
+    const handle = { close: () => controller.abort() }; // what _teardown closes
+    this._conn = this._polling = handle;
+    const current = () => !this._closed && this._conn === handle;
+    const fetchJson = (path, init) => this._fetchJson(path, { ...init, signal: controller.signal });
+    let asked = false;
     try {
       const { ids } = this._pending();
       if (ids.length) {
-        const resp = await this._fetchJson("/api/v1/jobs/batch-status", {
+        asked = true;
+        const resp = await fetchJson("/api/v1/jobs/batch-status", {
           method: "POST",
           headers: { "content-type": "application/json" },
           body: JSON.stringify({ job_ids: ids.slice(0, 1000) }),
         });
+        if (!current()) return;
         const moved = ids.filter((id) => {
           const s = resp.jobs[id];
           const job = this._jobs.get(id);
-          const reset = s && s.epoch && job.epoch && s.epoch !== job.epoch; // history began again
-          return s && (reset || s.seq > this.lastSeq(id));
+          if (!s || !job) return false;
+          const reset = s.epoch && job.epoch && s.epoch !== job.epoch; // history began again
+          return reset || s.seq > job.last;
         });
         for (const id of moved) {
-          const epoch = this._jobs.get(id).epoch;
-          const hist = await this._fetchJson(
-            `/api/v1/jobs/${encodeURIComponent(id)}/history?since=${this.lastSeq(id)}` +
-              (epoch ? `&epoch=${epoch}` : ""),
+          const job = this._jobs.get(id);
+          if (!job) continue; // unsubscribed meanwhile
+          const hist = await fetchJson(
+            `/api/v1/jobs/${encodeURIComponent(id)}/history?since=${job.last}` +
+              (job.epoch ? `&epoch=${encodeURIComponent(job.epoch)}` : ""),
           );
+          if (!current()) return;
           if (hist.reset) this._reset(id, hist.epoch);
           for (const event of hist.events) this._deliver(event);
+          if (!current()) return; // onEvent closed the client
         }
       }
       if (this._all) {
-        const listing = await this._fetchJson("/api/v1/jobs?limit=50");
+        asked = true;
+        const listing = await fetchJson("/api/v1/jobs?limit=50");
+        if (!current()) return;
         for (const job of listing.jobs.reverse()) this._announce(job.job_id, job);
+        if (!current()) return;
       }
-      this._opened();
-      this._schedulePoll(this.pollInterval);
+      this._opened(asked);
+      this._pollEnded(handle, this.pollInterval);
     } catch (e) {
+      if (!current()) return; // closed or let go: an abort is no failure
       this._failures += 1;
+      if (e.status === 401 && typeof this.token !== "function") {
+        // A fixed token will not become valid: stop, as on the other transports.
+        this.onError({ code: "unauthenticated", message: e.said || e.message });
+        this.close();
+        return;
+      }
       this._setStatus("reconnecting");
+      this._checkReachable(describe(e));
+      if (!current()) return;
       if (e.status === 401) await this._refreshToken(); // expired: a token function has a new one
+      if (!current()) return;
       const delay = backoff(this._failures, this.pollInterval, this.backoffMax);
-      this._schedulePoll(notBefore(e.retryAfter, delay));
+      this._pollAgain = false;
+      this._pollEnded(handle, notBefore(e.retryAfter, delay));
     }
+  }
+
+  _pollEnded(handle, delay) {
+    if (this._polling === handle) this._polling = null;
+    this._schedulePoll(this._pollAgain ? 0 : delay);
+    this._pollAgain = false;
   }
 
   async _fetchJson(path, init = {}) {
     const headers = { ...(init.headers || {}) };
     if (this._token) headers.authorization = `Bearer ${this._token}`;
-    const resp = await fetch(this.baseUrl + path, { ...init, headers });
+    const resp = await this._fetch(this.baseUrl + path, { ...init, headers });
     if (!resp.ok) {
-      const error = new Error(`${path}: HTTP ${resp.status}`);
+      const body = await resp.json().catch(() => null);
+      const said = body && body.error && body.error.message;
+      const error = new Error(`HTTP ${resp.status} on ${path}${said ? `: ${said}` : ""}`);
       error.status = resp.status;
+      error.said = said; // the server's own words, for onError
       if (RETRYABLE_STATUS.has(resp.status)) error.retryAfter = resp.headers.get("retry-after");
       throw error;
     }
