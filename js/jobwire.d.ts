@@ -308,6 +308,9 @@ export interface JobwireOptions {
   /** ms between attempts to climb back to the best transport after a fallback (default
    * 30000; 0 disables). */
   upgradeInterval?: number;
+  /** ms a websocket or event stream may take to open before it counts as a failed open
+   * (default 10000; 0 waits as long as the browser or `ws` does). */
+  connectTimeout?: number;
 }
 
 export declare class JobwireClient {
@@ -327,6 +330,7 @@ export declare class JobwireClient {
   readonly pollInterval: number;
   readonly failuresBeforeFallback: number;
   readonly upgradeInterval: number;
+  readonly connectTimeout: number;
 
   // The callbacks, read at each call: a component sharing a client may wrap them.
   onEvent: (event: JobEvent) => void;

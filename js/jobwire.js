@@ -250,6 +250,7 @@ export class JobwireClient {
     this.pollInterval = number(options, "pollInterval", 1000, { min: 1 });
     this.failuresBeforeFallback = number(options, "failuresBeforeFallback", 3, { min: 1, integer: true });
     this.upgradeInterval = number(options, "upgradeInterval", 30000, { min: 0 });
+    this.connectTimeout = number(options, "connectTimeout", 10000, { min: 0 });
     const token = options.token;
     if (token !== undefined && token !== null && typeof token !== "string" && typeof token !== "function") {
       fail(`token must be a string or a function that returns one, got ${typeof token}`);
@@ -570,7 +571,8 @@ export class JobwireClient {
     this._attempt += 1;
     clearTimeout(this._timer);
     clearTimeout(this._watchdog);
-    this._timer = this._watchdog = null;
+    clearTimeout(this._openTimer);
+    this._timer = this._watchdog = this._openTimer = null;
     this._polling = null;
     this._pollAgain = false;
     const conn = this._conn;
@@ -603,8 +605,10 @@ export class JobwireClient {
       return;
     }
     this._conn = ws;
+    this._giveUpOpening(ws, "websocket");
     ws.onopen = () => {
       opened = true;
+      clearTimeout(this._openTimer);
       this._opened();
       // Browsers cannot set headers on a websocket: the token goes in the first message.
       if (this._token) ws.send(JSON.stringify({ op: Op.AUTH, token: this._token }));
@@ -642,6 +646,17 @@ export class JobwireClient {
       }
       this._lost(!opened, cause || `closed ${e.code}${e.reason ? ` (${e.reason})` : ""}`);
     };
+  }
+
+  /** A connection that neither opens nor fails (a proxy that holds the upgrade, a server
+   * that accepts the socket and says nothing) counts as a failed open after
+   * `connectTimeout` ms, so the client moves on instead of "connecting" forever. */
+  _giveUpOpening(conn, what) {
+    clearTimeout(this._openTimer);
+    if (!this.connectTimeout) return;
+    this._openTimer = setTimeout(() => {
+      if (this._conn === conn) this._lost(true, `${what} did not open within ${this.connectTimeout} ms`);
+    }, this.connectTimeout);
   }
 
   _wsSubscribe(ids) {
@@ -700,8 +715,10 @@ export class JobwireClient {
       return;
     }
     this._conn = es;
+    this._giveUpOpening(es, "event stream");
     es.onopen = () => {
       opened = true;
+      clearTimeout(this._openTimer);
       this._opened();
       if (this._all) this._allSync(); // the server subscribed before it answered
     };

@@ -342,3 +342,16 @@ def test_node_refuses_bad_options_with_a_type_error_that_says_what_to_do() -> No
     assert 'unknown transport "websockets"' in told["unknownTransport"]
     assert "onEvent must be a function" in told["badCallback"]
     assert "subscribe() takes an array of job ids, got string" in told["idsNotAnArray"]
+
+
+async def test_a_handshake_that_never_ends_counts_as_a_failed_open(project: Path) -> None:
+    """A server (or a proxy) that accepts the socket and never answers the upgrade: after
+    `connectTimeout` ms each try counts as a failed open, so the client says `unreachable`
+    instead of "connecting" forever."""
+    async with silent_server() as url:
+        code, lines, stderr = await node(project, "held.mjs", url, timeout=15)
+    assert code == 0, f"node did not exit by itself (code {code}): {stderr}"
+    [report] = lines
+    [error] = report["errors"]
+    assert error["code"] == "unreachable" and "did not open within 200 ms" in error["message"], error
+    assert "live" not in report["statuses"] and report["lingered"] < LINGER_MS, report
