@@ -3,7 +3,7 @@
 // Events are applied to plain models as they arrive, and rows are re-rendered at most once
 // per animation frame, so a burst of thousands of events costs a few paints, not thousands.
 
-import { JobwireClient, RETRYABLE_STATUS, backoff, notBefore } from "./jobwire.js";
+import { JobwireClient, RETRYABLE_STATUS, TRANSPORTS, backoff, notBefore } from "./jobwire.js";
 
 const MAX_ROWS = 100;
 const FINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
@@ -303,7 +303,10 @@ const BASE = new URL(".", import.meta.url).href.replace(/\/$/, "");
 const client = new JobwireClient({
   baseUrl: BASE,
   token,
-  transports: params.get("transports") ? params.get("transports").split(",") : undefined,
+  // `?transports=sse,polling` forces a fallback (for trying it out); unknown names are left out.
+  transports: params.get("transports")
+    ? params.get("transports").split(",").filter((t) => TRANSPORTS.includes(t))
+    : undefined,
   upgradeInterval: params.get("upgrade") ? Number(params.get("upgrade")) : undefined,
   onEvent: apply,
   onStatus: showConnection,

@@ -121,6 +121,7 @@ ENDPOINTS = [
     ("GET", "/api/v1/jobs/{id}/events"),
     ("GET", "/api/v1/events"),
     ("GET", "/openapi.json"),
+    ("GET", "/celery-progress/{id}/"),
 ]
 
 

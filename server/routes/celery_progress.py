@@ -44,7 +44,7 @@ from jobwire.server.routes.jobs import caller
 # The single-job websocket's steps, shared rather than copied: opening (Origin, transport,
 # admission, auth, goodbye), running reader and writer to the first end (token expiry,
 # too slow, Redis errors), reading a client's message.
-from jobwire.server.routes.ws import _open, _receive_json, _run_until_first_done
+from jobwire.server.routes.ws import open_socket, receive_json, run_until_first_done
 from jobwire.server.services import Services
 from jobwire.server.transports import WebSocketTransport, close_websocket, pump
 from jobwire.stream import Item
@@ -113,7 +113,7 @@ class CeleryProgressSocket(WebSocketTransport):
 
 
 async def progress_socket(ws: WebSocket) -> None:
-    opened = await _open(ws)
+    opened = await open_socket(ws)
     if opened is None:
         return
     svc, principal, release = opened
@@ -149,7 +149,7 @@ async def progress_socket(ws: WebSocket) -> None:
             # Only to notice the client leaving; what it sends is ignored.
             while True:
                 try:
-                    await _receive_json(ws)
+                    await receive_json(ws)
                 except JobwireError:
                     pass
 
@@ -161,7 +161,7 @@ async def progress_socket(ws: WebSocket) -> None:
             await pump(feed, transport, heartbeat_every=svc.settings.heartbeat_interval, after_final=True)
             await transport.close(Disconnects.JOB_FINISHED)
 
-        await _run_until_first_done(transport, feed, principal, read(), to_the_end())
+        await run_until_first_done(transport, feed, principal, read(), to_the_end())
     finally:
         feed.close()
         release()

@@ -18,7 +18,7 @@ message; the socket stays open.
 the job does not exist (or is not the caller's), 4400 for a malformed id or since, 1013
 when Redis is unreachable.
 
-Both authenticate first (see `_open`), and close with 4401 when the token expires.
+Both authenticate first (see `open_socket`), and close with 4401 when the token expires.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from jobwire.server.transports import WebSocketTransport, close_websocket, pump
 log = logging.getLogger(__name__)
 
 
-async def _run_until_first_done(
+async def run_until_first_done(
     transport: WebSocketTransport, feed: Feed, principal: Principal, *coros: Awaitable[None]
 ) -> None:
     """Run the socket's reader and writer; when one ends (disconnect, close), stop both.
@@ -101,7 +101,7 @@ async def _run_until_first_done(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _receive_json(ws: WebSocket) -> Any:
+async def receive_json(ws: WebSocket) -> Any:
     """The next client message, decoded; `JobwireError` for anything that is not JSON text."""
     message = await ws.receive()
     if message["type"] == "websocket.disconnect":
@@ -136,7 +136,7 @@ def _origin_refused(ws: WebSocket, allowed: tuple[str, ...]) -> str:
     )
 
 
-async def _open(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]] | None:
+async def open_socket(ws: WebSocket) -> tuple[Services, Principal, Callable[[], None]] | None:
     """Accept the socket and learn who is on it, or refuse it (and return None).
 
     Refused before the upgrade: a disallowed Origin or websockets turned off (HTTP 403,
@@ -197,7 +197,7 @@ async def _authenticate(
         principal = svc.auth.principal(ws)
         if principal is None:
             async with asyncio.timeout(settings.auth_timeout):
-                msg = await _receive_json(ws)
+                msg = await receive_json(ws)
             if not isinstance(msg, dict) or msg.get("op") != Op.AUTH:
                 raise JobwireError("unauthenticated", 'authenticate first: {"op": "auth", "token": ...}')
             principal = svc.auth.verify(msg.get("token"))  # type: ignore[arg-type]
@@ -248,7 +248,7 @@ BIG_MESSAGE_COST = 2.0
 
 
 async def ws_multi(ws: WebSocket) -> None:
-    opened = await _open(ws)
+    opened = await open_socket(ws)
     if opened is None:
         return
     svc, principal, release = opened
@@ -260,7 +260,7 @@ async def ws_multi(ws: WebSocket) -> None:
     async def read() -> None:
         while True:
             try:
-                msg = await _receive_json(ws)
+                msg = await receive_json(ws)
                 cost = _cost(msg)
                 if not pace.take(cost):
                     # Told once per burst; a client that keeps on regardless is closed.
@@ -281,7 +281,7 @@ async def ws_multi(ws: WebSocket) -> None:
     try:
         transport = _transport(ws, feed, svc)
         beat = svc.settings.heartbeat_interval
-        await _run_until_first_done(
+        await run_until_first_done(
             transport, feed, principal, read(), pump(feed, transport, heartbeat_every=beat)
         )
     finally:
@@ -360,7 +360,7 @@ _OPS = {
 
 
 async def ws_job(ws: WebSocket) -> None:
-    opened = await _open(ws)
+    opened = await open_socket(ws)
     if opened is None:
         return
     svc, principal, release = opened
@@ -392,7 +392,7 @@ async def ws_job(ws: WebSocket) -> None:
             # Only to notice the client leaving; what it sends is ignored.
             while True:
                 try:
-                    await _receive_json(ws)
+                    await receive_json(ws)
                 except JobwireError:
                     pass
 
@@ -403,7 +403,7 @@ async def ws_job(ws: WebSocket) -> None:
             await pump(feed, transport, heartbeat_every=svc.settings.heartbeat_interval, after_final=True)
             await transport.close(Disconnects.JOB_FINISHED)
 
-        await _run_until_first_done(transport, feed, principal, read(), to_the_end())
+        await run_until_first_done(transport, feed, principal, read(), to_the_end())
     finally:
         feed.close()
         release()
