@@ -129,7 +129,12 @@ def cmd_serve(
     try:
         settings = Settings.from_env(**overrides)
         # here, not in uvicorn: a bad setting is one clear line, not a traceback
-        app = create_app(settings) if asgi_app is None else _host_app(asgi_app)
+        if asgi_app is None:
+            app = create_app(settings)
+        else:  # uvicorn is configured as the mounted jobwire was (the proxies: as told here)
+            app, mounted = _host_app(asgi_app)
+            trusted = settings.forwarded_allow_ips if overrides else mounted.forwarded_allow_ips
+            settings = mounted.model_copy(update={"forwarded_allow_ips": trusted})
     except (SettingsError, AttachError) as exc:
         _say_error(exc)
         return 2
@@ -148,30 +153,32 @@ def cmd_serve(
     return 0
 
 
-def _host_app(target: str) -> Any:
+def _host_app(target: str) -> tuple[Any, Settings]:
     """The app named `module:attribute` (imported from the working directory, as uvicorn
-    does), which must have jobwire mounted in it (`jobwire.server.mount.mount`)."""
+    does), which must have jobwire mounted in it (`jobwire.mount`), and the settings that
+    jobwire was built with."""
     import importlib
 
+    from jobwire.server.celery_app import from_working_directory
     from jobwire.server.lifecycle import lifecycles_in
     from jobwire.settings import SettingsError
 
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise SettingsError(f"--app {target!r}: write it as module:attribute (e.g. main:app)")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    from_working_directory()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise SettingsError(f"--app {target!r}: cannot import {module_name!r} ({exc})") from None
     app = getattr(module, attr, None)
-    if app is None or not lifecycles_in(app):
+    mounted = lifecycles_in(app) if app is not None else []
+    if not mounted:
         raise SettingsError(
             f"--app {target!r}: {module_name}.{attr} has no jobwire mounted in it; call "
             "jobwire.mount(app, '/prefix') where the app is built"
         )
-    return app
+    return app, mounted[0].settings
 
 
 def _log_like_uvicorn() -> None:

@@ -119,7 +119,7 @@ def async_client(target: RedisTarget, *, max_connections: int, wait: float, **op
     pool = aredis.BlockingConnectionPool.from_url(
         target.url, max_connections=max_connections, timeout=wait, **options
     )
-    return aredis.Redis(connection_pool=pool)
+    return aredis.Redis.from_pool(pool)  # owns its pool: aclose() closes its connections too
 
 
 async def primary_url(target: RedisTarget) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -62,7 +63,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     target = settings.redis_target
     auth = Auth(settings)  # here: a key file that cannot be read fails at start
-    logging.getLogger("uvicorn.access").addFilter(_REDACT)
+    # HTTP requests are logged to uvicorn.access, websocket upgrades (with their query
+    # string: `/ws?token=…`, the celery-progress socket's only way) to uvicorn.error.
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).addFilter(_REDACT)
 
     @asynccontextmanager
     async def run() -> AsyncIterator[Services]:
@@ -127,11 +131,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *jobs.id_routes,  # last: see server.routes.jobs
     ]
     if STATIC_DIR.is_dir():
-        static = Static(directory=STATIC_DIR, html=True)
-        if CLIENT_DIR.is_dir():  # `/jobwire.js`, `/jobwire-progress.js`: one copy, the package's
-            static.all_directories.append(CLIENT_DIR)
-        routes.append(Mount("/", app=static, name="static"))
-    lifecycle = Lifecycle(run)
+        routes.append(Mount("/", app=Static(directory=STATIC_DIR, html=True), name="static"))
+    lifecycle = Lifecycle(run, settings)
     middleware = [
         Middleware(RawSend),  # first: it must see the server's own send (see server.direct)
         Middleware(StartOnFirstUse, lifecycle=lifecycle),  # mounted where no lifespan runs
@@ -167,8 +168,17 @@ def _hub(settings: Settings, metrics: Metrics) -> Fanout:
 
 
 class Static(StaticFiles):
-    """The static files, mounted at `/`, where every path no route took ends up. A websocket
-    there is refused (Starlette before 1.7 asserted HTTP and answered 500)."""
+    """The static files, mounted at `/`, where every path no route took ends up: the
+    dashboard, and the npm package's scripts (`/jobwire.js`, `/jobwire-progress.js`: one
+    copy, the package's; nothing else of its folder). A websocket there is refused
+    (Starlette before 1.7 asserted HTTP and answered 500)."""
+
+    def lookup_path(self, path: str) -> tuple[str, os.stat_result | None]:
+        found = super().lookup_path(path)
+        if found[1] is not None or "/" in path or not path.endswith(".js") or not CLIENT_DIR.is_dir():
+            return found
+        script = CLIENT_DIR / path
+        return (str(script), script.stat()) if script.is_file() else found
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":

@@ -52,6 +52,12 @@ class CeleryAppError(SettingsError):
     to write instead."""
 
 
+def from_working_directory() -> None:
+    """Let imports find modules in the working directory, as `celery -A` and uvicorn do."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def load_celery_app(settings: Settings) -> Celery:
     """The app `JOBWIRE_CELERY_APP` names (see the module docstring), attached if its module
     did not attach it. The demo app is built fresh for these settings."""
@@ -59,8 +65,7 @@ def load_celery_app(settings: Settings) -> Celery:
         from jobwire.tasks.demo import create_demo_app
 
         return create_demo_app(settings)
-    if os.getcwd() not in sys.path:  # `celery -A` imports from the working directory too
-        sys.path.insert(0, os.getcwd())
+    from_working_directory()
     app = find_app(settings.celery_app)
     if not registry.is_attached(app):
         attach(app, settings)

@@ -22,7 +22,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+from jobwire.protocol import Disconnects
+from jobwire.server.errors import error_response
 from jobwire.server.services import Services
+from jobwire.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +36,13 @@ Run = Callable[[], AbstractAsyncContextManager[Services]]
 class Lifecycle:
     """One app's services: started once, by the first of its starters, stopped once."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, settings: Settings) -> None:
         self._run = run
         self._stack: contextlib.AsyncExitStack | None = None
         self._lock = asyncio.Lock()
+        self.settings = settings  # what the app was built with (`jobwire serve --app` reads it)
         self.services: Services | None = None
+        self.stopped = False  # by a lifespan: a late request must not start them again
 
     @property
     def running(self) -> bool:
@@ -52,11 +57,13 @@ class Lifecycle:
                 stack = contextlib.AsyncExitStack()
                 self.services = await stack.enter_async_context(self._run())
                 self._stack = stack
+                self.stopped = False
         return self.services
 
     async def stop(self) -> None:
         async with self._lock:
             stack, self._stack, self.services = self._stack, None, None
+            self.stopped = True
             if stack is not None:
                 await stack.aclose()
 
@@ -110,6 +117,24 @@ class StartOnFirstUse:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if self.lifecycle.services is None and scope["type"] in ("http", "websocket"):
+            if self.lifecycle.stopped:  # the app's lifespan ended: shutting down, not starting
+                await _shutting_down(scope, send)
+                return
             log.info("jobwire: no lifespan started the services (mounted?): starting them at first use")
             await self.lifecycle.start()
         await self.app(scope, receive, send)
+
+
+async def _shutting_down(scope: dict[str, Any], send: Any) -> None:
+    """A request after the services stopped: "try later" (elsewhere), on either transport."""
+    if scope["type"] == "websocket":
+        disconnect = Disconnects.GOING_AWAY
+        await send({"type": "websocket.close", "code": disconnect.code, "reason": disconnect.reason})
+        return
+    response = error_response(503, "unavailable", "the server is shutting down; try again")
+    response.headers["Retry-After"] = "2"
+    await response(scope, _nothing, send)
+
+
+async def _nothing() -> dict[str, Any]:
+    return {"type": "http.disconnect"}

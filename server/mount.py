@@ -13,11 +13,14 @@ What mounting by hand loses, and what this keeps:
 
 A Starlette or FastAPI host gets jobwire mounted in place and is returned. Any other ASGI
 app (Django's `get_asgi_application()`) is wrapped: the returned app sends the prefix to
-jobwire, the rest to the host, and answers the lifespan itself (Django does not speak it).
+jobwire, the rest to the host, and runs jobwire's start and stop inside the host's lifespan
+(or alone, for a host like Django that does not speak it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,6 +32,7 @@ from jobwire.server.direct import RawSend
 from jobwire.server.lifecycle import Lifecycle
 from jobwire.settings import Settings
 
+log = logging.getLogger(__name__)
 _PREFIX = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+$")
 
 
@@ -81,7 +85,7 @@ def _join_lifespan(host: Starlette, lifecycle: Lifecycle) -> None:
 class PrefixDispatch:
     """An ASGI app: `prefix` and below to jobwire (its `root_path` extended, as Starlette's
     `Mount` does), the bare prefix redirected to `prefix/`, everything else to `host`. The
-    lifespan is jobwire's alone: a host like Django's refuses it."""
+    lifespan goes to both (see `_lifespan`)."""
 
     def __init__(self, host: Any, prefix: str, app: Starlette) -> None:
         self.host = host
@@ -92,7 +96,7 @@ class PrefixDispatch:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "lifespan":
-            await self._lifespan(receive, send)
+            await self._lifespan(scope, receive, send)
             return
         root = scope.get("root_path", "")
         path = scope["path"]
@@ -107,20 +111,56 @@ class PrefixDispatch:
         else:
             await self.host(scope, receive, send)
 
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        started = False
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.lifecycle.start()
-                except Exception as exc:
-                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
-                    return
-                started = True
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                if started:
-                    await self.lifecycle.stop()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def _lifespan(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """jobwire's start inside the host's lifespan, as `_join_lifespan` does for a
+        Starlette host: the host starts first and stops last. A host that does not speak
+        the lifespan (Django raises on it, as ASGI allows) is left out of it."""
+        host = _HostLifespan(self.host, scope)
+        message = await receive()  # lifespan.startup
+        failed = await host.step(message)
+        if failed is None:
+            try:
+                await self.lifecycle.start()
+            except Exception as exc:
+                failed = f"jobwire did not start: {exc!r}"
+        if failed is not None:
+            await send({"type": "lifespan.startup.failed", "message": failed})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        message = await receive()  # lifespan.shutdown
+        try:
+            await self.lifecycle.stop()
+        finally:
+            failed = await host.step(message)
+        if failed is None:
+            await send({"type": "lifespan.shutdown.complete"})
+        else:
+            await send({"type": "lifespan.shutdown.failed", "message": failed})
+
+
+class _HostLifespan:
+    """The host's side of the lifespan, run in a task of its own and fed one message at a
+    time: `step` passes a message on and waits for the host's answer."""
+
+    def __init__(self, host: Any, scope: dict[str, Any]) -> None:
+        self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._task = asyncio.create_task(host(dict(scope), self._inbox.get, self._answers.put))
+        self.speaks = True
+
+    async def step(self, message: dict[str, Any]) -> str | None:
+        """None when the host is done with `message` (or does not speak the lifespan); the
+        host's failure message otherwise."""
+        if not self.speaks:
+            return None
+        await self._inbox.put(message)
+        answer = asyncio.ensure_future(self._answers.get())
+        await asyncio.wait({answer, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if answer.done():
+            reply = answer.result()
+            return reply.get("message", "failed") if reply["type"].endswith(".failed") else None
+        answer.cancel()
+        self.speaks = False  # it returned or raised without answering: no lifespan there
+        if not self._task.cancelled() and self._task.exception() is not None:
+            log.debug("the host app does not speak the lifespan: %r", self._task.exception())
+        return None

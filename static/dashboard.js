@@ -297,16 +297,20 @@ if (params.get("token")) {
   history.replaceState(null, "", window.location.pathname + (rest ? `?${rest}` : ""));
 }
 const token = sessionStorage.getItem("jobwire.token") || undefined;
+
+/** `?transports=sse,polling` forces a fallback (for trying it out); unknown names are left
+ * out, and none left means the usual order. */
+function forcedTransports() {
+  const wanted = (params.get("transports") || "").split(",").filter((t) => TRANSPORTS.includes(t));
+  return wanted.length ? wanted : undefined;
+}
 // Where jobwire is: the folder this module came from, so the dashboard works at the site's
 // root and under a prefix it is mounted at (`/progress/`) alike.
 const BASE = new URL(".", import.meta.url).href.replace(/\/$/, "");
 const client = new JobwireClient({
   baseUrl: BASE,
   token,
-  // `?transports=sse,polling` forces a fallback (for trying it out); unknown names are left out.
-  transports: params.get("transports")
-    ? params.get("transports").split(",").filter((t) => TRANSPORTS.includes(t))
-    : undefined,
+  transports: forcedTransports(),
   upgradeInterval: params.get("upgrade") ? Number(params.get("upgrade")) : undefined,
   onEvent: apply,
   onStatus: showConnection,

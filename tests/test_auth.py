@@ -405,6 +405,19 @@ def test_tokens_never_reach_the_access_log() -> None:
     assert A not in record.getMessage() and "token=[redacted]&all=1" in record.getMessage()
 
 
+async def test_tokens_never_reach_the_log_of_a_websocket_upgrade(
+    srv: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn logs each websocket upgrade, query string and all, to uvicorn.error (not the
+    access log): `?token=` is how a celery-progress socket and link URLs carry a token."""
+    caplog.set_level(logging.INFO, logger="uvicorn.error")  # after uvicorn set its own level
+    async with websockets.connect(f"{srv.ws_url}/ws?token={A}&x=1") as ws:
+        await next_of(ws, "welcome")
+    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error"]
+    assert any("/ws?token=[redacted]&x=1" in line for line in lines), lines
+    assert not any(A in line for line in lines)
+
+
 async def test_development_mode_says_so(
     settings: Settings, worker: object, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -36,7 +36,7 @@ from jobwire.server.app import create_app
 from jobwire.server.direct import RawSend
 from jobwire.settings import Settings
 from tests.clients import assert_gap_free, next_of, sse_blocks, transitions
-from tests.support import RedisServer, free_port, run_server, until_serving, wait_until
+from tests.support import RedisServer, free_port, run_server, settings_for, until_serving, wait_until
 from tests.test_browser import (
     CHROMIUM,  # noqa: F401  (importing it applies the never-skip rule)
     browser,  # noqa: F401  (the fixture)
@@ -263,3 +263,65 @@ async def test_jobwire_serve_app_says_goodbye_to_the_mounted_apps_clients(
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+# -- lifespans and leftovers ---------------------------------------------------------------
+
+
+async def test_a_host_that_is_not_starlette_keeps_its_lifespan(settings: Settings, worker: object) -> None:
+    """A FastAPI app behind a plain ASGI middleware (Sentry's, OpenTelemetry's) is wrapped,
+    not mounted in place: its lifespan still runs, before jobwire's start and after its stop."""
+    seen: list[tuple[str, bool]] = []
+
+    @asynccontextmanager
+    async def host_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        seen.append(("host up", lifecycle.running))
+        yield
+        seen.append(("host down", lifecycle.running))
+
+    class Wrapper:  # a middleware that is not Starlette's
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await self.app(scope, receive, send)
+
+    application = jobwire.mount(Wrapper(FastAPI(lifespan=host_lifespan)), PREFIX, settings=settings)
+    lifecycle = application.lifecycle
+    async with run_server(settings, app=application) as srv:
+        assert seen == [("host up", False)] and lifecycle.running
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            assert (await http.get(f"{PREFIX}/readyz")).status_code == 200
+    assert seen == [("host up", False), ("host down", False)]
+
+
+async def test_a_request_after_the_lifespan_ended_is_told_to_come_back(settings: Settings) -> None:
+    """Once its lifespan stopped the services, a late request gets 503 "try later" (a
+    websocket 1001) and does not start them again, with nothing left to stop them."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        assert app.state.lifecycle.running
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://jobwire") as http:
+        late = await http.get("/api/v1/jobs/some-job")
+    assert late.status_code == 503 and late.headers["retry-after"] == "2"
+    assert late.json()["error"]["code"] == "unavailable"
+    assert not app.state.lifecycle.running
+
+
+async def test_stopped_services_leave_no_redis_connection_behind(own_redis: RedisServer) -> None:
+    """The read client owns its pool: a host that starts and stops jobwire (its lifespan,
+    tests) gets every Redis connection back."""
+    client = own_redis.client()
+    baseline = int(client.info("clients")["connected_clients"])
+    async with run_server(settings_for(own_redis.url)) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            answers = await asyncio.gather(*(http.get(f"/api/v1/jobs/job-{i}") for i in range(20)))
+            assert {a.status_code for a in answers} == {404}
+        assert int(client.info("clients")["connected_clients"]) > baseline
+
+    def back_to_baseline() -> bool:
+        return int(client.info("clients")["connected_clients"]) == baseline
+
+    await wait_until(back_to_baseline, what="every connection the server opened is closed")
+    client.close()

@@ -44,7 +44,7 @@ from jobwire.server.routes.jobs import caller
 # The single-job websocket's steps, shared rather than copied: opening (Origin, transport,
 # admission, auth, goodbye), running reader and writer to the first end (token expiry,
 # too slow, Redis errors), reading a client's message.
-from jobwire.server.routes.ws import open_socket, receive_json, run_until_first_done
+from jobwire.server.routes.ws import open_socket, receive_json, refuse_bad_request, run_until_first_done
 from jobwire.server.services import Services
 from jobwire.server.transports import WebSocketTransport, close_websocket, pump
 from jobwire.stream import Item
@@ -74,7 +74,9 @@ async def current(svc: Services, job_id: str, principal: Principal) -> dict[str,
 # -- the websocket -----------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1024)  # per event, not per watcher: each watcher has the same bytes
+# Per event, not per watcher: each watcher has the same bytes. Kept small: an event may
+# carry a result of up to 256 KB.
+@functools.lru_cache(maxsize=64)
 def _frame(raw: bytes) -> str:
     return dumps(answers.from_event(orjson.loads(raw))).decode()
 
@@ -120,8 +122,7 @@ async def progress_socket(ws: WebSocket) -> None:
     try:
         job_id = validation.job_id(ws.path_params["task_id"])
     except JobwireError as exc:
-        release()
-        await close_websocket(ws, Disconnects.BAD_REQUEST.because(exc.message))
+        await refuse_bad_request(ws, svc, release, exc.message)
         return
     feed = svc.feed(principal)
     try:

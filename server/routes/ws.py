@@ -148,7 +148,7 @@ async def open_socket(ws: WebSocket) -> tuple[Services, Principal, Callable[[], 
     """
     svc = services(ws)
     settings = svc.settings
-    admission = svc.admission("websocket", ws.client.host if ws.client else "?")  # says refusals too
+    admission = svc.admission("websocket", _address(ws))  # says refusals too
     if "websocket" not in settings.transports:
         off = Disconnects.TRANSPORT_OFF
         admission.refuse(off.label, f"{off.reason} (JOBWIRE_TRANSPORTS={','.join(settings.transports)})")
@@ -359,6 +359,18 @@ _OPS = {
 # -- /ws/jobs/{job_id} -------------------------------------------------------------------
 
 
+def _address(ws: WebSocket) -> str:
+    return ws.client.host if ws.client else "?"
+
+
+async def refuse_bad_request(ws: WebSocket, svc: Services, release: Callable[[], None], why: str) -> None:
+    """A single-job socket whose path or query is malformed: its place in the limits given
+    back, the refusal said in the log, the socket closed 4400 saying why."""
+    release()
+    svc.refusals("websocket", Disconnects.BAD_REQUEST.label, why, _address(ws))
+    await close_websocket(ws, Disconnects.BAD_REQUEST.because(why))
+
+
 async def ws_job(ws: WebSocket) -> None:
     opened = await open_socket(ws)
     if opened is None:
@@ -369,11 +381,7 @@ async def ws_job(ws: WebSocket) -> None:
         since = validation.seq(ws.query_params.get("since", "0"), field="since")
         epoch = validation.epoch(ws.query_params["epoch"]) if "epoch" in ws.query_params else None
     except JobwireError as exc:
-        release()
-        svc.refusals(
-            "websocket", Disconnects.BAD_REQUEST.label, exc.message, ws.client.host if ws.client else "?"
-        )
-        await close_websocket(ws, Disconnects.BAD_REQUEST.because(exc.message))
+        await refuse_bad_request(ws, svc, release, exc.message)
         return
     feed = svc.feed(principal)
     try:
