@@ -225,6 +225,10 @@ async def test_shop_streams_seed_style_progress_to_success(
 
     async with httpx.AsyncClient(base_url=url) as http:
         assert (await http.get("/healthz")).json() == {"status": "ok"}
+        # The npm package's scripts and the dashboard come with the wheel.
+        for script in ("/jobwire.js", "/jobwire-progress.js", "/dashboard.js"):
+            answer = await http.get(script)
+            assert answer.status_code == 200 and "javascript" in answer.headers["content-type"], script
         tasks = (await http.get("/api/v1/tasks")).json()["tasks"]
         assert [t["name"] for t in tasks] == ["tasks.long_running_task"]
         refused = await http.post("/api/v1/jobs", json={"task": "tasks.import_orders"})
