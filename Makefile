@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test browser lint format bench bench-quick celery-suite clean
+.PHONY: install run test browser lint format bench bench-quick bench-profile celery-suite clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -62,23 +62,34 @@ format: install
 # The peers jobwire is compared with run in a virtualenv of their own, pinned to versions
 # that work together: broadcaster 0.3.1 delivers nothing to a lone first subscriber with
 # redis-py 8 (its asyncio PubSub records a channel only after subscribe() yields), so it
-# gets redis-py 5.2.1 there.
+# gets redis-py 5.2.1 there; hiredis parses their Redis replies in C, as jobwire's.
 PEERS := .venv-peers
 $(PEERS)/.installed-stamp:
 	python3 -m venv $(PEERS)
 	$(PEERS)/bin/pip install --quiet "broadcaster==0.3.1" "redis==5.2.1" "python-socketio==5.18.1" \
-		"starlette==1.10.0" "uvicorn[standard]==0.54.0" "websockets==17.4"
+		"starlette==1.10.0" "uvicorn[standard]==0.54.0" "websockets==17.4" "hiredis>=3"
 	touch $@
 
 # Not part of `make test`: jobwire and its peers in the same run; writes docs/benchmarks.json,
-# docs/benchmarks-compare.md and docs/bench-cpu.png. bench-quick: one short run.
+# docs/benchmarks-compare.md and docs/bench-cpu.png (about 15 minutes on 2 cores).
+# BENCH_ARGS sizes it for the machine, e.g. on 16 cores:
+#   make bench BENCH_ARGS="--workers 4 --clients 4000 --client-procs 8"
+# (see `python -m benchmarks.compare --help`). bench-quick: one short run.
+# bench-profile: where each microsecond of a delivery goes (py-spy on the server), e.g.
+#   make bench-profile PROFILE_ARGS="--peer broadcaster --scenario many-jobs"
+BENCH_ARGS ?=
+PROFILE_ARGS ?=
 bench: install $(PEERS)/.installed-stamp
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
-	$(PY) -m benchmarks.compare
+	$(PY) -m benchmarks.compare $(BENCH_ARGS)
 
 bench-quick: install $(PEERS)/.installed-stamp
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
-	$(PY) -m benchmarks.compare --quick
+	$(PY) -m benchmarks.compare --quick $(BENCH_ARGS)
+
+bench-profile: install $(PEERS)/.installed-stamp
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) -m benchmarks.profile $(PROFILE_ARGS)
 
 clean:
 	rm -rf $(VENV) $(PEERS) .run .pytest_cache
