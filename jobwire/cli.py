@@ -2,6 +2,7 @@
 
     jobwire serve [--host H] [--port P] [--forwarded-allow-ips IPS]   # the web server (JOBWIRE_* variables)
     jobwire serve --app main:app            # your ASGI app, with jobwire mounted in it
+    jobwire serve --workers 4|auto          # one port, that many processes (env JOBWIRE_WORKERS)
     jobwire watch|submit|status …           # a client of a running server
 
 Client exit codes: 0 SUCCESS, 1 FAILURE, 2 REVOKED, 3 job not found, 4 server unreachable
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
+import functools
 import logging
 import os
+import socket
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,6 +29,7 @@ from rich.table import Table
 from jobwire.client import DEFAULT_URL, JobNotFound, Jobwire, JobwireError, watch
 
 if TYPE_CHECKING:
+    from jobwire.server.workers import Link
     from jobwire.settings import Settings
 
 EXIT = {"SUCCESS": 0, "FAILURE": 1, "REVOKED": 2}
@@ -111,46 +115,142 @@ async def cmd_status(url: str, job_ids: list[str], as_json: bool, token: str | N
 
 
 def cmd_serve(
-    host: str, port: int, forwarded_allow_ips: str | None = None, asgi_app: str | None = None
+    host: str,
+    port: int,
+    forwarded_allow_ips: str | None = None,
+    asgi_app: str | None = None,
+    workers: str | None = None,
 ) -> int:
     """Serve with uvicorn, as the Procfile's `web` does; settings from the environment.
-    `asgi_app` (`module:attribute`): a host app with jobwire mounted in it, served instead."""
-    from jobwire.server.app import create_app
-    from jobwire.server.serving import Server, uvicorn_config
-    from jobwire.settings import Settings, SettingsError
+    `asgi_app` (`module:attribute`): a host app with jobwire mounted in it, served instead.
+    `workers` (a number or `auto`; else JOBWIRE_WORKERS; else 1): that many processes on
+    the one port (see `jobwire.server.workers`); one is served in this process."""
+    from jobwire.server.serving import Server, run, uvicorn_config
+    from jobwire.server.workers import Supervisor
+    from jobwire.settings import SettingsError
     from jobwire.tasks.attach import AttachError
 
+    overrides = _serve_overrides(forwarded_allow_ips)
+    try:
+        count = _workers(workers)
+        # here, not in uvicorn (nor in each worker): a bad setting is one clear line, not a traceback
+        app, settings = _serve_app(asgi_app, overrides)
+        metrics = _metrics_per_worker(settings, count)
+    except (SettingsError, AttachError) as exc:
+        _say_error(exc)
+        return 2
+    log_level = os.environ.get("JOBWIRE_LOG_LEVEL", "info").lower()
+    config = uvicorn_config(app, settings, host=host, port=port, log_level=log_level)
+    _log_like_uvicorn()
+    _say_which_app(settings)
+    if count == 1:
+        run(Server(config))  # closes jobwire's clients with 1001 before uvicorn shuts down
+        return 0
+    if metrics is None:
+        logging.getLogger("jobwire.cli").info(
+            "/metrics on the main port answers for the worker that takes the scrape: set "
+            "JOBWIRE_METRICS_ADDR to serve each worker's on a port of its own"
+        )
+    sock = config.bind_socket()  # the one port of every worker; uvicorn's line if it is taken
+    sock.listen(config.backlog)  # connections queue from now on, while the workers start
+    plan = _WorkerPlan(host, port, log_level, asgi_app, overrides, metrics)
+    bound = sock.getsockname()[1]
+    where = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
+    try:
+        return Supervisor(functools.partial(_serve_worker, plan), count, sock, where=where).run()
+    finally:
+        sock.close()
+
+
+def _serve_overrides(forwarded_allow_ips: str | None) -> dict[str, str]:
+    """Settings the command line gives, over the environment's."""
     overrides: dict[str, str] = {}
     if forwarded_allow_ips is not None:
         overrides["forwarded_allow_ips"] = forwarded_allow_ips
     elif not os.environ.get("JOBWIRE_FORWARDED_ALLOW_IPS") and os.environ.get("FORWARDED_ALLOW_IPS"):
         # uvicorn's own variable: a deployment that set it keeps its proxies trusted
         overrides["forwarded_allow_ips"] = os.environ["FORWARDED_ALLOW_IPS"]
+    return overrides
+
+
+def _workers(flag: str | None) -> int:
+    """How many worker processes: `--workers`, else JOBWIRE_WORKERS, else 1."""
+    from jobwire.server.workers import worker_count
+
+    if flag is not None:
+        return worker_count(flag, "--workers")
+    variable = os.environ.get("JOBWIRE_WORKERS", "")
+    return worker_count(variable, "JOBWIRE_WORKERS") if variable else 1
+
+
+def _serve_app(asgi_app: str | None, overrides: dict[str, str]) -> tuple[Any, Settings]:
+    """The app to serve and the settings uvicorn is configured from: jobwire's own, or the
+    host app named `module:attribute` and the settings of the jobwire mounted in it (the
+    proxies: as told here, if told)."""
+    from jobwire.server.app import create_app
+    from jobwire.settings import Settings
+
+    settings = Settings.from_env(**overrides)
+    if asgi_app is None:
+        return create_app(settings), settings
+    app, mounted = _host_app(asgi_app)
+    trusted = settings.forwarded_allow_ips if overrides else mounted.forwarded_allow_ips
+    return app, mounted.model_copy(update={"forwarded_allow_ips": trusted})
+
+
+def _metrics_per_worker(settings: Settings, count: int) -> tuple[str, int] | None:
+    """Where the first worker serves /metrics (JOBWIRE_METRICS_ADDR; each next worker on
+    the next port), or None: on the main port. Refused when the ports run out."""
+    from jobwire.settings import SettingsError
+
+    listen = settings.metrics_listen
+    if listen is not None and count > 1 and listen[1] + count - 1 > 65535:
+        raise SettingsError(
+            f"JOBWIRE_METRICS_ADDR {settings.metrics_addr}: {count} workers serve /metrics on "
+            f"ports {listen[1]}-{listen[1] + count - 1}, past 65535"
+        )
+    return listen if count > 1 else None
+
+
+@dataclass(frozen=True)
+class _WorkerPlan:
+    """What each worker process builds its server from (sent to it, so picklable)."""
+
+    host: str
+    port: int
+    log_level: str
+    asgi_app: str | None
+    overrides: dict[str, str]
+    metrics: tuple[str, int] | None  # the first worker's /metrics listener
+
+
+def _serve_worker(plan: _WorkerPlan, index: int, sock: socket.socket, link: Link) -> None:
+    """One worker of `jobwire serve --workers N`, in a process of its own: the server
+    `jobwire serve` runs, on the supervisor's socket, with the same environment."""
+    from jobwire.server.serving import Server, run, uvicorn_config
+    from jobwire.server.workers import STARTUP_FAILURE
+    from jobwire.settings import SettingsError
+    from jobwire.tasks.attach import AttachError
+
+    if plan.metrics is not None:  # each worker's own port, so that each can be scraped
+        host, port = plan.metrics
+        host = f"[{host}]" if ":" in host else host
+        os.environ["JOBWIRE_METRICS_ADDR"] = f"{host}:{port + index}"
+    # The supervisor built the same app from the same environment and has said its
+    # warnings (the demo app served, JOBWIRE_AUTH=none) once: not once more per worker.
+    logging.disable(logging.WARNING)
     try:
-        settings = Settings.from_env(**overrides)
-        # here, not in uvicorn: a bad setting is one clear line, not a traceback
-        if asgi_app is None:
-            app = create_app(settings)
-        else:  # uvicorn is configured as the mounted jobwire was (the proxies: as told here)
-            app, mounted = _host_app(asgi_app)
-            trusted = settings.forwarded_allow_ips if overrides else mounted.forwarded_allow_ips
-            settings = mounted.model_copy(update={"forwarded_allow_ips": trusted})
-    except (SettingsError, AttachError) as exc:
+        app, settings = _serve_app(plan.asgi_app, plan.overrides)
+    except (SettingsError, AttachError) as exc:  # the supervisor's checks passed: a file changed?
         _say_error(exc)
-        return 2
-    config = uvicorn_config(
-        app, settings, host=host, port=port, log_level=os.environ.get("JOBWIRE_LOG_LEVEL", "info").lower()
-    )
+        raise SystemExit(STARTUP_FAILURE) from None
+    finally:
+        logging.disable(logging.NOTSET)
+    config = uvicorn_config(app, settings, host=plan.host, port=plan.port, log_level=plan.log_level)
     _log_like_uvicorn()
-    _say_which_app(settings)
-    # The cyclic GC walks every tracked object in its older generations, and a server with
-    # thousands of sockets has hundreds of thousands of them, long-lived: a collection per
-    # 700 new containers cost ~9% of the CPU at 50,000 deliveries/s. Freeze what startup
-    # built and collect the young generation less often (a server, not a library, decides).
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
-    Server(config).run()  # closes jobwire's clients with 1001 before uvicorn shuts down
-    return 0
+    server = Server(config, on_started=link.serving)
+    link.when_gone(lambda: setattr(server, "should_exit", True))  # the goodbye, then out
+    run(server, sockets=[sock])
 
 
 def _host_app(target: str) -> tuple[Any, Settings]:
@@ -258,6 +358,12 @@ def parser() -> argparse.ArgumentParser:
         "or * (env JOBWIRE_FORWARDED_ALLOW_IPS; default: none)",
     )
     sv.add_argument(
+        "--workers",
+        metavar="N",
+        help="serve the port from N processes, each with its own hub and limits; auto: one per "
+        "usable core (env JOBWIRE_WORKERS; default 1: this process)",
+    )
+    sv.add_argument(
         "--app",
         metavar="MODULE:ATTR",
         help="serve your ASGI app, with jobwire mounted in it, as jobwire serves itself (keepalive, "
@@ -279,7 +385,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "serve":
-        return cmd_serve(args.host, args.port, args.forwarded_allow_ips, args.app)
+        return cmd_serve(args.host, args.port, args.forwarded_allow_ips, args.app, args.workers)
     if args.command == "cleanup-results":
         return cmd_cleanup_results()
     try:
