@@ -12,6 +12,10 @@ The rules, per job:
 - **Order, no duplicates, no gaps.** `last[job]` is the last seq handed to the client; a
   live event at `last + 1` (same epoch) is sent; one at or below is a duplicate (already
   sent from history) and dropped; one above is a gap, and history is read from `last`.
+  The hub, behind on its input, may hand on progress it coalesced (`server.backlog`): a
+  `Coalesced` at seq N with `skipped` k stands for N-k..N, so it is "the next event" for
+  a `last` anywhere in N-k-1..N-1, and says `coalesced: N - last - 1` (the hub's shared
+  frame when that is k); only a client further behind has a real gap.
   History is authoritative: a seq missing from it was trimmed, and is reported on the next
   event as `coalesced` (progress) or as a `gap` message (past `history_max`).
 - **Epochs.** A different epoch means the job's history was lost and began again: the
@@ -40,8 +44,8 @@ from jobwire.server.events import Coalesced, Delivery, FromAll, Outage, Resync
 #: What a stream yields: a watched job's event, an all-jobs-stream event, either of those
 #: standing in for coalesced ones, or a control message (a dict sent as JSON).
 Item = Delivery | FromAll | Coalesced | dict[str, Any]
-#: What the hub hands over.
-Live = Delivery | Outage | Resync
+#: What the hub hands over (a `Coalesced` one: progress the hub coalesced at its input).
+Live = Delivery | Coalesced | Outage | Resync
 
 CONTROL_BYTES = 64  # what a queued control message is counted as
 _NONE: Any = ()  # an empty queue not made yet: most connections never queue
@@ -198,7 +202,9 @@ class ClientStream:
         is something to send or to read, or the client became `too_slow`.
 
         The common case first: the next event of a watched job, not final, nothing
-        waiting, and the socket takes it now.
+        waiting, and the socket takes it now. Then its twin under overload: progress the
+        hub coalesced, for a client that had the event just before the run, which takes
+        the hub's shared frame as it is.
         """
         if (
             type(item) is Delivery
@@ -215,6 +221,22 @@ class ClientStream:
                 self.last[job_id] = item.seq
                 if self._state.get(job_id) != item.state:  # a transition: it went out in its place
                     self._state[job_id] = item.state
+                return
+        elif (
+            type(item) is Coalesced
+            and self.write_now is not None
+            and not (self._out or self._inbox or self.overflowed or self.sending)
+            and self.too_slow is None
+        ):
+            event = item.delivery
+            job_id = event.job_id
+            if (
+                self.last.get(job_id, -1) + 1 + item.skipped == event.seq
+                and event.epoch == self.epoch.get(job_id)
+                and self._state.get(job_id) == event.state
+                and self.write_now(item.ws_frame, 1)
+            ):
+                self.last[job_id] = event.seq
                 return
         if self._push(False, item):
             self.wake()
@@ -248,8 +270,7 @@ class ClientStream:
             if not self._inbox:
                 self._inbox = deque()
             self._inbox.append((from_all, item))
-            if isinstance(item, Delivery):
-                self._inbox_bytes += len(item.raw)
+            self._inbox_bytes += _size(item)
         if self._out_bytes + self._inbox_bytes > self._max_bytes:
             self.mark_too_slow(f"client too slow: over {self._max_bytes} bytes queued; resume by seq")
             return True
@@ -268,11 +289,12 @@ class ClientStream:
             return list(self.following)
         while self._inbox:
             from_all, item = self._inbox.popleft()
-            if isinstance(item, Delivery):
-                self._inbox_bytes -= len(item.raw)
+            self._inbox_bytes -= _size(item)
             if not self._handle_now(from_all, item):
                 if isinstance(item, Delivery):
                     job_id: str | None = item.job_id
+                elif isinstance(item, Coalesced):
+                    job_id = item.delivery.job_id
                 else:
                     job_id = self._keys.job_id_from_channel(item.channel)
                 if job_id is not None and job_id in self.last:
@@ -287,8 +309,7 @@ class ClientStream:
         if not self._handle_now(from_all, item):
             return False
         _, item = self._inbox.popleft()
-        if isinstance(item, Delivery):
-            self._inbox_bytes -= len(item.raw)
+        self._inbox_bytes -= _size(item)
         return True
 
     def _handle_now(self, from_all: bool, item: Live) -> bool:
@@ -306,25 +327,31 @@ class ClientStream:
             job_id = self._keys.job_id_from_channel(item.channel)
             self._told.discard(job_id or "")
             return job_id not in self.following
-        job_id = item.job_id
+        if isinstance(item, Coalesced):  # the hub's: it stands for the `skipped` before it
+            event, run = item.delivery, item.skipped
+        else:
+            event, run = item, 0
+        job_id = event.job_id
         if from_all:
-            if not self.all or job_id in self.last or item.seq <= self._all_last.get(job_id, 0):
+            if not self.all or job_id in self.last or event.seq <= self._all_last.get(job_id, 0):
                 return True  # watched jobs arrive on their own channel, in order
-            if item.final:
+            if event.final:
                 self._all_last.pop(job_id, None)
             else:
-                self._all_last[job_id] = item.seq
-            self._enqueue(item, 0, True)
+                self._all_last[job_id] = event.seq
+            self._enqueue(event, run, True)
             return True
         last = self.last.get(job_id)
         if last is None:
             return True  # not watched any more
-        if item.epoch != self.epoch.get(job_id):
+        if event.epoch != self.epoch.get(job_id):
             return False  # the job's history began again: a backfill resets the client
-        if item.seq <= last:
+        if event.seq <= last:
             return True  # already delivered from history
-        if item.seq == last + 1:
-            self._emit(item)
+        if event.seq - run <= last + 1:
+            # The next event; for a coalesced one, the client had some seq of its run or
+            # the one before it, and is told what it did not get.
+            self._emit(event, event.seq - last - 1)
             return True
         return False  # a gap: read history from `last`
 
@@ -455,3 +482,10 @@ class ClientStream:
             return
         slot = merge[job_id] = _Slot(event, skipped, from_all)
         self._queue(slot, len(event.raw))
+
+
+def _size(item: Live) -> int:
+    """What a live item waiting in the inbox counts for (an event as sent)."""
+    if type(item) is Delivery:
+        return len(item.raw)
+    return len(item.delivery.raw) if type(item) is Coalesced else 0

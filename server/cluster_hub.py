@@ -70,6 +70,7 @@ class ClusterHub:
         self._task: asyncio.Task[None] | None = None
         #: Slot maps read that moved channels (for tests and logs).
         self.remaps = 0
+        self._retired_coalesced = 0  # `input_coalesced` of shard hubs stopped since
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -150,6 +151,12 @@ class ClusterHub:
         return max(p for p in pings if p is not None)
 
     @property
+    def input_coalesced(self) -> int:
+        """Events coalesced at the input, by every shard's hub (each coalesces its own
+        connection's backlog: see `server.backlog`)."""
+        return self._retired_coalesced + sum(hub.input_coalesced for hub in self._hubs())
+
+    @property
     def shards(self) -> int:
         """Shard connections (one per primary), for tests and metrics."""
         return len(self._shards)
@@ -213,7 +220,9 @@ class ClusterHub:
             name for name, hub in self._shards.items() if name not in new.primaries and not hub.channels()
         ]
         for name in gone:
-            await self._shards.pop(name).stop()
+            hub = self._shards.pop(name)
+            self._retired_coalesced += hub.input_coalesced
+            await hub.stop()
 
     def _on_dropped(self, channel: str) -> None:
         self._dropped.add(channel)

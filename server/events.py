@@ -65,21 +65,24 @@ class FromAll:
     delivery: Delivery
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: cached_property needs the instance __dict__
 class Coalesced:
     """A progress event delivered in place of the `skipped` events just before it.
 
-    A client that cannot keep up gets the newest progress rather than a backlog: events
-    of the same job and state still waiting to be sent are replaced by the latest one,
-    and history trims old progress (see `scripts/record.lua`). Transitions (a new state,
-    a final event) are never coalesced. The frame says so with `"coalesced": <skipped>`.
+    Two places coalesce. A client that cannot keep up gets the newest progress rather than
+    a backlog: events of the same job and state still waiting to be sent are replaced by
+    the latest one, and history trims old progress (see `scripts/record.lua`). And a
+    process behind on its pub/sub input coalesces the backlog of each read before the
+    fan-out (`server.backlog`): that one is built once and its frame shared by every
+    watcher that had the event before the run. Transitions (a new state, a final event)
+    are never coalesced. The frame says so with `"coalesced": <skipped>`.
     """
 
     delivery: Delivery
     skipped: int
     from_all: bool = False
 
-    @property
+    @cached_property
     def frame(self) -> str:
         base = self.delivery.all_frame if self.from_all else self.delivery.frame
         cut = base.index(",") + 1  # after '{"type":"event",' (and '"stream":"all",')
@@ -87,9 +90,14 @@ class Coalesced:
             cut = base.index(",", cut) + 1
         return f'{base[:cut]}"coalesced":{self.skipped},{base[cut:]}'
 
-    @property
+    @cached_property
     def raw(self) -> bytes:
         return b'{"coalesced":%d,' % self.skipped + self.delivery.raw[1:]
+
+    @cached_property
+    def ws_frame(self) -> bytes:
+        """`frame` on the wire, shared by every watcher (see `Delivery.ws_frame`)."""
+        return ws_frame(self.frame)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,8 +25,7 @@ from typing import Any
 
 from jobwire.protocol import JobNotFound, JobwireError, Keys
 from jobwire.server.auth import Principal
-from jobwire.server.events import Delivery, Outage, Resync
-from jobwire.server.hub import Fanout
+from jobwire.server.hub import Fanout, Sink
 from jobwire.server.store import JobStore
 from jobwire.stream import ClientStream, Item
 
@@ -53,8 +52,8 @@ class Feed:
         self.core.wake = self._woken  # type: ignore[method-assign]
         self.core.perform = self._perform  # type: ignore[method-assign]
         # The hub's sinks are the core's own methods: one call per event and watcher.
-        self._job_sink: Callable[[Delivery | Outage | Resync], None] = self.core.live
-        self._all_sink: Callable[[Delivery | Outage | Resync], None] = self.core.live_all
+        self._job_sink: Sink = self.core.live
+        self._all_sink: Sink = self.core.live_all
         #: The next queued item if it is an event, else None: for joining events into one
         #: write. It never handles the inbox, so nothing is written directly meanwhile, while
         #: the transport holds events it has taken but not sent. (The core's own method:

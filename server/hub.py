@@ -34,7 +34,13 @@ the slot map changes (`release` / `adopt`); a hub reports its connection's ups a
 (`on_state`) and a channel Redis unsubscribed by itself (`on_dropped`: its slot moved).
 
 Slow clients are not the hub's business: sinks must not block (clients buffer in their
-own bounded queue, see `server.feed`).
+own bounded queue, see `server.feed`). A slow *hub* is: when the process falls behind on
+its pub/sub input (offered more deliveries than it can make), a read of the connection
+brings several events of one channel, and the hub coalesces their progress before the
+fan-out (`server.backlog`: transitions and final events always kept, in order; the kept
+progress counts what it stands for), so the delay stays bounded instead of growing with
+the backlog. A read with at most one event per channel is dispatched as it came, at the
+usual cost.
 """
 
 from __future__ import annotations
@@ -44,19 +50,22 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from jobwire.backoff import backoff
-from jobwire.server.events import Delivery, Outage, Resync
+from jobwire.server.backlog import Event, coalesce
+from jobwire.server.events import Coalesced, Delivery, Outage, Resync
 from jobwire.server.pubsub_conn import PubSubConnection, open_pubsub
 
 log = logging.getLogger(__name__)
 
-Sink = Callable[[Delivery | Outage | Resync], None]
+#: A subscriber: told each live event (a `Coalesced` one stands for the progress just
+#: before it, see `server.backlog`), and its channel's outages and resyncs.
+Sink = Callable[[Delivery | Coalesced | Outage | Resync], None]
 #: Where the hub connects: a URL, or a function that finds one (Sentinel's primary, now).
 Address = str | Callable[[], Awaitable[str]]
 #: How much of the fan-out Redis serves: all of it, part (some cluster shards), or none.
@@ -71,6 +80,8 @@ class Fanout(Protocol):
     connected: bool
     reconnects: int
     ping_seconds: float | None
+    #: Events dropped at the input, coalesced into a newer one before the fan-out.
+    input_coalesced: int
 
     @property
     def health(self) -> Health: ...
@@ -139,6 +150,9 @@ class Hub:
         self._task: asyncio.Task[None] | None = None
         self.connected = False
         self.reconnects = 0
+        # Per channel, the last event a coalescing read saw (see `server.backlog`).
+        self._previous: dict[str, Delivery] = {}
+        self.input_coalesced = 0
         self._last_heard = 0.0  # loop time of the last message from Redis
         self._pings: deque[float] = deque()  # loop times of the PINGs not answered yet
         #: Round trip of the last PING answered on the current connection (seconds), or
@@ -210,6 +224,7 @@ class Hub:
         sinks.discard(sink)
         if not sinks:
             del self._sinks[channel]
+            self._previous.pop(channel, None)
             ready = self._ready.pop(channel)
             if not ready.done():
                 ready.cancel()
@@ -235,6 +250,7 @@ class Hub:
         sinks = self._sinks.pop(channel, None)
         if sinks is None:
             return None
+        self._previous.pop(channel, None)
         ready = self._ready.pop(channel)
         # Live before, or told of an outage and owed a resync: either way they may have
         # missed events, and re-read history once the new node confirms.
@@ -283,7 +299,9 @@ class Hub:
             try:
                 url = self._address if isinstance(self._address, str) else await self._address()
                 on_error = self._on_error_reply if self._sub == "SSUBSCRIBE" else None
-                self._conn = await open_pubsub(url, self._on_reply, on_error=on_error)
+                self._conn = await open_pubsub(
+                    url, self._on_reply, on_error=on_error, on_replies=self._on_replies
+                )
                 self._last_heard = asyncio.get_running_loop().time()
                 if self.reconnects:
                     log.warning("jobwire hub: reconnected to Redis")
@@ -327,6 +345,7 @@ class Hub:
         """After a disconnect nothing is subscribed: re-arm every channel."""
         self._pings.clear()
         self.ping_seconds = None
+        self._previous.clear()  # messages in flight were lost: nothing follows these
         self._sent.clear()
         self._waiters.clear()
         self._unsent.clear()
@@ -399,6 +418,42 @@ class Hub:
             if self._pings:
                 self.ping_seconds = asyncio.get_running_loop().time() - self._pings.popleft()
 
+    def _on_replies(self, replies: list[Any]) -> None:
+        """The replies of one read, when there are several (see `pubsub_conn`).
+
+        Events of distinct channels are dispatched one by one, as `_on_reply` does. Several
+        events of one channel mean the process is behind on its input: then each run of
+        messages (between other replies, which keep their places) is coalesced per channel
+        before the fan-out (`server.backlog`)."""
+        message = self._message
+        channels = [reply[1] for reply in replies if reply[0] == message]
+        if len(set(channels)) == len(channels):
+            for reply in replies:
+                self._on_reply(reply)
+            return
+        self._last_heard = asyncio.get_running_loop().time()
+        batch: list[tuple[str, Event]] = []
+        for reply in replies:
+            if reply[0] != message:
+                self._fan_out_batch(batch)
+                batch = []
+                self._on_reply(reply)
+                continue
+            channel = reply[1].decode()
+            if channel in self._sinks:
+                delivery = self._parse(channel, reply[2])
+                if delivery is not None:
+                    batch.append((channel, delivery))
+        self._fan_out_batch(batch)
+
+    def _fan_out_batch(self, batch: list[tuple[str, Event]]) -> None:
+        if not batch:
+            return
+        kept = coalesce(batch, self._previous)
+        self.input_coalesced += len(batch) - len(kept)
+        for channel, item in kept:
+            self._fan_out(channel, item)
+
     def _confirmed(self, channel: str) -> None:
         waiters = self._waiters.get(channel)
         ready = waiters.popleft() if waiters else None
@@ -467,7 +522,18 @@ class Hub:
             self._on_event(delivery.state)
         self._fan_out(channel, delivery)
 
-    def _fan_out(self, channel: str, item: Delivery | Resync) -> None:
+    def _parse(self, channel: str, data: bytes) -> Delivery | None:
+        """`_dispatch`'s parse, for a coalescing read (kept apart: that one is the hot path)."""
+        try:
+            delivery = Delivery.parse(data)
+        except (ValueError, KeyError, TypeError):
+            log.error("jobwire hub: dropping malformed event on %s: %.200r", channel, data)
+            return None
+        if self._on_event is not None:
+            self._on_event(delivery.state)
+        return delivery
+
+    def _fan_out(self, channel: str, item: Delivery | Coalesced | Outage | Resync) -> None:
         for sink in tuple(self._sinks.get(channel, ())):
             try:
                 sink(item)

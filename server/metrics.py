@@ -95,6 +95,12 @@ class Metrics:
             "Progress events a slow client got only as a newer one (marked `coalesced`)",
             registry=self.registry,
         )
+        self.input_coalesced = Counter(
+            "jobwire_input_coalesced",
+            "Progress events the hub, behind on its pub/sub input, replaced by a newer one before fan-out",
+            registry=self.registry,
+        )
+        self._input_coalesced_seen = 0  # the hub's own count at the last scrape
         self.slow_closed = Counter(
             "jobwire_slow_clients_closed",
             "Clients closed (1013) for falling too far behind or accepting nothing",
@@ -108,6 +114,11 @@ class Metrics:
         written = self.ws_written.take()
         self.ws_deliveries.inc(written)
         self.direct_writes.inc(written)
+
+    def take_input_coalesced(self, total: int) -> None:
+        """Bring the counter up to the hub's own count (a plain int on the read path)."""
+        self.input_coalesced.inc(max(0, total - self._input_coalesced_seen))
+        self._input_coalesced_seen = max(total, self._input_coalesced_seen)
 
     def event(self, state: str) -> None:
         counter = self._by_state.get(state)
@@ -126,6 +137,7 @@ def exposition(svc: Services) -> Response:
     """The metrics as a scrape reads them. No Redis command: see the module docstring."""
     svc.metrics.flush()
     svc.metrics.hub_reconnects.set(svc.hub.reconnects)
+    svc.metrics.take_input_coalesced(svc.hub.input_coalesced)
     health = svc.hub.health
     for state in ("ok", "degraded", "down"):
         svc.metrics.hub_health.labels(state).set(1 if state == health else 0)

@@ -4,9 +4,15 @@ hands each reply to the hub from the read callback itself.
 Why not redis-py's `PubSub`: there, every message costs a wake of the reading task, a
 stream read, a future, a message dict and redis-py's observability hooks; at a thousand
 events a second that was a real share of a delivery's cost. Here the messages that came
-in one read are parsed and dispatched in one callback, with no task in between. The
-connection only ever carries (S)SUBSCRIBE, (S)UNSUBSCRIBE and PING (and AUTH first), all
-of whose replies arrive as pub/sub messages in RESP2, so it needs nothing more.
+in one read are parsed and dispatched in one callback, with no task in between.
+
+A read that brings several replies goes to `on_replies` as one batch: a read holds
+everything that arrived since the last one, so it is where a process that falls behind on
+its input sees the backlog (the hub coalesces it, see `server.backlog`). A read of one
+reply, the usual case, costs no list.
+
+The connection only ever carries (S)SUBSCRIBE, (S)UNSUBSCRIBE and PING (and AUTH first),
+all of whose replies arrive as pub/sub messages in RESP2, so it needs nothing more.
 """
 
 from __future__ import annotations
@@ -21,16 +27,21 @@ from redis.asyncio.connection import SSLConnection, parse_url
 from redis.exceptions import AuthenticationError, ConnectionError, RedisError, ResponseError
 
 Reply = Callable[[Any], None]
+#: Told the replies of one read, when there are several (and none is an error).
+Replies = Callable[[list[Any]], None]
 #: Told an error reply; True if it is handled (the connection goes on), False to end it.
 ErrorReply = Callable[[str], bool]
 
 
 class PubSubConnection(asyncio.Protocol):
     """One connection; `closed` completes (with the reason) when it ends, whichever side
-    ended it. Replies go to `on_reply`; an error reply ends the connection."""
+    ended it. Replies go to `on_reply` (several of one read to `on_replies`, if given); an
+    error reply ends the connection, unless `on_error` handles it."""
 
-    def __init__(self, on_reply: Reply, on_error: ErrorReply | None = None) -> None:
-        self._on_reply, self._on_error = on_reply, on_error
+    def __init__(
+        self, on_reply: Reply, on_error: ErrorReply | None = None, on_replies: Replies | None = None
+    ) -> None:
+        self._on_reply, self._on_error, self._on_replies = on_reply, on_error, on_replies
         self._reader = hiredis.Reader()
         self._transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -41,18 +52,39 @@ class PubSubConnection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self._reader.feed(data)
+        reader = self._reader
+        reader.feed(data)
         try:
-            while (reply := self._reader.gets()) is not False:
+            reply = reader.gets()
+            if reply is False:
+                return
+            more = reader.gets()
+            if more is False:  # one reply in this read: the usual case, and no list
                 if isinstance(reply, hiredis.ReplyError):
-                    if self._on_error is None or not self._on_error(str(reply)):
-                        raise ResponseError(str(reply))
-                    continue
-                self._on_reply(reply)
+                    self._take(reply)
+                else:
+                    self._on_reply(reply)
+                return
+            batch = [reply, more]
+            while (reply := reader.gets()) is not False:
+                batch.append(reply)
+            on_replies = self._on_replies
+            if on_replies is None or any(isinstance(r, hiredis.ReplyError) for r in batch):
+                for reply in batch:  # (an error is rare: a cluster node's MOVED)
+                    self._take(reply)
+            else:
+                on_replies(batch)
         except RedisError as exc:  # an error reply
             self._end(exc)
         except Exception as exc:  # garbage on the wire (hiredis.ProtocolError), a failing handler
             self._end(ConnectionError(f"pub/sub connection failed: {exc!r}"))
+
+    def _take(self, reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            if self._on_error is None or not self._on_error(str(reply)):
+                raise ResponseError(str(reply))
+            return
+        self._on_reply(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end(ConnectionError(f"Redis closed the pub/sub connection ({exc or 'EOF'})"))
@@ -79,9 +111,15 @@ class PubSubConnection(asyncio.Protocol):
 
 
 async def open_pubsub(
-    url: str, on_reply: Reply, *, on_error: ErrorReply | None = None, timeout: float = 2.0
+    url: str,
+    on_reply: Reply,
+    *,
+    on_error: ErrorReply | None = None,
+    on_replies: Replies | None = None,
+    timeout: float = 2.0,
 ) -> PubSubConnection:
-    """Connect to the Redis at `url` (redis://, rediss://, unix://) and authenticate.
+    """Connect to the Redis at `url` (redis://, rediss://, unix://) and authenticate; then
+    replies go to `on_reply` (and `on_replies`, see `PubSubConnection`).
 
     Raises redis-py's `ConnectionError` (or `AuthenticationError`), as the hub expects."""
     opts = parse_url(url)
@@ -120,7 +158,7 @@ async def open_pubsub(
         if conn is not None:
             conn.close()
         raise
-    conn._on_reply, conn._on_error = on_reply, on_error
+    conn._on_reply, conn._on_error, conn._on_replies = on_reply, on_error, on_replies
     return conn
 
 

@@ -1,7 +1,8 @@
 """The stream core's rules, with no Redis and no sockets: a Hypothesis state machine drives
 `ClientStream` through interleavings of live events, outages and resyncs, history reads,
-a socket that takes or refuses direct writes, slow reading and byte limits; plus the
-findings that shaped it, as explicit examples."""
+a socket that takes or refuses direct writes, slow reading and byte limits, and a hub
+that falls behind on its input and coalesces what each read brings (`server.backlog`);
+plus the findings that shaped it, as explicit examples."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from jobwire.protocol import Keys, Msg
+from jobwire.server.backlog import Event, coalesce
 from jobwire.server.events import Coalesced, Delivery, FromAll, Outage, Resync
 from jobwire.server.store import Stream
 from jobwire.stream import CONTROL_BYTES, ClientStream, Item
@@ -89,6 +91,10 @@ class StreamMachine(RuleBasedStateMachine):
         self.state: dict[str, int] = {job: 0 for job in JOBS}
         self.owed: set[str] = set()  # jobs with a live event lost: a resync is due
         self.in_flight: list[tuple[str, int, Stream]] = []  # history reads not landed yet
+        # The hub's input: events published and not read yet, and what its coalescing
+        # reads saw last per channel (see `Hub._on_replies`).
+        self.input: list[tuple[str, Delivery]] = []
+        self.previous: dict[str, Delivery] = {}
         for job in JOBS:
             self.truth[job].append(event(job, 1, "S0"))
             self.core.begin(job, 0, None)
@@ -106,20 +112,40 @@ class StreamMachine(RuleBasedStateMachine):
 
     @rule(
         job=st.sampled_from(JOBS),
-        kind=st.sampled_from(["progress", "progress", "progress", "state", "final"]),
+        kinds=st.lists(
+            st.sampled_from(["progress", "progress", "progress", "state", "final"]), min_size=1, max_size=5
+        ),
+        read=st.booleans(),
     )
-    def publish(self, job: str, kind: str) -> None:
-        if self.ended(job):
-            return
-        if kind == "state":
-            self.state[job] += 1
-        seq = len(self.truth[job]) + 1
-        new = event(job, seq, f"S{self.state[job]}" if kind != "final" else "DONE", final=kind == "final")
-        self.truth[job].append(new)
-        if job not in self.down:
-            self.live(new)
+    def publish(self, job: str, kinds: list[str], read: bool) -> None:
+        """Events reach the hub's input; with `read`, the hub reads at once (what it has
+        not read yet, and these), else they wait in the input (the hub is behind)."""
+        for kind in kinds:
+            if self.ended(job):
+                break
+            if kind == "state":
+                self.state[job] += 1
+            seq = len(self.truth[job]) + 1
+            new = event(job, seq, f"S{self.state[job]}" if kind != "final" else "DONE", final=kind == "final")
+            self.truth[job].append(new)
+            if job not in self.down:
+                self.input.append((KEYS.job_channel(job), new))
+        if read:
+            self.hub_reads(len(self.input))
 
-    def live(self, item: Delivery | Outage | Resync) -> None:
+    @rule(n=st.integers(1, 12))
+    def hub_reads(self, n: int) -> None:
+        """The hub reads the first `n` events of its input in one read: several of one
+        channel are coalesced before the fan-out, as `Hub._on_replies` does."""
+        batch: list[tuple[str, Event]] = list(self.input[:n])
+        del self.input[:n]
+        channels = [channel for channel, _ in batch]
+        if len(set(channels)) < len(channels):
+            batch = coalesce(batch, self.previous)
+        for _, item in batch:
+            self.live(item)
+
+    def live(self, item: Event | Outage | Resync) -> None:
         self.core.live(item)
         # Checked as live items arrive (a history replay may pass the limit for a moment:
         # it is bounded by the history's own size).
@@ -151,8 +177,12 @@ class StreamMachine(RuleBasedStateMachine):
 
     @rule(job=st.sampled_from(JOBS))
     def outage(self, job: str) -> None:
+        """The channel's connection is lost: what it had not read yet is lost with it."""
+        channel = KEYS.job_channel(job)
+        self.input = [(ch, e) for ch, e in self.input if ch != channel]
+        self.previous.pop(channel, None)
         self.down.add(job)
-        self.live(Outage(KEYS.job_channel(job)))
+        self.live(Outage(channel))
 
     @rule(job=st.sampled_from(JOBS))
     def back(self, job: str) -> None:
@@ -201,6 +231,7 @@ class StreamMachine(RuleBasedStateMachine):
         if self.core.too_slow is not None:
             return  # closed 1013; it resumes by seq on a new connection (its own test)
         self.core.sending = False
+        self.hub_reads(len(self.input))
         while self.in_flight:
             self.finish_read()
         for job in self.owed - self.down:
@@ -320,3 +351,54 @@ def test_a_gap_fill_is_never_overtaken_by_the_event_after_it() -> None:
     for item in sent:
         check.take(item)
     check_order(check)
+
+
+@given(run=st.integers(1, 6), last=st.integers(0, 12), open_=st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_a_run_the_hub_coalesced_is_taken_from_wherever_the_client_is(
+    run: int, last: int, open_: bool
+) -> None:
+    """The hub, behind on its input, hands on seq N standing for the `run` before it
+    (`server.backlog`), to a client whose last seq is anywhere. Had the event before the
+    run: it takes the hub's own frame (on the direct path, the very bytes every such
+    client gets). Had part of the run: it gets N with its own, smaller count, and no
+    history read. Further behind: a real gap, read from history. Either way the counts add
+    up and nothing is sent twice."""
+    n = run + 4  # seq 1 in S0, then S1 from seq 2: the run (n-run..n) is all progress
+    history = [event("j", 1, "S0")] + [event("j", s, "S1") for s in range(2, n + 1)]
+    last = min(last, n - 1)
+    core = ClientStream(KEYS, queue_limit=100, max_bytes=1 << 20)
+    client, written = Client(), []
+
+    def write(frame: bytes, count: int) -> bool:
+        written.append(frame)
+        return client.frame(frame, count)
+
+    core.write_now = write if open_ else (lambda frame, count: False)
+    core.begin("j", 0, None)
+    core.first_page("j", Stream("e1", last, history[:last]), None)
+    for item in _drain(core):
+        client.take(item)
+    item = Coalesced(history[-1], run)
+    core.live(item)
+    reads = 0
+    while True:
+        for queued in _drain(core):
+            client.take(queued)
+        needed = core.need()
+        if needed is None and not core.queued:
+            break
+        if needed is not None:
+            reads += 1
+            since = core.last["j"]
+            assert not core.page("j", since, Stream("e1", n, [e for e in history if e.seq > since]))
+    check_order(client)
+    got = client.events["j"]
+    assert got[-1][0] == n and [s for s, *_ in got if s in (1, 2)] == [1, 2]  # the transitions
+    assert reads == (last < n - run - 1)
+    if last == n - run - 1:
+        assert got[-1][:2] == (n, run)
+        if open_:
+            assert written[-1] is item.ws_frame  # shared, not built for this client
+    elif last >= n - run:
+        assert got[-1][:2] == (n, n - last - 1)
