@@ -71,7 +71,7 @@ $(PEERS)/.installed-stamp:
 	touch $@
 
 # Not part of `make test`: jobwire and its peers in the same run; writes docs/benchmarks.json,
-# docs/benchmarks-compare.md and docs/bench-cpu.png (about 15 minutes on 2 cores).
+# docs/benchmarks-compare.md and docs/bench-cpu.png (about 14 minutes on 2 cores).
 # BENCH_ARGS sizes it for the machine, e.g. on 16 cores:
 #   make bench BENCH_ARGS="--workers 4 --clients 4000 --client-procs 8"
 # (see `python -m benchmarks.compare --help`). bench-quick: one short run.

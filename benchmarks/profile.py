@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -194,7 +195,7 @@ def table(by: Counter[str], us_per_delivery: float) -> list[str]:
     lines = ["| where | share of samples | µs per delivery |", "|---|---|---|"]
     for name, n in by.most_common():
         lines.append(f"| {name} | {n / total:.1%} | {n / total * us_per_delivery:.2f} |")
-    lines.append(f"| **all** ({total:,} samples) | 100% | **{us_per_delivery:.2f}** |")
+    lines.append(f"| **all** ({round(total):,} samples) | 100% | **{us_per_delivery:.2f}** |")
     return lines
 
 
@@ -263,7 +264,8 @@ def merged(spy: Counter[str], perf: Counter[str]) -> Counter[str]:
 async def _profiled_run(args: argparse.Namespace, sampler: str, raw: Path) -> Any:
     sc = scenarios(args)[args.scenario]
     if args.rate:
-        sc.rate = args.rate
+        name = re.sub(r"[\d.,]+ events/s", f"{args.rate:g} events/s", sc.name)
+        sc = dataclasses.replace(sc, rate=args.rate, name=name)
     peer_cls = next(p for p in PEERS if p.name == args.peer)
     procs: list[subprocess.Popen[bytes]] = []
     rate = args.perf_rate if sampler == "perf" else args.sample_rate

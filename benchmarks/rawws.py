@@ -19,16 +19,19 @@ from typing import Any
 
 
 class RawWS(asyncio.Protocol):
-    """One client connection. Until `on_text` is set, text frames wait in `inbox`."""
+    """One client connection. Until `on_text` is set, text frames wait in `inbox` (and
+    `recv` raises once the connection is gone, with the server's close code if it sent one)."""
 
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self.opened: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
-        self.inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self.inbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the connection ended
         self.on_text: Callable[[bytes], None] | None = None
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
+        self.close_code: int | None = None
+        self.close_reason = ""
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -36,9 +39,11 @@ class RawWS(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for fut in (self.opened, self.closed):
-            if not fut.done():
-                fut.set_result(None)
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed before the handshake ({exc or 'EOF'})"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.inbox.put_nowait(None)
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
@@ -78,6 +83,9 @@ class RawWS(asyncio.Protocol):
             elif opcode == 9:
                 self._send(0xA, payload)  # pong
             elif opcode == 8 and self.transport is not None:
+                if len(payload) >= 2:
+                    self.close_code = int.from_bytes(payload[:2], "big")
+                    self.close_reason = payload[2:].decode(errors="replace")
                 self.transport.close()
         del buf[:pos]
 
@@ -87,7 +95,11 @@ class RawWS(asyncio.Protocol):
         self._send(0x1, text.encode())
 
     async def recv(self) -> bytes:
-        return await self.inbox.get()
+        frame = await self.inbox.get()
+        if frame is None:
+            self.inbox.put_nowait(None)  # for the next caller too
+            raise ConnectionError(f"connection closed ({self.close_code} {self.close_reason!r})")
+        return frame
 
     def abort(self) -> None:
         if self.transport is not None:

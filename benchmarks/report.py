@@ -99,9 +99,13 @@ def report(
             "",
             "## The most one process delivers",
             "",
-            "| scenario | server | deliveries/s | × the relay's | CPU per delivery (µs) | p50 / p99 (ms) "
-            "| server cores (kernel share) | load cores |",
-            "|---|---|---|---|---|---|---|---|",
+            "Every event a new state, so nothing may be coalesced; measured until the last publish.",
+            "Per core-second: 1 / CPU per delivery, what a process with a core of its own would deliver",
+            "(on a machine whose load generator shares the cores, the server may get less than one).",
+            "",
+            "| scenario | server | deliveries/s | × the relay's | CPU per delivery (µs) "
+            "| per core-second of the server | p50 / p99 (ms) | server cores (kernel share) | load cores |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for p in peers:
             if ("ceiling", p) not in by:
@@ -112,8 +116,9 @@ def report(
             )
             lines.append(
                 f"| {s['name']} | {p} | **{s['deliveries_per_s']:,}**{_spread(s)} | {times} "
-                f"| {s['cpu_us_per_delivery']} | {s['p50_ms']} / {s['p99_ms']} "
-                f"| {s['server_core']} ({s['server_kernel_share']:.0%}) | {s['load_core']} |"
+                f"| {s['cpu_us_per_delivery']} | {1e6 / max(s['cpu_us_per_delivery'], 1e-9):,.0f} "
+                f"| {s['p50_ms']} / {s['p99_ms']} | {s['server_core']} ({s['server_kernel_share']:.0%}) "
+                f"| {s['load_core']} |"
             )
     over = [by[(k, p)] for k in ("overload", "workers") for p in peers if (k, p) in by]
     if over:
@@ -138,14 +143,14 @@ def report(
             factor = f" ({s['offered_per_s'] / ceiling[s['peer']]:.1f}×)" if ceiling.get(s["peer"]) else ""
             lost = s["transitions_lost"]
             got = f"{s['transitions_got']:,} / {s['transitions_sent']:,}" + (
-                f" (**{lost:,} lost**)" if lost else ""
+                f" (**{lost:,} not received**)" if lost else ""
             )
             lines.append(
                 f"| {s['name']} | {s['peer']} | {s['offered_per_s']:,}{factor} | {s['deliveries_per_s']:,} "
                 f"| {s['p50_ms']} / **{s['p99_ms']}**{_spread(s)} / {s['p999_ms']} | {got} "
                 f"| {s['coalesced']:,} | {s['lost_said']:,} | {s['missing']:,} "
-                f"| {s['finals']:,}/{s['clients']:,} "
-                f"| {s['server_core']} ({s['processes']} proc.) | {s['load_core']} | {s['rss_growth_mib']} |"
+                f"| {s['finals']:,}/{s['clients']:,} | {s['server_core']} ({s['processes']} processes) "
+                f"| {s['load_core']} | {s['rss_growth_mib']} |"
             )
     counts = sorted({n for per in idle.values() for n in per}, key=int)
     if counts:

@@ -34,6 +34,7 @@ from benchmarks.speak import Speaker, is_transition, speaker, transitions
 from tests.support import ROOT
 
 CONNECT_BATCH = 50  # clients connecting at once, per process
+CONNECT_TIMEOUT = 30.0  # seconds for a client to connect and subscribe
 
 
 # -- the child: one process's share of the clients ----------------------------------------------
@@ -83,6 +84,11 @@ class Share:
         self.say({"connected": len(self.sockets), "failed": failed, "errors": errors})
 
     async def _open(self, port: int, job: str, stalled: bool, events: int) -> None:
+        # a server that never answers (or closes without a word) is an error, not a hang
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await self._connect(port, job, stalled, events)
+
+    async def _connect(self, port: int, job: str, stalled: bool, events: int) -> None:
         if stalled:
             ws = await self.speaker.connect(port, job, sock=_stalled_socket(port))
             assert ws.transport is not None
@@ -99,7 +105,9 @@ class Share:
         ws.on_text = self._reader(ws, client)
         ws.closed.add_done_callback(lambda _: self._closed(client))
         while not ws.inbox.empty():
-            ws.on_text(ws.inbox.get_nowait())
+            frame = ws.inbox.get_nowait()
+            if frame is not None:
+                ws.on_text(frame)
 
     def _reader(self, ws: Any, c: Client) -> Any:
         read, add, phase, clock = self.speaker.read, self.latency.add, self.phase, time.time
