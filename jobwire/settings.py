@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # grows it to megabytes): what a slow reader has not taken waits in jobwire's queue,
     # where progress is coalesced, not in the kernel as a stale backlog.
     socket_send_buffer: Annotated[int, Field(ge=0)] = 64 * 1024
+    # Which websocket protocol serves: "lean", jobwire's own (`server.lean_ws`: what an idle
+    # websocket holds, and no more), or "uvicorn", uvicorn's websockets-sansio (a fallback).
+    ws_protocol: Literal["lean", "uvicorn"] = "lean"
     redis_max_connections: Annotated[int, Field(ge=2)] = (
         64  # server's pool for reads; requests queue beyond it
     )

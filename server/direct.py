@@ -6,14 +6,16 @@ websockets encoding the same frame again for every watcher. A server's frames ar
 masked, so an event's frame is the same bytes for every client: `Delivery.ws_frame` is
 built once per event, and written as is to each socket that can take it at once.
 
-This needs uvicorn's websockets-sansio protocol (its default when `websockets` is
-installed) without compression; it is found through the raw ASGI `send`, which
+This needs jobwire's own websocket protocol (`server.lean_ws`, what `jobwire serve` runs)
+or uvicorn's websockets-sansio protocol (uvicorn's default when `websockets` is
+installed), without compression; it is found through the raw ASGI `send`, which
 `RawSend` keeps in the scope. Elsewhere, and whenever a socket is not open and writable
 (its buffer is full: a slow reader), the feed queues the event and the socket's writer
 sends it through ASGI as before. The feed writes directly only when nothing of its own
 waits or is being sent, so the order holds (see `Feed`).
 
-Failing safe. Everything read here from uvicorn (and websockets) is private, and listed
+Failing safe. `LeanWebSocket` has every attribute listed below by design (its tests say
+so). Everything read here from uvicorn (and websockets) is private, and listed
 in `WEBSOCKET_NEEDS` and `TRANSPORT_NEEDS`. Each protocol (or transport) class is
 probed once, on its first connection: every listed attribute must be there with the
 expected type. A feature whose needs are not all met is off for that class (direct
@@ -30,10 +32,11 @@ uvicorn's attributes; pyproject bounds uvicorn).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from starlette.websockets import WebSocket
@@ -47,11 +50,21 @@ except ImportError as exc:  # pragma: no cover - another server or another uvico
     _SANSIO_MISSING = f"websockets_sansio_impl.WebSocketsSansIOProtocol not importable ({exc})"
 else:
     _SANSIO_MISSING = ""
+try:  # jobwire's own protocol (`jobwire serve`'s default), built to have what is read here
+    from jobwire.server.lean_ws import LeanWebSocket, Writable
+except ImportError:  # pragma: no cover - no uvicorn, or one without what it imports
+    LeanWebSocket = Writable = None  # type: ignore[assignment,misc]
+
+#: The protocol classes whose objects are probed; any other server's send is the ASGI path.
+KNOWN_PROTOCOLS: tuple[type, ...] = tuple(
+    cls for cls in (LeanWebSocket, WebSocketsSansIOProtocol) if cls is not None
+)
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 RAW_SEND = "jobwire.raw_send"  # the scope key
+WRAPPED = "jobwire.wrapped"  # in the scope when something of a host's wraps the server's send
 TRANSPORT = "jobwire.transport"  # an HTTP request's transport, left in its scope by server.heads
 CLOSE_GRACE = 2.0  # seconds a client closed by jobwire has to take what is due before it is cut off
 
@@ -78,13 +91,15 @@ BUFFER_BOUND = "kernel send buffer bound"
 CUT_OFF = "cutting off"
 DENIAL_FIX = "denial handshake fix"
 
-#: What jobwire reads from uvicorn's websockets-sansio protocol (the object behind a
-#: websocket's raw ASGI send, `send.__self__`), by feature: dotted attribute paths on it.
+#: What jobwire reads from the websocket's protocol, `LeanWebSocket` or uvicorn's
+#: websockets-sansio (the object behind a websocket's raw ASGI send, `send.__self__`), by
+#: feature: dotted attribute paths on it.
 WEBSOCKET_NEEDS: dict[str, dict[str, Check]] = {
     DIRECT_WRITES: {
         "transport.write": CALLABLE,
         "transport.is_closing": CALLABLE,
-        "writable": _a(asyncio.Event),  # cleared while the transport's buffer is over its mark
+        # cleared while the transport's buffer is over its mark (lean_ws: a lighter flag)
+        "writable": _a(*(t for t in (asyncio.Event, Writable) if t is not None)),
         "writable.is_set": CALLABLE,
         "pause_writing": ("uvicorn's flow control (clears writable)", _flow_control),
         "close_sent": _a(bool),  # set by every close of ours
@@ -158,11 +173,12 @@ def _probe(proto: Any) -> frozenset[str]:
     those it does not. Run once per protocol class, on its first connection."""
     cls = type(proto)
     name = f"{cls.__module__}.{cls.__qualname__}"
-    if WebSocketsSansIOProtocol is None or not isinstance(proto, WebSocketsSansIOProtocol):
+    if not isinstance(proto, KNOWN_PROTOCOLS):
         if cls.__module__.startswith("uvicorn."):  # another server's send stays quiet
             _warn_once(
                 "websocket",
-                "server.direct: this websocket's protocol is %s, not uvicorn's websockets-sansio%s: "
+                "server.direct: this websocket's protocol is %s, neither jobwire's nor uvicorn's "
+                "websockets-sansio%s: "
                 "websockets take the ASGI path (no direct writes, no ping tracking)",
                 name,
                 f" ({_SANSIO_MISSING})" if _SANSIO_MISSING else "",
@@ -214,8 +230,8 @@ class RawSend:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
-        if scope["type"] == "websocket":
-            scope.setdefault(RAW_SEND, send)
+        if scope["type"] == "websocket" and scope.setdefault(RAW_SEND, send) is not send:
+            scope[WRAPPED] = True  # a host's middleware between the server and this app
         await self.app(scope, receive, send)
 
 
@@ -223,6 +239,20 @@ def raw_send(ws: WebSocket) -> Send:
     """The ASGI send with nothing in between (Starlette's, when the middleware is absent;
     its public `send` if even that is gone)."""
     return ws.scope.get(RAW_SEND) or getattr(ws, "_send", None) or ws.send  # type: ignore[no-any-return]
+
+
+def detach(ws: WebSocket, session: Coroutine[Any, Any, None]) -> bool:
+    """Hand `session` (the rest of an accepted websocket's handler) to jobwire's own
+    protocol, to run past the ASGI call (see `LeanWebSocket.detach`); True if it took it.
+    False under any other protocol, or where a host's middleware wraps jobwire's app
+    (it may expect the call to last as long as the socket): then await `session`."""
+    if ws.scope.get(WRAPPED) or LeanWebSocket is None:
+        return False
+    proto = getattr(ws.scope.get(RAW_SEND), "__self__", None)
+    if not isinstance(proto, LeanWebSocket):
+        return False
+    proto.detach(session)
+    return True
 
 
 def bound_kernel_buffer(send: Send, size: int) -> None:
@@ -278,6 +308,8 @@ def ping_waiting_since(send: Send) -> Callable[[], float | None] | None:
     proto, features = _websocket(send)
     if PING_TRACKING not in features:
         return None
+    if LeanWebSocket is not None and isinstance(proto, LeanWebSocket):
+        return proto.ping_waiting_since  # a method: no closure per connection
 
     def since() -> float | None:
         try:
@@ -309,6 +341,8 @@ def frame_writer(send: Send, written: Tally) -> Callable[[bytes, int], bool] | N
     except (AttributeError, TypeError) as exc:  # pragma: no cover - the probe saw them
         _warn_once(DIRECT_WRITES, "server.direct: no direct writes: %r", exc)
         return None
+    if LeanWebSocket is not None and isinstance(proto, LeanWebSocket):
+        return functools.partial(proto.write_frames, written)  # its own: no closure per connection
 
     def write(frames: bytes, n: int = 1) -> bool:
         nonlocal is_set

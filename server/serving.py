@@ -32,6 +32,7 @@ import uvicorn
 
 from jobwire.server import lifecycle
 from jobwire.server.heads import HttpProtocol
+from jobwire.server.lean_ws import LeanWebSocket
 from jobwire.settings import Settings
 
 # Timeouts
@@ -58,6 +59,8 @@ def uvicorn_config(
         # Events are small JSON frames: compressing each one per socket costs more CPU
         # than it saves bandwidth (Centrifugo makes the same choice by default).
         ws_per_message_deflate=False,
+        # jobwire's lean protocol unless told otherwise (see server.lean_ws)
+        ws=LeanWebSocket if settings.ws_protocol == "lean" else "auto",
         # A bigger websocket frame is closed with 1009 (request heads: see server.heads).
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=ping_interval,

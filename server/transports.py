@@ -110,6 +110,7 @@ class WebSocketTransport:
     says since when, for `StallWatch`)."""
 
     kind = "websocket"
+    __slots__ = ("_ws", "_feed", "_metrics", "_loop", "_send", "_direct")  # one per connection
 
     def __init__(self, ws: WebSocket, feed: Feed, metrics: Metrics, *, socket_send_buffer: int) -> None:
         self._ws, self._feed, self._metrics = ws, feed, metrics

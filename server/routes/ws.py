@@ -24,9 +24,10 @@ Both authenticate first (see `open_socket`), and close with 4401 when the token 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,7 +39,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from jobwire.protocol import MAX_IDS_PER_MESSAGE, Disconnect, Disconnects, JobwireError, Msg, Op
 from jobwire.server import validation
 from jobwire.server.auth import Principal, at_expiry
-from jobwire.server.direct import denial_sent, raw_send
+from jobwire.server.direct import denial_sent, detach, raw_send
 from jobwire.server.errors import error_response, redis_unreachable
 from jobwire.server.feed import Feed, reply_refused
 from jobwire.server.limits import Pace, Refusal
@@ -47,58 +48,149 @@ from jobwire.server.transports import WebSocketTransport, close_websocket, pump
 
 log = logging.getLogger(__name__)
 
+Release = Callable[[], None]  # gives back a connection's place in the limits
+Writer = Coroutine[Any, Any, None]  # a socket's writer (see `Duplex`)
+
+
+class Duplex:
+    """A socket's writer and reader, stopped together: `write` (the writer) runs in a task
+    of its own, the reader is the body of `async with`, in the handler's task; when one
+    ends (disconnect, close), the other is stopped, and the socket closed saying why.
+
+    The reader runs in the handler's task, and this is a context manager rather than a
+    coroutine awaiting the reader, because an idle connection should cost little: no
+    task, no `asyncio.wait` and no frame of their own for what an idle socket only waits
+    in. Stopping the reader is cancelling this task, from a callback (never in the
+    reader's own turn), and taking that cancellation back where it arrives
+    (`Task.uncancel`, as `asyncio.timeout` does): a cancellation from outside (the server
+    giving up on its tasks) still goes through.
+
+    Two more reasons stop them, without a task of their own: the token expiring (closed
+    4401: come back with a new one) and the client too slow to keep (1013, see `Feed`:
+    resume by seq). If Redis fails mid-stream the socket is closed with 1013 too: the
+    client reconnects and resumes from its last seq, which loses nothing, where limping on
+    could.
+    """
+
+    __slots__ = (
+        "_transport",
+        "_feed",
+        "_principal",
+        "_write",
+        "_writer",
+        "_task",
+        "_stopped",
+        "_state",
+        "_expiry",
+    )
+
+    def __init__(self, transport: WebSocketTransport, feed: Feed, principal: Principal, write: Writer):
+        self._transport, self._feed, self._principal = transport, feed, principal
+        self._write: Writer | None = write
+        self._writer: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._stopped: Disconnect | None = None  # the first reason given to `_stop`
+        self._state = _READY
+        self._expiry: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> Duplex:
+        self._task = asyncio.current_task()
+        assert self._write is not None and self._task is not None
+        self._writer = writer = asyncio.ensure_future(self._write)
+        self._write = None
+        writer.add_done_callback(self._interrupt)  # done callbacks run in a turn of their own
+        self._feed.on_too_slow = self._too_slow
+        self._expiry = at_expiry(self._principal, self._expired)
+        self._state = _READING
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        interrupted = self._state is _INTERRUPTED
+        self._state = _DONE
+        writer, task = self._writer, self._task
+        assert writer is not None and task is not None
+        try:
+            if isinstance(exc, asyncio.CancelledError):
+                if not interrupted or task.uncancel():
+                    return False  # from outside, not (only) ours: it goes on
+                exc = None
+            elif exc is not None and not isinstance(exc, Exception):
+                return False
+            # Stop the writer before closing: it may be blocked in a send to a client too
+            # slow to read, and the close must not wait behind it.
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            if self._stopped is not None:
+                if self._stopped.label == Disconnects.TOO_SLOW.label:
+                    log.info("closing websocket: %s", self._stopped.reason)
+                await self._transport.close(self._stopped)
+                return True
+            failed = exc if exc is not None or writer.cancelled() else writer.exception()
+            if failed is None:
+                return True
+            if redis_unreachable(failed):
+                log.warning("closing websocket, Redis unreachable: %s", failed)
+                await self._transport.close(Disconnects.UNAVAILABLE)
+            elif isinstance(failed, RedisError):
+                log.error("closing websocket, Redis error: %s", failed)
+                await self._transport.close(Disconnects.INTERNAL)
+            # Starlette raises RuntimeError for a send on a socket the client already closed.
+            elif not isinstance(failed, (WebSocketDisconnect, OSError, RuntimeError)):
+                if failed is exc:
+                    return False  # the reader's: raised on as it was
+                raise failed
+            return True
+        finally:
+            self._feed.on_too_slow = None
+            if self._expiry is not None:
+                self._expiry.cancel()
+                self._expiry = None
+            if not writer.done():
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+
+    def _interrupt(self, _: object = None) -> None:
+        if self._state is _READING:  # the task waits in the reader: stop it there
+            self._state = _INTERRUPTED
+            assert self._task is not None
+            self._task.cancel()
+
+    def _stop(self, disconnect: Disconnect) -> None:
+        if self._stopped is None:
+            self._stopped = disconnect
+        if self._writer is not None:
+            self._writer.cancel()
+        asyncio.get_running_loop().call_soon(self._interrupt)  # _stop may be called by the reader
+
+    def _too_slow(self, reason: str) -> None:
+        self._stop(Disconnects.TOO_SLOW.because(reason))
+
+    def _expired(self) -> None:
+        self._stop(Disconnects.TOKEN_EXPIRED)
+
+
+_READY, _READING, _INTERRUPTED, _DONE = "ready", "reading", "interrupted", "done"  # a Duplex's states
+
 
 async def run_until_first_done(
-    transport: WebSocketTransport, feed: Feed, principal: Principal, *coros: Awaitable[None]
+    transport: WebSocketTransport,
+    feed: Feed,
+    principal: Principal,
+    read: Coroutine[Any, Any, None],
+    write: Coroutine[Any, Any, None],
 ) -> None:
-    """Run the socket's reader and writer; when one ends (disconnect, close), stop both.
+    """`read` and `write` run as a `Duplex`: for a reader that is a coroutine of its own."""
+    async with Duplex(transport, feed, principal, write):
+        await read
 
-    Two more reasons stop them, without a task of their own (an idle connection should
-    cost little): the token expiring (closed 4401: come back with a new one) and the
-    client too slow to keep (1013, see `Feed`: resume by seq). If Redis fails mid-stream
-    the socket is closed with 1013 too: the client reconnects and resumes from its last
-    seq, which loses nothing, where limping on could.
-    """
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    stopped: list[Disconnect] = []
 
-    def stop(disconnect: Disconnect) -> None:
-        stopped.append(disconnect)
-        for task in tasks:
-            task.cancel()
-
-    feed.on_too_slow = lambda reason: stop(Disconnects.TOO_SLOW.because(reason))
-    expiry = at_expiry(principal, lambda: stop(Disconnects.TOKEN_EXPIRED))
-    try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        # Stop the others before closing: the writer may be blocked in a send to a client
-        # too slow to read, and the close must not wait behind it.
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        if stopped:
-            if stopped[0].label == Disconnects.TOO_SLOW.label:
-                log.info("closing websocket: %s", stopped[0].reason)
-            await transport.close(stopped[0])
-            return
-        for task in done:
-            exc = task.exception()
-            if exc is not None and redis_unreachable(exc):
-                log.warning("closing websocket, Redis unreachable: %s", exc)
-                await transport.close(Disconnects.UNAVAILABLE)
-            elif isinstance(exc, RedisError):
-                log.error("closing websocket, Redis error: %s", exc)
-                await transport.close(Disconnects.INTERNAL)
-            # Starlette raises RuntimeError for a send on a socket the client already closed.
-            elif exc is not None and not isinstance(exc, (WebSocketDisconnect, OSError, RuntimeError)):
-                raise exc
-    finally:
-        feed.on_too_slow = None
-        if expiry is not None:
-            expiry.cancel()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+async def run_session(ws: WebSocket, session: Coroutine[Any, Any, None]) -> None:
+    """Run an accepted socket's `session` (all of the handler after `open_socket`): handed
+    to jobwire's own protocol to run past the ASGI call where it can be (see
+    `server.direct.detach`: the middleware and the router hold nothing for an idle
+    connection then), else here."""
+    if not detach(ws, session):
+        await session
 
 
 async def receive_json(ws: WebSocket) -> Any:
@@ -214,10 +306,7 @@ async def _authenticate(
         await close_websocket(ws, Disconnects.LOAD.because(refused.message))
         return None
 
-    async def goodbye() -> None:
-        await close_websocket(ws, Disconnects.GOING_AWAY)
-
-    admission.on_goodbye(goodbye)
+    admission.on_goodbye(functools.partial(close_websocket, ws, Disconnects.GOING_AWAY))
     return svc, principal, admission.release
 
 
@@ -249,41 +338,39 @@ BIG_MESSAGE_COST = 2.0
 
 async def ws_multi(ws: WebSocket) -> None:
     opened = await open_socket(ws)
-    if opened is None:
-        return
-    svc, principal, release = opened
+    if opened is not None:
+        await run_session(ws, _multi_session(ws, *opened))
+
+
+async def _multi_session(ws: WebSocket, svc: Services, principal: Principal, release: Release) -> None:
     feed = svc.feed(principal)
     # Tells the client how often to expect a sign of life, so it can detect a dead link.
     feed.post({"type": Msg.WELCOME, "heartbeat": svc.settings.heartbeat_interval})
     pace = Pace(svc.settings.ws_messages_per_second)
 
-    async def read() -> None:
-        while True:
-            try:
-                msg = await receive_json(ws)
-                cost = _cost(msg)
-                if not pace.take(cost):
-                    # Told once per burst; a client that keeps on regardless is closed.
-                    if pace.refused == 1:
-                        raise JobwireError("rate_limited", "too many messages; slow down")
-                    if pace.refused > pace.capacity:
-                        await close_websocket(ws, Disconnects.TOO_MANY_MESSAGES)
-                        return
-                    continue
-                if cost > BIG_MESSAGE_COST:
-                    async with svc.big_messages:
-                        await _handle(msg, feed)
-                else:
-                    await _handle(msg, feed)
-            except JobwireError as exc:
-                feed.post(exc.as_message())
-
     try:
         transport = _transport(ws, feed, svc)
-        beat = svc.settings.heartbeat_interval
-        await run_until_first_done(
-            transport, feed, principal, read(), pump(feed, transport, heartbeat_every=beat)
-        )
+        writer = pump(feed, transport, heartbeat_every=svc.settings.heartbeat_interval)
+        async with Duplex(transport, feed, principal, writer):  # reading here, in this task
+            while True:
+                try:
+                    msg = await receive_json(ws)
+                    cost = _cost(msg)
+                    if not pace.take(cost):
+                        # Told once per burst; a client that keeps on regardless is closed.
+                        if pace.refused == 1:
+                            raise JobwireError("rate_limited", "too many messages; slow down")
+                        if pace.refused > pace.capacity:
+                            await close_websocket(ws, Disconnects.TOO_MANY_MESSAGES)
+                            return
+                        continue
+                    if cost > BIG_MESSAGE_COST:
+                        async with svc.big_messages:
+                            await _handle(msg, feed)
+                    else:
+                        await _handle(msg, feed)
+                except JobwireError as exc:
+                    feed.post(exc.as_message())
     finally:
         feed.close()
         release()
@@ -373,9 +460,11 @@ async def refuse_bad_request(ws: WebSocket, svc: Services, release: Callable[[],
 
 async def ws_job(ws: WebSocket) -> None:
     opened = await open_socket(ws)
-    if opened is None:
-        return
-    svc, principal, release = opened
+    if opened is not None:
+        await run_session(ws, _job_session(ws, *opened))
+
+
+async def _job_session(ws: WebSocket, svc: Services, principal: Principal, release: Release) -> None:
     try:
         job_id = validation.job_id(ws.path_params["job_id"])
         since = validation.seq(ws.query_params.get("since", "0"), field="since")
@@ -396,14 +485,6 @@ async def ws_job(ws: WebSocket) -> None:
             await close_websocket(ws, Disconnects.NOT_FOUND)
             return
 
-        async def read() -> None:
-            # Only to notice the client leaving; what it sends is ignored.
-            while True:
-                try:
-                    await receive_json(ws)
-                except JobwireError:
-                    pass
-
         transport = _transport(ws, feed, svc)
         feed.write_finals = False  # the final event goes through the queue: the close follows it
 
@@ -411,7 +492,12 @@ async def ws_job(ws: WebSocket) -> None:
             await pump(feed, transport, heartbeat_every=svc.settings.heartbeat_interval, after_final=True)
             await transport.close(Disconnects.JOB_FINISHED)
 
-        await run_until_first_done(transport, feed, principal, read(), to_the_end())
+        async with Duplex(transport, feed, principal, to_the_end()):
+            while True:  # only to notice the client leaving; what it sends is ignored
+                try:
+                    await receive_json(ws)
+                except JobwireError:
+                    pass
     finally:
         feed.close()
         release()

@@ -1,0 +1,412 @@
+"""jobwire's own websocket protocol (`server.lean_ws`), what `jobwire serve` runs: the
+protocol's own edge cases against a small ASGI app on a real uvicorn (fragments, pings,
+both close handshakes, oversize and malformed messages, a client that vanishes, refused
+upgrades, the server's shutdown), and jobwire on it: direct writes and ping tracking see
+everything they read, and `JOBWIRE_WS_PROTOCOL=uvicorn` falls back to uvicorn's own.
+
+What it saves in memory is measured by the benchmark (`benchmarks/compare.py --idle`), not
+here: a figure of a noisy machine is no test."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+import websockets
+from starlette.applications import Starlette
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+import jobwire
+from jobwire.server import direct, keepalive
+from jobwire.server.lean_ws import LeanWebSocket, Writable
+from jobwire.server.metrics import Tally
+from jobwire.server.serving import uvicorn_config
+from jobwire.tasks.recorder import Recorder
+from tests.clients import next_of, until_subscribed
+from tests.support import RedisServer, free_port, run_server, settings_for, wait_until
+
+Message = dict[str, Any]
+
+
+class EchoApp:
+    """A plain ASGI websocket app: accepts (or refuses, by path), echoes what it receives,
+    closes when told ("close:<code>:<reason>"), and keeps every message it received."""
+
+    def __init__(self) -> None:
+        self.received: list[Message] = []
+        self.ended = asyncio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert scope["type"] == "websocket"
+        try:
+            assert (await receive())["type"] == "websocket.connect"
+            if scope["path"] == "/deny":
+                body = b'{"error": {"code": "too_many_connections"}}'
+                headers = [(b"content-type", b"application/json"), (b"retry-after", b"2")]
+                await send({"type": "websocket.http.response.start", "status": 429, "headers": headers})
+                await send({"type": "websocket.http.response.body", "body": body[:10], "more_body": True})
+                await send({"type": "websocket.http.response.body", "body": body[10:]})
+                return
+            if scope["path"] == "/forbid":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await send({"type": "websocket.accept", "headers": [(b"x-lean", b"yes")]})
+            while True:
+                message = await receive()
+                self.received.append(message)
+                if message["type"] == "websocket.disconnect":
+                    return
+                text = message.get("text")
+                if text is not None and text.startswith("close:"):
+                    _, code, reason = text.split(":", 2)
+                    await send({"type": "websocket.close", "code": int(code), "reason": reason})
+                    continue
+                await send({"type": "websocket.send", **{k: v for k, v in message.items() if k != "type"}})
+        finally:
+            self.ended.set()
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any, **config: Any) -> AsyncIterator[tuple[str, uvicorn.Server]]:
+    """uvicorn serving `app` with the lean protocol (and httptools, as `jobwire serve`)."""
+    port = free_port()
+    options: dict[str, Any] = dict(
+        host="127.0.0.1",
+        port=port,
+        ws=LeanWebSocket,
+        http="httptools",
+        lifespan="off",
+        log_level="warning",
+        ws_max_size=1024,
+        ws_ping_interval=None,
+        timeout_graceful_shutdown=1,
+    )
+    server = uvicorn.Server(uvicorn.Config(app, **{**options, **config}))
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started or task.done(), what="uvicorn is serving", interval=0.01)
+    try:
+        yield f"ws://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+def _protocols(server: uvicorn.Server) -> list[LeanWebSocket]:
+    return [c for c in server.server_state.connections if isinstance(c, LeanWebSocket)]
+
+
+# -- a raw client, for what the websockets client will not do ---------------------------------
+
+
+class RawClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    def send(self, opcode: int, payload: bytes, *, fin: bool = True) -> None:
+        mask = os.urandom(4)
+        n = len(payload)
+        head = bytes([(0x80 if fin else 0) | opcode])
+        head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack("!H", n)
+        self.writer.write(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    async def frame(self, timeout: float = 5.0) -> tuple[int, bytes]:
+        """The next frame from the server: (opcode, payload); (-1, b"") at the end."""
+        async with asyncio.timeout(timeout):
+            try:
+                b0, b1 = await self.reader.readexactly(2)
+            except asyncio.IncompleteReadError:
+                return -1, b""
+            n = b1 & 0x7F
+            if n == 126:
+                (n,) = struct.unpack("!H", await self.reader.readexactly(2))
+            elif n == 127:
+                (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
+            return b0 & 0x0F, await self.reader.readexactly(n)
+
+    async def close_code(self) -> int:
+        """The code of the server's close frame, skipping whatever comes before it."""
+        while True:
+            opcode, payload = await self.frame()
+            if opcode == 8:
+                return int(struct.unpack("!H", payload[:2])[0])
+            assert opcode != -1, "the connection ended without a close frame"
+
+
+UPGRADE = "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+
+
+async def raw_request(url: str, path: str, headers: str | None = None) -> tuple[bytes, RawClient]:
+    """Send an upgrade request; the server's answer head (and body, if any) and the client."""
+    host, port = url.removeprefix("ws://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    if headers is None:
+        headers = UPGRADE + f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}\r\n".encode())
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    return head, RawClient(reader, writer)
+
+
+# -- the protocol ----------------------------------------------------------------------------
+
+
+async def test_messages_whole_and_fragmented_reach_the_app_as_one() -> None:
+    app = EchoApp()
+    async with serving(app) as (url, _), websockets.connect(f"{url}/echo") as ws:
+        assert ws.response.headers["x-lean"] == "yes"  # the accept's headers are in the 101
+        await ws.send("whole")
+        assert await ws.recv() == "whole"
+        await ws.send(["frag", "men", "ted"])  # three frames: text, continuation, continuation
+        assert await ws.recv() == "fragmented"
+        await ws.send([b"\x00\x01", b"\x02"])
+        assert await ws.recv() == b"\x00\x01\x02"
+    received = [m.get("text", m.get("bytes")) for m in app.received if m["type"] == "websocket.receive"]
+    assert received == ["whole", "fragmented", b"\x00\x01\x02"]
+
+
+async def test_a_client_ping_is_answered_and_server_pings_keep_a_live_client() -> None:
+    async with (
+        serving(EchoApp(), ws_ping_interval=0.1, ws_ping_timeout=1.0) as (url, server),
+        websockets.connect(f"{url}/echo", ping_interval=None) as ws,
+    ):
+        await asyncio.wait_for(await ws.ping(b"mine"), 5)  # our pong, with our payload
+        [proto] = _protocols(server)
+        await wait_until(lambda: proto.ping_sent_at > 0, what="a keepalive ping")
+        first = proto.ping_sent_at
+        # the client's pong chains the server's next ping
+        await wait_until(lambda: proto.ping_sent_at > first, what="a second keepalive ping")
+        await ws.send("still here")
+        assert await ws.recv() == "still here"
+
+
+async def test_a_client_that_answers_no_ping_is_closed_1011() -> None:
+    async with serving(EchoApp(), ws_ping_interval=0.05, ws_ping_timeout=0.2) as (url, server):
+        head, client = await raw_request(url, "/echo")
+        assert head.startswith(b"HTTP/1.1 101")
+        opcode, payload = await client.frame()
+        assert opcode == 9 and len(payload) == 4  # a ping, with its random payload
+        [proto] = _protocols(server)
+        assert proto.pending_ping_payload == payload  # what StallWatch reads, through server.direct
+        assert await client.close_code() == 1011  # never answered
+        assert (await client.frame()) == (-1, b"")  # and the connection is gone
+        await wait_until(lambda: not _protocols(server), what="the protocol released")
+
+
+async def test_the_client_closes_and_the_server_echoes() -> None:
+    app = EchoApp()
+    async with serving(app) as (url, server):
+        ws = await websockets.connect(f"{url}/echo")
+        await ws.close(4001, "done here")
+        assert ws.close_code == 4001  # the server echoed our close frame
+        await asyncio.wait_for(app.ended.wait(), 5)
+        assert app.received[-1] == {"type": "websocket.disconnect", "code": 4001, "reason": "done here"}
+        await wait_until(lambda: not _protocols(server), what="the protocol released")
+
+
+async def test_the_server_closes_and_the_client_echo_ends_the_connection() -> None:
+    app = EchoApp()
+    async with serving(app) as (url, server), websockets.connect(f"{url}/echo") as ws:
+        await ws.send("close:4002:over and out")
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+        assert (ws.close_code, ws.close_reason) == (4002, "over and out")
+        await asyncio.wait_for(app.ended.wait(), 5)
+        # the app heard its own close, once; the TCP connection ended on the client's echo,
+        # not at the close timeout
+        assert app.received[-1] == {"type": "websocket.disconnect", "code": 4002, "reason": "over and out"}
+        await wait_until(lambda: not _protocols(server), what="the protocol released", timeout=5)
+
+
+@pytest.mark.parametrize("fragmented", [False, True], ids=["one-frame", "fragments"])
+async def test_a_message_over_the_size_limit_is_closed_1009(fragmented: bool) -> None:
+    app = EchoApp()
+    async with serving(app, ws_max_size=1024) as (url, _):
+        head, client = await raw_request(url, "/echo")
+        assert head.startswith(b"HTTP/1.1 101")
+        if fragmented:  # each fragment small, the message too big
+            client.send(1, b"a" * 600, fin=False)
+            client.send(0, b"a" * 600)
+        else:
+            client.send(1, b"a" * 1025)
+        assert await client.close_code() == 1009
+        await asyncio.wait_for(app.ended.wait(), 5)
+    assert app.received[-1]["type"] == "websocket.disconnect" and app.received[-1]["code"] == 1009
+    assert not [m for m in app.received if m["type"] == "websocket.receive"]
+
+
+async def test_invalid_utf8_is_closed_1007_and_a_protocol_error_1002() -> None:
+    app = EchoApp()
+    async with serving(app) as (url, _):
+        _, client = await raw_request(url, "/echo")
+        client.send(1, b"\xff\xfe")
+        assert await client.close_code() == 1007
+        _, client = await raw_request(url, "/echo")
+        client.send(0, b"no message to continue")
+        assert await client.close_code() == 1002
+
+
+async def test_a_client_that_vanishes_is_a_disconnect_for_the_app() -> None:
+    app = EchoApp()
+    async with serving(app) as (url, server):
+        head, client = await raw_request(url, "/echo")
+        assert head.startswith(b"HTTP/1.1 101")
+        client.writer.transport.abort()  # no close frame: the socket just goes
+        await asyncio.wait_for(app.ended.wait(), 5)
+        assert app.received[-1]["type"] == "websocket.disconnect"
+        state = server.server_state
+        await wait_until(lambda: not (state.connections or state.tasks), what="the connection released")
+
+
+async def test_refused_upgrades_are_http_answers() -> None:
+    async with serving(EchoApp()) as (url, _):
+        # the app's denial response, its body in two parts
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.connect(f"{url}/deny")
+        response = refused.value.response
+        assert response.status_code == 429 and response.headers["retry-after"] == "2"
+        assert json.loads(response.body) == {"error": {"code": "too_many_connections"}}
+        # a close before the accept
+        with pytest.raises(InvalidStatus) as forbidden:
+            await websockets.connect(f"{url}/forbid")
+        assert forbidden.value.response.status_code == 403
+        # a handshake websockets cannot accept: its own answer, then the end
+        head, client = await raw_request(
+            url, "/echo", headers="Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        )
+        assert head.startswith(b"HTTP/1.1 400") and b"Connection: close" in head
+        assert b"Sec-WebSocket-Key" in await client.reader.read()
+
+
+async def test_the_server_shutting_down_closes_open_sockets_1012() -> None:
+    app = EchoApp()
+    async with serving(app) as (url, server):
+        ws = await websockets.connect(f"{url}/echo")
+        server.should_exit = True
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 1012
+    assert app.received[-1] == {"type": "websocket.disconnect", "code": 1012}
+
+
+async def test_many_sockets_ping_on_one_schedule_that_stays_small() -> None:
+    """Every socket pinged, pong after pong, from one timer; the entries a pong leaves
+    stale are dropped, so the schedule holds a few per socket, not one per ping."""
+    n = 80
+    async with serving(EchoApp(), ws_ping_interval=0.02, ws_ping_timeout=2.0) as (url, server):
+        clients = [await websockets.connect(f"{url}/echo", ping_interval=None) for _ in range(n)]
+        protos = _protocols(server)
+        assert len(protos) == n
+        firsts: dict[LeanWebSocket, float] = {}
+
+        def pinged_again_and_again() -> bool:
+            for proto in protos:
+                if proto.ping_sent_at and proto not in firsts:
+                    firsts[proto] = proto.ping_sent_at
+            return len(firsts) == n and all(p.ping_sent_at >= firsts[p] + 0.04 for p in protos)
+
+        await wait_until(pinged_again_and_again, what="every socket pinged again and again")
+        schedule = keepalive.schedule(asyncio.get_running_loop())
+        assert len(schedule._heap) <= 3 * n
+        for ws in clients:
+            await ws.send("alive")
+            assert await ws.recv() == "alive"
+            await ws.close()
+        await wait_until(lambda: not _protocols(server), what="every socket closed")
+        assert all(p.keepalive_due == 0.0 for p in protos)  # nothing more scheduled for them
+
+
+async def test_a_send_waits_while_the_buffer_is_full_and_a_cancelled_one_leaves_the_others() -> None:
+    flag = Writable()
+    flag.clear()
+    first, second = asyncio.create_task(flag.wait()), asyncio.create_task(flag.wait())
+    await asyncio.sleep(0)
+    assert not first.done() and not second.done()
+    first.cancel()
+    await asyncio.sleep(0)
+    flag.set()
+    await asyncio.wait_for(second, 1)
+    assert first.cancelled() and flag.is_set()
+    await asyncio.wait_for(flag.wait(), 1)  # set: no wait
+
+
+# -- jobwire on it -------------------------------------------------------------------------------
+
+
+async def test_jobwire_serves_it_and_direct_reads_everything_from_it(own_redis: RedisServer) -> None:
+    """The default protocol; every feature of `server.direct` on, by design."""
+    settings = settings_for(own_redis.url)
+    recorder = Recorder(own_redis.client(), settings)
+    recorder.record("lean", "PENDING")
+    async with run_server(settings) as srv, websockets.connect(f"{srv.ws_url}/ws") as ws:
+        assert srv.server.config.ws_protocol_class is LeanWebSocket
+        await ws.send(json.dumps({"op": "subscribe", "job_ids": ["lean"]}))
+        await until_subscribed(ws, "lean")
+        [proto] = _protocols(srv.server)
+        every = {k: v for needs in direct.WEBSOCKET_NEEDS.values() for k, v in needs.items()}
+        assert direct.problems(proto, every) == {}
+        assert direct._websocket_classes[LeanWebSocket] == frozenset(direct.WEBSOCKET_NEEDS)
+        send = proto.send
+        write = direct.frame_writer(send, Tally())
+        assert write is not None
+        proto.pause_writing()  # the transport's flow control: no direct write while full
+        assert write(b"", 0) is False
+        proto.resume_writing()
+        assert write(b"", 0) is True
+        since = direct.ping_waiting_since(send)
+        assert since is not None and since() is None
+        sock = proto.transport.get_extra_info("socket")  # bound_kernel_buffer took
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) in (
+            settings.socket_send_buffer,
+            2 * settings.socket_send_buffer,
+        )
+        await ws.send(json.dumps({"op": "ping"}))
+        await next_of(ws, "pong")
+        recorder.record("lean", "SUCCESS", result=1)
+        assert (await next_of(ws, "event"))["state"] == "SUCCESS"
+
+
+async def test_a_session_runs_past_the_asgi_call_unless_a_host_wraps_jobwire(own_redis: RedisServer) -> None:
+    """Served alone, a socket's session is its connection's only task (the middleware and
+    the router hold nothing for it); mounted in a host, whose middleware may expect the
+    call to last as long as the socket, it stays inside the call. Both serve events."""
+    settings = settings_for(own_redis.url)
+    Recorder(own_redis.client(), settings).record("detached", "PENDING")
+    host = Starlette()
+    jobwire.mount(host, "/progress", settings=settings)
+    for app, prefix, detached in ((None, "", True), (host, "/progress", False)):
+        async with run_server(settings, app=app) as srv, websockets.connect(f"{srv.ws_url}{prefix}/ws") as ws:
+            await ws.send(json.dumps({"op": "subscribe", "job_ids": ["detached"]}))
+            await until_subscribed(ws, "detached")
+            [proto] = _protocols(srv.server)
+            assert proto._detached is detached
+            [task] = srv.server.server_state.tasks
+            running = task.get_coro().__qualname__  # type: ignore[union-attr]
+            assert running == ("_multi_session" if detached else "LeanWebSocket._run_asgi")
+            await ws.send(json.dumps({"op": "ping"}))
+            await next_of(ws, "pong")
+        assert not srv.server.server_state.tasks  # the session ended with the server
+
+
+async def test_the_uvicorn_setting_serves_uvicorns_own_protocol(own_redis: RedisServer) -> None:
+    settings = settings_for(own_redis.url, ws_protocol="uvicorn")
+    assert uvicorn_config(object(), settings, host="127.0.0.1", port=1).ws == "auto"
+    recorder = Recorder(own_redis.client(), settings)
+    recorder.record("fallback", "PENDING")
+    async with run_server(settings) as srv, websockets.connect(f"{srv.ws_url}/ws") as ws:
+        await ws.send(json.dumps({"op": "subscribe", "job_ids": ["fallback"]}))
+        await until_subscribed(ws, "fallback")
+        [proto] = srv.server.server_state.connections
+        assert type(proto) is WebSocketsSansIOProtocol
+        recorder.record("fallback", "SUCCESS", result=1)
+        assert (await next_of(ws, "event"))["state"] == "SUCCESS"
