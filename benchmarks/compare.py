@@ -19,8 +19,9 @@ Scenarios (C = `--clients`):
   same run (or `--overload-clients`): 100 events/s on one job, with a transition every
   `--phase` events. p50/p99 latency, deliveries/s, transitions lost, coalesced and missing.
 - workers: the overload's load on `--workers` processes (default: this machine's cores).
-Then server RSS per idle websocket (`--idle`, jobwire with authentication on), and jobwire
-against Celery's own way for batch status and one progress report.
+Then server RSS per idle websocket (`--idle`, jobwire with authentication on, on its own
+websocket protocol and on uvicorn's, `JOBWIRE_WS_PROTOCOL=uvicorn`), and jobwire against
+Celery's own way for batch status and one progress report.
 
 Measured per scenario: server CPU per delivery (from /proc, summed over a server's
 processes: the figure that survives a noisy machine), deliveries per second, publish-to-
@@ -460,8 +461,12 @@ async def main_async(args: argparse.Namespace) -> None:
         if not args.no_celery:
             celery = await asyncio.to_thread(celery_comparisons, server.url, 3 if args.quick else 10)
         idle: dict[str, dict[str, float]] = {}
-        for peer_cls in peers:
-            peer = JobwirePeer(server.url, auth=True) if peer_cls is JobwirePeer else peer_cls(server.url)
+        idle_peers = [
+            JobwirePeer(server.url, auth=True) if c is JobwirePeer else c(server.url) for c in peers
+        ]
+        if JobwirePeer in peers:  # and on uvicorn's own websocket protocol: what jobwire's saves
+            idle_peers.insert(1, JobwirePeer(server.url, auth=True, ws_protocol="uvicorn"))
+        for peer in idle_peers:
             idle[peer.label] = await idle_rss(peer, tuple(args.idle), args.client_procs)
             print(f"idle     {peer.label:18} KiB per connection {idle[peer.label]}", flush=True)
             server.client().flushall()

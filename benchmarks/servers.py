@@ -120,14 +120,20 @@ class JobwirePeer(Peer):
     name = "jobwire"
     probe = "/readyz"
 
-    def __init__(self, redis_url: str, *, auth: bool = False, **kw: object) -> None:
+    def __init__(self, redis_url: str, *, auth: bool = False, ws_protocol: str = "", **kw: object) -> None:
         super().__init__(redis_url, **kw)  # type: ignore[arg-type]
         self.auth = auth
+        self.ws_protocol = ws_protocol  # JOBWIRE_WS_PROTOCOL ("": jobwire serve's default, its own)
         self.settings = Settings(redis_url=redis_url)
 
     @property
     def label(self) -> str:
-        return "jobwire (auth on)" if self.auth else self.name
+        notes = [
+            note
+            for note, on in (("auth on", self.auth), (f"{self.ws_protocol} websockets", self.ws_protocol))
+            if on
+        ]
+        return f"{self.name} ({', '.join(notes)})" if notes else self.name
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "jobwire.cli", "serve", "--port", str(self.port)]
@@ -139,6 +145,8 @@ class JobwirePeer(Peer):
         env = {**super().env(), "JOBWIRE_LOG_LEVEL": "warning"}
         if self.auth:
             env.update(JOBWIRE_AUTH="jwt", JOBWIRE_JWT_SECRET=JWT_SECRET, JOBWIRE_TENANCY="single")
+        if self.ws_protocol:
+            env["JOBWIRE_WS_PROTOCOL"] = self.ws_protocol
         return env
 
     def client_options(self) -> dict[str, str]:
