@@ -75,7 +75,7 @@ $(PEERS)/.installed-stamp:
 # BENCH_ARGS sizes it for the machine, e.g. on 16 cores:
 #   make bench BENCH_ARGS="--workers 4 --clients 4000 --client-procs 8"
 # (see `python -m benchmarks.compare --help`). bench-quick: one short run.
-# bench-profile: where each microsecond of a delivery goes (py-spy on the server), e.g.
+# bench-profile: where each microsecond of a delivery goes (py-spy and perf on the server), e.g.
 #   make bench-profile PROFILE_ARGS="--peer broadcaster --scenario many-jobs"
 BENCH_ARGS ?=
 PROFILE_ARGS ?=

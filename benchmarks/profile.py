@@ -1,22 +1,27 @@
-"""Where each microsecond of a delivery goes: a scenario of `compare`, with py-spy on the server.
+"""Where each microsecond of a delivery goes: a scenario of `compare`, profiled on the server.
 
     python -m benchmarks.profile [--peer jobwire] [--scenario fan-out] [--clients 1000]
-                                 [--seconds 8] [--rate 250] [--raw /tmp/profile.txt]
+                                 [--seconds 8] [--rate 25] [--sampler both] [--raw DIR]
 
 Runs one scenario (`fan-out`: one job, many clients; `many-jobs`: one job per client) as
-`make bench` does, attaches `py-spy record --native` to the server process for the
-publishing time, and sorts every sample into what it was doing, by the innermost frame
-that says so (`RULES`): the write system call, uvloop's C, hiredis, JSON, the hub's
-dispatch, the stream core's checks, the direct write, metrics, GC, and so on. The
-interpreter's own native frames (the eval loop, calls, allocation) count for the Python
-function they run. Each share times the run's server CPU per delivery gives the
-microseconds a delivery spends there.
+`make bench` does, with a sampling profiler attached to the server for the publishing
+time, and sorts every sample into what it was doing, by the innermost frame that says so:
 
-py-spy stops the process for each sample (ptrace), which costs the server a little: the
-table gives the run's CPU per delivery with the profiler on, and the shares are what to
-read. Samples are of CPU, not wall time (idle threads are left out), so the kernel's part
-of a system call (loopback TCP: the receiver's work is charged to the sender) shows as
-the libc frame that made it. py-spy is in the `bench` extra (`make bench` installs it).
+- `py-spy record --native` (`RULES`): which Python code ran (the hub's dispatch, the
+  stream core's checks, the direct write, metrics, GC…), uvloop's C, hiredis, JSON, and
+  the libc call a system call was made from. The interpreter's own native frames (the
+  eval loop, calls, allocation) count for the Python function they run. py-spy stops
+  the process for each sample (ptrace), sees no kernel frames, and takes some samples of
+  an idle loop in `epoll_wait` as busy.
+- `perf record -g` (`PERF_RULES`): every CPU cycle, the kernel's by what it was doing (the
+  write's own layers, loopback, waking the reader, epoll), but the interpreter as one.
+- `both` (the default): one run with each, and perf's table with the interpreter's share
+  split the way py-spy split its Python samples (`merged`).
+
+Each share times the run's server CPU per delivery (from /proc) gives the microseconds a
+delivery spends there; the CPU is the profiled run's, so a little above an unprofiled one.
+py-spy is in the `bench` extra (`make bench` installs it); perf is the system's
+(`perf_event_paranoid` must allow it, or run as root).
 """
 
 from __future__ import annotations
