@@ -208,8 +208,9 @@ def _charts(table: list[dict[str, Any]], out: Path, peers: list[str]) -> None:
         name = next(iter(rows.values()))["name"]
         ax.set_title(f"{key}: {name}", fontsize=8)
         ax.set_ylabel("p99 latency (ms)" if key == "overload" else "server CPU per delivery (µs)")
-        if key == "overload":
+        if key == "overload":  # from 1 ms, so the bars' lengths compare
             ax.set_yscale("log")
+            ax.set_ylim(bottom=1)
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:,.1f}", ha="center", va="bottom", fontsize=8)
         ax.tick_params(axis="x", labelsize=8)
