@@ -9,8 +9,11 @@ on the main port to the admin scope only (when authentication is on; with
 A scrape costs Redis nothing: the latency gauge is the round trip of the hub's own
 keepalive PING (every 5 s), so scrapers cannot add load on Redis however often they come.
 
-One registry per app (tests and embedders run several apps in one process). Counters on
-the per-event path are pre-bound to their labels, so an event costs one increment.
+One registry per app (tests and embedders run several apps in one process). Counts on
+the per-event path (events received by state, deliveries by transport) are plain ints,
+brought into their Counters at scrape time (`Metrics.flush`): a prometheus-client Counter
+takes a lock per increment, which on that path cost more than the rest of the count. A
+scrape reads the same names, labels and values as if each had been counted as it came.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ if TYPE_CHECKING:
 
 
 class Tally:
-    """A count on the hottest path (a frame written straight to a socket, see
-    `server.direct`): a plain int, added to its Counter at scrape time, because a
-    prometheus-client Counter takes a lock per increment."""
+    """A count on the hottest path (a delivery, or a frame written straight to a socket,
+    see `server.direct`): a plain int (`tally.n += 1`), added to its Counter at scrape
+    time, because a prometheus-client Counter takes a lock per increment."""
 
     __slots__ = ("n",)
 
@@ -59,9 +62,13 @@ class Metrics:
         deliveries = Counter(
             "jobwire_deliveries", "Job events sent to clients", ["transport"], registry=self.registry
         )
-        self.ws_deliveries = deliveries.labels("websocket")
-        self.sse_deliveries = deliveries.labels("sse")
-        self.ws_written = Tally()  # websocket deliveries written directly, not yet counted below
+        self._ws_deliveries = deliveries.labels("websocket")
+        self._sse_deliveries = deliveries.labels("sse")
+        # Deliveries not yet in the Counter above (see `flush`): sent as ASGI messages or
+        # SSE text, and websocket frames written directly (also counted in `direct_writes`).
+        self.ws_deliveries = Tally()
+        self.sse_deliveries = Tally()
+        self.ws_written = Tally()
         self.direct_writes = Counter(
             "jobwire_direct_writes",
             "Websocket deliveries written as ready-made frames (from the hub's dispatch, or joined)",
@@ -107,13 +114,21 @@ class Metrics:
             ["transport"],
             registry=self.registry,
         )
-        self._by_state: dict[str, Any] = {}
+        self._by_state: dict[str, Any] = {}  # state -> its pre-bound `_events` Counter
+        self._events_by_state: dict[str, int] = {}  # events received since the last flush
 
     def flush(self) -> None:
         """Add the plain counts to their Counters (at scrape time)."""
         written = self.ws_written.take()
-        self.ws_deliveries.inc(written)
+        self._ws_deliveries.inc(self.ws_deliveries.take() + written)
         self.direct_writes.inc(written)
+        self._sse_deliveries.inc(self.sse_deliveries.take())
+        counts, self._events_by_state = self._events_by_state, {}
+        for state, n in counts.items():
+            counter = self._by_state.get(state)
+            if counter is None:
+                counter = self._by_state[state] = self._events.labels(state)
+            counter.inc(n)
 
     def take_input_coalesced(self, total: int) -> None:
         """Bring the counter up to the hub's own count (a plain int on the read path)."""
@@ -121,10 +136,10 @@ class Metrics:
         self._input_coalesced_seen = max(total, self._input_coalesced_seen)
 
     def event(self, state: str) -> None:
-        counter = self._by_state.get(state)
-        if counter is None:
-            counter = self._by_state[state] = self._events.labels(state)
-        counter.inc()
+        """Count one event received from Redis (the hub's `on_event`): a plain int per
+        state, into `jobwire_events` at the next scrape."""
+        counts = self._events_by_state
+        counts[state] = counts.get(state, 0) + 1
 
     def connection(self, transport: str) -> Callable[[], None]:
         """Count one open connection; return what uncounts it."""

@@ -131,7 +131,7 @@ class WebSocketTransport:
             await self._send({"type": "websocket.send", "text": ws_text(item)})
         feed.sending_since = None
         if isinstance(item, EVENTS):
-            self._metrics.ws_deliveries.inc()
+            self._metrics.ws_deliveries.n += 1
             if isinstance(item, Coalesced):
                 self._metrics.coalesced.inc(item.skipped)
 
@@ -218,7 +218,7 @@ class SseTransport:
                 continue
             texts.append(text)
             if isinstance(item, (Delivery, Coalesced)):
-                self._metrics.sse_deliveries.inc()
+                self._metrics.sse_deliveries.n += 1
                 if isinstance(item, Coalesced):
                     self._metrics.coalesced.inc(item.skipped)
         if texts:

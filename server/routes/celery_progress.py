@@ -102,7 +102,7 @@ class CeleryProgressSocket(WebSocketTransport):
         feed.sending_since = self._loop.time()
         await self._send({"type": "websocket.send", "text": _frame(delivery.raw)})
         feed.sending_since = None
-        self._metrics.ws_deliveries.inc()
+        self._metrics.ws_deliveries.n += 1
         if isinstance(item, Coalesced):
             self._metrics.coalesced.inc(item.skipped)
 
