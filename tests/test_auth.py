@@ -34,8 +34,10 @@ SECRET = "test-secret-for-jobwire-auth-0123456789"
 AUDIENCE = "jobwire-tests"
 
 
-def token(tenant: str | None = "acme", sub: str = "alice", *, secret: str = SECRET, **claims: Any) -> str:
-    body: dict[str, Any] = {"sub": sub, "exp": int(time.time()) + 300, "aud": AUDIENCE, **claims}
+def token(
+    tenant: str | None = "acme", sub: str = "alice", *, secret: str = SECRET, ttl: float = 300, **claims: Any
+) -> str:
+    body: dict[str, Any] = {"sub": sub, "exp": int(time.time() + ttl), "aud": AUDIENCE, **claims}
     if tenant is not None:
         body["tenant"] = tenant
     return jwt.encode(body, secret, algorithm="HS256")
@@ -45,7 +47,13 @@ def bearer(tok: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {tok}"}
 
 
-A, B, ADMIN = token("acme"), token("globex", "bob"), token(None, "root", scope="admin")
+# Made at import, used whenever the suite gets there: they must outlive a whole run.
+DAY = 86400
+A, B, ADMIN = (
+    token("acme", ttl=DAY),
+    token("globex", "bob", ttl=DAY),
+    token(None, "root", ttl=DAY, scope="admin"),
+)
 
 
 @pytest.fixture

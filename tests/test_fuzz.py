@@ -29,7 +29,7 @@ from tests.test_auth import AUDIENCE, SECRET, token
 
 pytestmark = pytest.mark.timeout(300)
 
-GOOD = token("fuzz", "fuzzer")
+GOOD = token("fuzz", "fuzzer", ttl=86400)  # made at import: it must outlive the run
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 

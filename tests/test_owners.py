@@ -37,8 +37,9 @@ from jobwire.tokens import TokenError, mint_token
 from tests.support import ROOT, RunningServer, run_server, wait_until
 from tests.test_auth import AUDIENCE, SECRET, bearer, same_answer, token, watch_until_final
 
-ACME, GLOBEX = token("acme", "alice"), token("globex", "bob")
-ADMIN, NO_TENANT = token(None, "root", scope="admin"), token(None, "carol")
+# Made at import, used whenever the suite gets there: they must outlive a whole run.
+ACME, GLOBEX = token("acme", "alice", ttl=86400), token("globex", "bob", ttl=86400)
+ADMIN, NO_TENANT = token(None, "root", ttl=86400, scope="admin"), token(None, "carol", ttl=86400)
 
 
 def auth_on(settings: Settings, **more: Any) -> Settings:
