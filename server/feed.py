@@ -70,6 +70,7 @@ class Feed:
         # Set while the writer sleeps: a future per sleep, not an asyncio.Event per feed,
         # because an idle connection should cost as little as possible.
         self._waiter: asyncio.Future[bool] | None = None  # its result: the idle timer fired
+        self._idle_timer: asyncio.TimerHandle | None = None  # while the waiter sleeps (`_idle_tick`)
         self.closing = False
         self._all_channel = _all_channel(keys, principal)
 
@@ -276,22 +277,58 @@ class Feed:
     # -- internals -----------------------------------------------------------------------
 
     async def _sleep(self, idle: float | None) -> bool:
-        """Wait for something to do; True if `idle` seconds passed with nothing.
+        """Wait for something to do; True if `idle` seconds passed with nothing sent.
 
         A timer that wakes the waiter, rather than `wait_for`: that costs a task per
         wait (per event, at fan-out rates), and on Python 3.11 it can swallow a
         cancellation that coincides with the waiter completing, which hangs shutdown.
+
+        Events written directly (`write_now`) do not wake the writer, so its idle timer
+        alone would send a heartbeat every `idle` seconds to a client that had events all
+        along. The timer looks every `idle / 2` seconds instead (`_idle_tick`) and wakes
+        the writer for a heartbeat only where it may otherwise be silent for `idle`.
         """
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(idle, self._wake, True) if idle else None
+        if idle:
+            self._idle_timer = loop.call_later(idle / 2, self._idle_tick, waiter, idle, None)
         try:
             timed_out = await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
         return timed_out and not self.core.queued
+
+    def _idle_tick(self, waiter: asyncio.Future[bool], idle: float, seen: int | None) -> None:
+        """Half an idle interval passed; `seen`: `_handed_on()` at the tick before (None on
+        the first tick, half an interval after the sleep began: nothing read per sleep).
+
+        Without a clock per write, a change since the last tick only tells that a frame
+        went out in the last half interval, so the tick after one without a change owes
+        a heartbeat: the first tick never sends one (half an interval since the sleep
+        began, after a frame), and one that sees a change waits another half. So at most
+        `idle` without a frame, as with a plain timer, and no heartbeat at all while
+        frames go out at least every half interval; the cost is a timer callback per half
+        interval, not a task wake-up and a write."""
+        if waiter.done():
+            return
+        now = self._handed_on()
+        if seen is None or now != seen:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(idle / 2, self._idle_tick, waiter, idle, now)
+            return
+        self._idle_timer = None
+        waiter.set_result(True)
+
+    def _handed_on(self) -> int:
+        """Changes whenever a frame of a watched job's event is written directly: the sum of
+        the last seqs handed on, which the direct write moves forward (and nothing else
+        moves while the writer sleeps, but a watch, unwatch or reset, which wake it or
+        answer with a frame). The all-jobs stream's direct writes are not counted: a
+        dashboard gets its heartbeats as before. Read per half interval, not per event."""
+        return sum(self.core.last.values())
 
     def _wake(self, timed_out: bool = False) -> None:
         waiter = self._waiter
