@@ -69,6 +69,7 @@ class Peer:
             **os.environ,
             "REDIS_URL": self.redis_url,
             "JOBWIRE_REDIS_URL": self.redis_url,
+            "JOBWIRE_CELERY_APP": "jobwire.tasks.demo:app",  # the demo, on purpose (no warning)
             # one address opens every client, faster than any user would
             "JOBWIRE_MAX_CONNECTIONS_PER_ADDRESS": "1000000",
             "JOBWIRE_NEW_CONNECTIONS_PER_SECOND": "1000000",
