@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -540,3 +542,29 @@ def wait_until_sync(condition: Any, *, what: str, timeout: float = 15.0, interva
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting until {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def another_site(scripts: dict[str, bytes] | None = None) -> Iterator[str]:
+    """A web server of a page's own on another port (another origin than jobwire's): a
+    blank page at every path, but the given scripts (`{"/jobwire.js": b"…"}`). Its URL."""
+    served = scripts or {}
+
+    class Site(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            script = served.get(self.path)
+            self.send_response(200)
+            self.send_header("content-type", "text/javascript" if script is not None else "text/html")
+            self.end_headers()
+            self.wfile.write(script if script is not None else b"<!doctype html><title>shop</title>")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Site)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{site.server_address[1]}"
+    finally:
+        site.shutdown()
+        site.server_close()

@@ -3,16 +3,13 @@ and the session's worker, and its time-remaining rules run in Node."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import http.server
 import json
 import re
 import shutil
 import subprocess
-import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,7 @@ import pytest
 from playwright.async_api import Browser, Page, WebSocket, async_playwright, expect
 
 from jobwire.settings import Settings
-from tests.support import RunningServer, run_server, wait_until
+from tests.support import RunningServer, another_site, run_server, wait_until
 from tests.test_auth import AUDIENCE, SECRET, submit_as, token
 from tests.test_browser import ARGS, CHROMIUM  # importing it applies its never-skip-silently rule
 
@@ -84,30 +81,6 @@ async def open_page(browser: Browser, page_url: str, src: str) -> Page:
 async def own_page(browser: Browser, srv: RunningServer) -> Page:
     """A page of the server's own origin (its health check's address, rewritten)."""
     return await open_page(browser, f"{srv.url}/healthz", "/jobwire-progress.js")
-
-
-@contextlib.contextmanager
-def another_site() -> Iterator[str]:
-    """A web server of the page's own on another port (another origin): what it serves
-    does not matter, the test writes the page."""
-
-    class Blank(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "text/html")
-            self.end_headers()
-            self.wfile.write(b"<!doctype html><title>shop</title>")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Blank)
-    threading.Thread(target=site.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{site.server_address[1]}"
-    finally:
-        site.shutdown()
-        site.server_close()
 
 
 def bar(page: Page, job_id: str, part: str):  # type: ignore[no-untyped-def]

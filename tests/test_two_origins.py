@@ -10,19 +10,15 @@ follows a job live over a websocket.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import logging
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from playwright.async_api import Browser
 
 from jobwire.settings import Settings
 from tests.clients import submit
-from tests.support import run_server
+from tests.support import another_site, run_server
 from tests.test_browser import (
     CHROMIUM,  # noqa: F401  (importing it applies the never-skip rule)
     browser,  # noqa: F401  (the fixture)
@@ -33,29 +29,10 @@ pytestmark = pytest.mark.browser
 CLIENT = Path(__file__).resolve().parent.parent / "js" / "jobwire.js"
 
 
-@contextlib.contextmanager
-def shop() -> Iterator[str]:
-    """The adopter's own site on another port: a blank page, and a copy of the client at
-    `/jobwire.js` (as a bundler would serve it)."""
-
-    class Site(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            script = self.path == "/jobwire.js"
-            self.send_response(200)
-            self.send_header("content-type", "text/javascript" if script else "text/html")
-            self.end_headers()
-            self.wfile.write(CLIENT.read_bytes() if script else b"<!doctype html><title>shop</title>")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Site)
-    threading.Thread(target=site.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{site.server_address[1]}"
-    finally:
-        site.shutdown()
-        site.server_close()
+def shop() -> contextlib.AbstractContextManager[str]:
+    """The adopter's own site on another port, with a copy of the client at `/jobwire.js`
+    (as a bundler would serve it)."""
+    return another_site({"/jobwire.js": CLIENT.read_bytes()})
 
 
 FOLLOW = """async ([module, baseUrl, jobId]) => {
