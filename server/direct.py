@@ -201,11 +201,22 @@ def _probe(proto: Any) -> frozenset[str]:
     return features
 
 
+def _gone(proto: Any) -> bool:
+    """Whether the connection behind `proto` is closing or lost (its attributes may already
+    be let go: a probe of it would turn features off for every later connection)."""
+    try:
+        return bool(proto.transport.is_closing())
+    except Exception:
+        return False
+
+
 def _websocket(send: Send) -> tuple[Any, frozenset[str]]:
     """The protocol behind `send`, and the features its class supports (probed once)."""
     proto = getattr(send, "__self__", None)
     features = _websocket_classes.get(type(proto))
     if features is None:
+        if _gone(proto):  # a connection already lost says nothing about its class: probe the next
+            return proto, _NOTHING
         try:
             features = _probe(proto)
         except Exception as exc:  # pragma: no cover - the probe itself must not take a connection down

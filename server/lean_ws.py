@@ -277,9 +277,10 @@ class LeanWebSocket(asyncio.Protocol):
             return
         if self.handshake_complete and self.conn is not None:
             self._say_gone({"type": "websocket.disconnect", "code": 1012})
-            self.conn.send_close(1012)
-            self._write_pending(self.conn)
-        else:
+            if self.conn.state is OPEN:  # the client's close may have come already
+                self.conn.send_close(1012)
+                self._write_pending(self.conn)
+        elif not self.handshake_complete:
             self._send_500()
         self.transport.close()
 

@@ -24,6 +24,7 @@ import uvicorn
 import websockets
 from starlette.applications import Starlette
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import jobwire
@@ -410,3 +411,90 @@ async def test_the_uvicorn_setting_serves_uvicorns_own_protocol(own_redis: Redis
         assert type(proto) is WebSocketsSansIOProtocol
         recorder.record("fallback", "SUCCESS", result=1)
         assert (await next_of(ws, "event"))["state"] == "SUCCESS"
+
+
+# -- a connection lost early, and a shutdown while a close drains ---------------------------
+
+
+class _HeldTransport(asyncio.Transport):
+    """A transport of our own: it keeps what is written, and reports the connection lost
+    on close only when `drains` (else the close waits, as for a buffer not yet sent)."""
+
+    def __init__(self, proto: LeanWebSocket, drains: bool = True) -> None:
+        super().__init__()
+        self.proto, self.drains, self.closing, self.out = proto, drains, False, []
+
+    def write(self, data: Any) -> None:
+        self.out.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            if self.drains:
+                asyncio.get_running_loop().call_soon(self.proto.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("192.0.2.1", 5), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+
+RAW_UPGRADE = (
+    b"GET /x HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+CLIENT_CLOSE = b"\x88\x82\x00\x00\x00\x00\x03\xe8"  # masked with a zero key: code 1000
+
+
+async def _accepted(drains: bool = True) -> tuple[LeanWebSocket, _HeldTransport, Any, ServerState]:
+    sends: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        sends.set_result(send)
+        await asyncio.Event().wait()
+
+    config = uvicorn.Config(app=app, ws=LeanWebSocket, log_level="warning", lifespan="off")
+    config.load()
+    state = ServerState()
+    proto = LeanWebSocket(config, state, {})
+    transport = _HeldTransport(proto, drains)
+    proto.connection_made(transport)
+    proto.data_received(RAW_UPGRADE)
+    return proto, transport, await sends, state
+
+
+async def test_a_connection_lost_at_once_does_not_turn_direct_writes_off_for_the_next() -> None:
+    """The features of a protocol class are probed on its first connection; a connection
+    already lost (its websocket state let go) must not be that probe."""
+    direct._websocket_classes.pop(LeanWebSocket, None)
+    proto, _, send, state = await _accepted()
+    proto.data_received(CLIENT_CLOSE)
+    await wait_until(lambda: proto.conn is None, what="the connection is lost")
+    assert direct.frame_writer(send, Tally()) is None  # nothing to write to, and not cached
+    _, _, healthy, state2 = await _accepted()
+    assert direct.frame_writer(healthy, Tally()) is not None
+    for task in [*state.tasks, *state2.tasks]:
+        task.cancel()
+
+
+async def test_shutdown_after_the_clients_close_while_our_buffer_drains() -> None:
+    """The client's close came, ours waits on the buffer: uvicorn's shutdown must not try
+    to send a second close (websockets raised InvalidState, and uvicorn's loop stopped)."""
+    proto, transport, _, state = await _accepted(drains=False)
+    proto.data_received(CLIENT_CLOSE)
+    assert transport.closing and proto.conn is not None
+    proto.shutdown()  # raised InvalidState('connection is closing')
+    for task in state.tasks:
+        task.cancel()
