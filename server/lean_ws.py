@@ -270,10 +270,9 @@ class LeanWebSocket(asyncio.Protocol):
     def shutdown(self) -> None:
         """uvicorn's server is shutting down (after jobwire's 1001 goodbyes): close with
         1012 what is still open, answer 500 to what is still handshaking."""
-        self._cancel_timer()
         self._stop_keepalive()
         if self.close_sent:
-            self.transport.close()
+            self._close_transport()  # keeps the close handshake's deadline, if it runs
             return
         if self.handshake_complete and self.conn is not None:
             self._say_gone({"type": "websocket.disconnect", "code": 1012})
@@ -282,7 +281,7 @@ class LeanWebSocket(asyncio.Protocol):
                 self._write_pending(self.conn)
         elif not self.handshake_complete:
             self._send_500()
-        self.transport.close()
+        self._close_transport()
 
     # -- the handshake -------------------------------------------------------------------------
 
@@ -399,9 +398,9 @@ class LeanWebSocket(asyncio.Protocol):
 
     def _end(self) -> None:
         """The app is done with the connection: close it, unless the close handshake we
-        began waits for the client's answer (then that, or its deadline, closes it)."""
+        began waits for the client's answer (then that, or its deadline, ends it)."""
         if not (self.close_sent and self._timer is not None):
-            self.transport.close()
+            self._close_transport()
 
     # -- received frames -------------------------------------------------------------------------
 
@@ -453,15 +452,14 @@ class LeanWebSocket(asyncio.Protocol):
         assert conn is not None
         if self.close_sent:
             # The echo of our close: the closing handshake is complete.
-            self._cancel_timer()
-            self.transport.close()
+            self._close_transport()
             return
         if not self.transport.is_closing():
             close = conn.close_rcvd
             code, reason = (close.code, close.reason) if close is not None else (1005, "")
             self._say_gone({"type": "websocket.disconnect", "code": code, "reason": reason})
             self._write_pending(conn)  # our echo
-            self.transport.close()
+            self._close_transport()
 
     def _failed(self, conn: ServerProtocol) -> None:
         """websockets failed the connection (a protocol error, a message over `ws_max_size`:
@@ -472,7 +470,7 @@ class LeanWebSocket(asyncio.Protocol):
         self._write_pending(conn)
         self.close_sent = True
         self._stop_keepalive()
-        self.transport.close()
+        self._close_transport()
 
     # -- what server.direct uses ---------------------------------------------------------------
 
@@ -548,7 +546,31 @@ class LeanWebSocket(asyncio.Protocol):
         self._write_pending(conn)
         self.close_sent = True
         self._stop_keepalive()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """Close the transport, and cut the connection off if it is still there
+        `CLOSE_TIMEOUT` later.
+
+        Why: `transport.close()` waits for its buffer to drain, and a client that stopped
+        reading (a zero TCP window) with frames of ours unsent never drains it: the socket
+        stayed open for good, after our close frame, a missing pong or the app's end alike.
+        A close that flushes in time ends the connection first (`connection_lost` cancels
+        the timer)."""
+        if self.disconnected:
+            return
         self.transport.close()
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._cut_off)
+
+    def _cut_off(self) -> None:
+        """The close's deadline passed: reset the connection, dropping what the client has
+        not taken (`server.direct`'s cut-off: a zero linger, then an abort)."""
+        self._timer = None
+        # Imported here: `server.direct` imports this module, for its protocol class.
+        from jobwire.server.direct import _cut_off
+
+        _cut_off(self.transport)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -685,7 +707,9 @@ class LeanWebSocket(asyncio.Protocol):
             self._read_paused = False
             self.transport.resume_reading()
         self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.transport.close)
+        # The client's echo of our close ends the connection; failing that, the deadline
+        # resets it (a plain close would wait on a client that reads nothing, forever).
+        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._cut_off)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -713,7 +737,7 @@ class LeanWebSocket(asyncio.Protocol):
         self.handshake_complete = self.close_sent = True
         self._response = None
         self.transport.write(data)
-        self.transport.close()
+        self._close_transport()
 
     def _send_500(self) -> None:
         if self._denial is not None or self.handshake_complete:

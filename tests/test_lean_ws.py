@@ -28,7 +28,7 @@ from uvicorn.server import ServerState
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import jobwire
-from jobwire.server import direct, keepalive
+from jobwire.server import direct, keepalive, lean_ws
 from jobwire.server.lean_ws import LeanWebSocket, Writable
 from jobwire.server.metrics import Tally
 from jobwire.server.serving import uvicorn_config
@@ -498,3 +498,73 @@ async def test_shutdown_after_the_clients_close_while_our_buffer_drains() -> Non
     proto.shutdown()  # raised InvalidState('connection is closing')
     for task in state.tasks:
         task.cancel()
+
+
+# -- a client that stops reading: the connection is cut, not left to a flush that never ends ---
+
+
+class FloodThenEnd:
+    """Accepts, then sends 16 KiB messages until some wait in the transport's own buffer (the
+    client reads nothing, the kernel's buffers are full), then ends as its path says:
+    /close sends a close frame and returns, /return returns without one, /wait waits (for
+    the keepalive ping, stuck behind the rest, to go unanswered)."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        transport = send.__self__.transport  # the LeanWebSocket's
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        while not transport.get_write_buffer_size():
+            await send({"type": "websocket.send", "bytes": b"x" * 16384})
+        if scope["path"] == "/close":
+            await send({"type": "websocket.close", "code": 1000})
+        elif scope["path"] == "/wait":
+            while (await receive())["type"] != "websocket.disconnect":
+                pass
+
+
+async def _stalled_client(url: str, path: str) -> socket.socket:
+    """A raw websocket client with a 4 KiB receive window that reads the upgrade's answer
+    and nothing more."""
+    loop = asyncio.get_running_loop()
+    host, port = url.removeprefix("ws://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    headers = f"Host: {host}\r\n{UPGRADE}Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+    request = f"GET {path} HTTP/1.1\r\n{headers}\r\n"
+    await loop.sock_sendall(sock, request.encode())
+    head = b""
+    async with asyncio.timeout(5):
+        while b"\r\n\r\n" not in head:
+            head += await loop.sock_recv(sock, 1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+@pytest.mark.parametrize("path", ["/close", "/return", "/wait"], ids=["close-timeout", "app-ends", "no-pong"])
+async def test_a_client_that_stops_reading_is_cut_off_not_left_open(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our close frame (or the app's end, or the missing pong's 1011) waits behind frames the
+    client never reads: a plain transport close waits for that buffer to drain, forever. At
+    the close timeout the connection is reset (the client sees an RST) and the server's
+    socket and protocol are gone."""
+    monkeypatch.setattr(lean_ws, "CLOSE_TIMEOUT", 0.3)
+    async with serving(FloodThenEnd(), ws_ping_interval=0.1, ws_ping_timeout=0.3) as (url, server):
+        sock = await _stalled_client(url, path)
+        try:
+            await wait_until(lambda: _protocols(server), what="the upgrade is served")
+            [proto] = _protocols(server)
+            server_sock = proto.transport.get_extra_info("socket")
+            await wait_until(lambda: not _protocols(server), what="the connection is cut off", timeout=5)
+            assert server_sock.fileno() == -1  # the server's socket is closed, not lingering
+            loop = asyncio.get_running_loop()
+            with pytest.raises(ConnectionResetError):  # a reset: what was unread is dropped
+                async with asyncio.timeout(5):
+                    while await loop.sock_recv(sock, 1 << 16):
+                        pass
+        finally:
+            sock.close()
