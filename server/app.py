@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 async with metrics_routes.listener(svc, *settings.metrics_listen):
                     yield svc
         finally:
+            svc.refusals.close()  # its pending counts said now, no timer left to say them later
             if bridge is not None:
                 await bridge.stop()
             await stalls.stop()

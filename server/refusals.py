@@ -11,6 +11,11 @@ A flood of refusals (a page reconnecting in a thousand tabs, or an attack) must 
 a flood of lines. Per transport and reason, the first refusal is said at once; those after
 it within `every` seconds are counted, and said as one line when that window ends (with
 the last one's address and detail), so a steady flood costs one line per window.
+
+When the services stop, `close` says what the open windows counted, at once, and cancels
+their timers: a timer left running said its line after the server had stopped (or never,
+on a loop that closed first). Said, not dropped: those refusals happened, and the last
+window's count is what an operator reading the shutdown wants to see.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class RefusalLog:
     ) -> None:
         self.every, self._log, self._clock = every, logger, clock
         self._windows: dict[tuple[str, str], _Window] = {}
+        self._closed = False
 
     def __call__(self, kind: str, reason: str, detail: str, client: str) -> None:
         """A `kind` connection ("websocket", "sse") from `client` was refused for `reason`
@@ -66,6 +72,9 @@ class RefusalLog:
         bad_request); `detail` says what to change."""
         key, now = (kind, reason), self._clock()
         line = f"from {client}: {detail}"
+        if self._closed:  # stopping: said at once, no window left open to a timer
+            self._log.log(LEVELS.get(reason, logging.INFO), "%s refused (%s) %s", kind, reason, line)
+            return
         window = self._windows.get(key)
         if window is None or now >= window.until:
             if window is not None:
@@ -81,6 +90,15 @@ class RefusalLog:
             except RuntimeError:
                 return
             window.timer = loop.call_later(window.until - now, self._end_window, key)
+
+    def close(self) -> None:
+        """The services stop: say every count not yet said, now, and cancel the timers
+        that would have said them (see the module docstring). Refusals after this are
+        said one line each."""
+        self._closed = True
+        windows, self._windows = self._windows, {}
+        for key, window in windows.items():
+            self._say_counted(key, window)
 
     def _end_window(self, key: tuple[str, str]) -> None:
         window = self._windows.pop(key, None)

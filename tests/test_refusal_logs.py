@@ -174,3 +174,27 @@ def test_the_window_rule_without_an_event_loop(caplog: pytest.LogCaptureFixture)
         ),
         (logging.INFO, "websocket refused (unauthenticated) from 10.0.0.4: invalid token: it has expired"),
     ]
+
+
+async def test_a_count_pending_at_shutdown_is_said_then_and_no_timer_outlives_the_server(
+    settings: Settings, said: pytest.LogCaptureFixture
+) -> None:
+    """Refusals counted in a window that is still open when the server stops: their line is
+    said as the services stop, and the window's timer is cancelled (it said it after the
+    server had gone). A refusal after that is said at once."""
+    settings = settings.model_copy(update=dict(allowed_origins=()))
+    async with run_server(settings) as srv:
+        refusals = srv.services.refusals = RefusalLog(every=60.0)
+        for _ in range(3):
+            with pytest.raises(InvalidStatus):
+                await websockets.connect(f"{srv.ws_url}/ws", origin="https://page.example")
+        [window] = refusals._windows.values()
+        timer = window.timer
+        assert timer is not None and len(_said(said)) == 1
+    assert timer.cancelled()
+    lines = _said(said)
+    assert len(lines) == 2
+    assert lines[1][1].startswith("websocket refused (forbidden) 2 more time(s) in the last 60s; the last ")
+    refusals("sse", "forbidden", "Origin 'x'", "10.0.0.9")
+    assert _said(said)[2:] == [(logging.WARNING, "sse refused (forbidden) from 10.0.0.9: Origin 'x'")]
+    assert not refusals._windows
