@@ -39,13 +39,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from jobwire.protocol import JobwireError, Keys, Msg
-from jobwire.server.events import Coalesced, Delivery, FromAll, Outage, Resync
+from jobwire.server.events import Coalesced, Delivery, FromAll, Outage, Resync, Run
 
 #: What a stream yields: a watched job's event, an all-jobs-stream event, either of those
 #: standing in for coalesced ones, or a control message (a dict sent as JSON).
 Item = Delivery | FromAll | Coalesced | dict[str, Any]
 #: What the hub hands over (a `Coalesced` one: progress the hub coalesced at its input).
 Live = Delivery | Coalesced | Outage | Resync
+#: ... and, from a hub behind on its input, several events of a job for one write.
+LiveOrRun = Live | Run
 
 CONTROL_BYTES = 64  # what a queued control message is counted as
 _NONE: Any = ()  # an empty queue not made yet: most connections never queue
@@ -196,7 +198,7 @@ class ClientStream:
 
     # -- live items ----------------------------------------------------------------------
 
-    def live(self, item: Live) -> None:
+    def live(self, item: LiveOrRun) -> None:
         """A live item of a watched job's channel, from the hub (its sink: no wrapper, as
         this runs once per event and watcher). The driver's `wake` is called when there
         is something to send or to read, or the client became `too_slow`.
@@ -204,7 +206,8 @@ class ClientStream:
         The common case first: the next event of a watched job, not final, nothing
         waiting, and the socket takes it now. Then its twin under overload: progress the
         hub coalesced, for a client that had the event just before the run, which takes
-        the hub's shared frame as it is.
+        the hub's shared frame as it is. And a `Run` of events (a hub behind on its input):
+        taken in one write by a client that had the event before it, else event by event.
         """
         if (
             type(item) is Delivery
@@ -238,13 +241,34 @@ class ClientStream:
             ):
                 self.last[job_id] = event.seq
                 return
+        elif type(item) is Run:
+            job_id = item.job_id
+            if (
+                self.write_now is not None
+                and not (self._out or self._inbox or self.overflowed or self.sending)
+                and self.too_slow is None
+                and self.last.get(job_id, -1) + 1 == item.first
+                and item.epoch == self.epoch.get(job_id)
+                and (item.first_state is None or self._state.get(job_id) == item.first_state)
+                and self.write_now(item.ws_frames, len(item.items))
+            ):
+                self.last[job_id] = item.seq
+                self._state[job_id] = item.state
+                return
+            for each in item.items:  # as if the hub had not joined them
+                self.live(each)
+            return
         if self._push(False, item):
             self.wake()
         if self.effects:
             self.perform()
 
-    def live_all(self, item: Live) -> None:
+    def live_all(self, item: LiveOrRun) -> None:
         """A live item of the all-jobs stream, from the hub (see `live`)."""
+        if type(item) is Run:
+            for each in item.items:
+                self.live_all(each)
+            return
         if self._push(True, item):
             self.wake()
 

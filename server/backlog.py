@@ -32,11 +32,22 @@ newest progress always goes out, and the counts add up with the seqs.
 "The previous event" reaches across reads: `previous` keeps, per channel, the last event
 a coalescing read saw, so the first event of the next such read is judged against it.
 Requiring the next seq makes a stale or missing entry safe: the event is kept.
+
+Joined writes
+-------------
+What is left of a read after coalescing is mostly transitions (a job changing state
+faster than the process keeps up: every one of them kept). Each would still cost a write
+call per watcher, and on loopback the reader's wake-up too, which is most of a
+delivery's cost. So the events a read keeps for one channel are cut into runs
+(`runs`): consecutive seqs of one job and epoch, none final. A watcher that had the
+event before a run takes it in one write of the frames joined once for all watchers
+(`events.Run`); any other takes its events one by one. A process behind on its input
+thus delivers more per second the further behind it is, instead of less.
 """
 
 from __future__ import annotations
 
-from jobwire.server.events import Coalesced, Delivery
+from jobwire.server.events import Coalesced, Delivery, Run
 
 #: A live job event as the hub hands it to sinks: as published, or standing for several.
 Event = Delivery | Coalesced
@@ -85,3 +96,42 @@ def coalesce(batch: list[tuple[str, Event]], previous: dict[str, Delivery]) -> l
         runs[channel] = len(out)
         out.append((channel, item))
     return [entry for entry in out if entry is not None]
+
+
+def runs(items: list[Event]) -> list[Event | Run]:
+    """One channel's events of a read (in order, after `coalesce`), with every stretch of
+    two or more that one write can carry joined into a `Run`: each event starts where the
+    one before ended (a `Coalesced` one in the same state), same job and epoch, none
+    final. The rest stay as they are, in their places."""
+    out: list[Event | Run] = []
+    stretch: list[Event] = []
+    for item in items:
+        if (item.delivery if type(item) is Coalesced else item).final:
+            _flush(stretch, out)  # it ends a stream: it goes alone, and nothing follows it
+            stretch = []
+            out.append(item)
+        elif stretch and _follows(stretch[-1], item):
+            stretch.append(item)
+        else:
+            _flush(stretch, out)
+            stretch = [item]
+    _flush(stretch, out)
+    return out
+
+
+def _follows(before: Event, item: Event) -> bool:
+    prior = before.delivery if type(before) is Coalesced else before
+    if type(item) is Coalesced:
+        event, start = item.delivery, item.delivery.seq - item.skipped
+        if event.state != prior.state:  # (a stand-in is progress: its state goes on)
+            return False
+    else:
+        event, start = item, item.seq
+    return start == prior.seq + 1 and event.job_id == prior.job_id and event.epoch == prior.epoch
+
+
+def _flush(stretch: list[Event], out: list[Event | Run]) -> None:
+    if len(stretch) > 1:
+        out.append(Run(tuple(stretch)))
+    else:
+        out.extend(stretch)

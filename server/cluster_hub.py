@@ -71,6 +71,7 @@ class ClusterHub:
         #: Slot maps read that moved channels (for tests and logs).
         self.remaps = 0
         self._retired_coalesced = 0  # `input_coalesced` of shard hubs stopped since
+        self._retired_joined = 0  # and their `input_joined`
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -157,6 +158,11 @@ class ClusterHub:
         return self._retired_coalesced + sum(hub.input_coalesced for hub in self._hubs())
 
     @property
+    def input_joined(self) -> int:
+        """Events every shard's hub fanned out joined in runs (see `server.backlog`)."""
+        return self._retired_joined + sum(hub.input_joined for hub in self._hubs())
+
+    @property
     def shards(self) -> int:
         """Shard connections (one per primary), for tests and metrics."""
         return len(self._shards)
@@ -222,6 +228,7 @@ class ClusterHub:
         for name in gone:
             hub = self._shards.pop(name)
             self._retired_coalesced += hub.input_coalesced
+            self._retired_joined += hub.input_joined
             await hub.stop()
 
     def _on_dropped(self, channel: str) -> None:

@@ -201,6 +201,38 @@ class Coalesced:
         return f"Coalesced({self.delivery!r}, skipped={self.skipped!r}, from_all={self.from_all!r})"
 
 
+class Run:
+    """Consecutive events of one job from one read of the hub's input, to be written to a
+    watcher in one go (`server.backlog.runs`): a process behind on its input otherwise
+    pays a write call, and on loopback the reader's wake-up, per event and watcher, which
+    is what caps how much it delivers. A watcher that had the event just before the run
+    takes `ws_frames` (every event's frame, joined once for all watchers) in one write;
+    any other gets `items` one by one, as if the run had never been joined.
+
+    `first` is the seq the run starts at (a `Coalesced` first item stands for the events
+    before its own seq); a watcher takes the joined frames only if its last state is
+    `first_state`, where the first item is such a stand-in (it is progress in that state).
+    None of the items is final, so nothing in a run ends a stream. A plain `__slots__`
+    class, immutable by convention (see module docstring).
+    """
+
+    __slots__ = ("items", "job_id", "epoch", "first", "first_state", "seq", "state", "ws_frames")
+
+    def __init__(self, items: tuple[Delivery | Coalesced, ...]) -> None:
+        head, tail = items[0], items[-1]
+        self.items = items
+        first = head.delivery if type(head) is Coalesced else head
+        last = tail.delivery if type(tail) is Coalesced else tail
+        self.job_id, self.epoch = first.job_id, first.epoch
+        self.first = first.seq - head.skipped if type(head) is Coalesced else first.seq
+        self.first_state = first.state if type(head) is Coalesced else None
+        self.seq, self.state = last.seq, last.state
+        self.ws_frames = b"".join([item.ws_frame for item in items])
+
+    def __repr__(self) -> str:
+        return f"Run({self.items!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class Resync:
     """Told to a subscriber when its channel may have missed messages (Redis reconnected

@@ -39,8 +39,9 @@ its pub/sub input (offered more deliveries than it can make), a read of the conn
 brings several events of one channel, and the hub coalesces their progress before the
 fan-out (`server.backlog`: transitions and final events always kept, in order; the kept
 progress counts what it stands for), so the delay stays bounded instead of growing with
-the backlog. A read with at most one event per channel is dispatched as it came, at the
-usual cost.
+the backlog. What a read keeps of one channel goes out in runs, one write per watcher
+(`events.Run`), so the further behind, the less each delivery costs. A read with at most
+one event per channel is dispatched as it came, at the usual cost.
 """
 
 from __future__ import annotations
@@ -57,15 +58,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from jobwire.backoff import backoff
-from jobwire.server.backlog import Event, coalesce
-from jobwire.server.events import Coalesced, Delivery, Outage, Resync
+from jobwire.server.backlog import Event, coalesce, runs
+from jobwire.server.events import Coalesced, Delivery, Outage, Resync, Run
 from jobwire.server.pubsub_conn import PubSubConnection, open_pubsub
 
 log = logging.getLogger(__name__)
 
 #: A subscriber: told each live event (a `Coalesced` one stands for the progress just
 #: before it, see `server.backlog`), and its channel's outages and resyncs.
-Sink = Callable[[Delivery | Coalesced | Outage | Resync], None]
+#: A `Run` is several events of a read for one write (see `server.backlog`).
+Sink = Callable[[Delivery | Coalesced | Run | Outage | Resync], None]
 #: Where the hub connects: a URL, or a function that finds one (Sentinel's primary, now).
 Address = str | Callable[[], Awaitable[str]]
 #: How much of the fan-out Redis serves: all of it, part (some cluster shards), or none.
@@ -82,6 +84,8 @@ class Fanout(Protocol):
     ping_seconds: float | None
     #: Events dropped at the input, coalesced into a newer one before the fan-out.
     input_coalesced: int
+    #: Events fanned out joined with others of their job, for one write per watcher.
+    input_joined: int
 
     @property
     def health(self) -> Health: ...
@@ -153,6 +157,7 @@ class Hub:
         # Per channel, the last event a coalescing read saw (see `server.backlog`).
         self._previous: dict[str, Delivery] = {}
         self.input_coalesced = 0
+        self.input_joined = 0  # events fanned out in a `Run` (one write per watcher in sync)
         self._last_heard = 0.0  # loop time of the last message from Redis
         self._pings: deque[float] = deque()  # loop times of the PINGs not answered yet
         #: Round trip of the last PING answered on the current connection (seconds), or
@@ -451,8 +456,17 @@ class Hub:
             return
         kept = coalesce(batch, self._previous)
         self.input_coalesced += len(batch) - len(kept)
+        per_channel: dict[str, list[Event]] = {}  # (channels are independent streams)
         for channel, item in kept:
-            self._fan_out(channel, item)
+            per_channel.setdefault(channel, []).append(item)
+        for channel, items in per_channel.items():
+            if len(items) == 1:
+                self._fan_out(channel, items[0])
+                continue
+            for piece in runs(items):
+                if type(piece) is Run:
+                    self.input_joined += len(piece.items)
+                self._fan_out(channel, piece)
 
     def _confirmed(self, channel: str) -> None:
         waiters = self._waiters.get(channel)
@@ -533,7 +547,7 @@ class Hub:
             self._on_event(delivery.state)
         return delivery
 
-    def _fan_out(self, channel: str, item: Delivery | Coalesced | Outage | Resync) -> None:
+    def _fan_out(self, channel: str, item: Delivery | Coalesced | Run | Outage | Resync) -> None:
         for sink in tuple(self._sinks.get(channel, ())):
             try:
                 sink(item)

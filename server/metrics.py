@@ -107,7 +107,13 @@ class Metrics:
             "Progress events the hub, behind on its pub/sub input, replaced by a newer one before fan-out",
             registry=self.registry,
         )
-        self._input_coalesced_seen = 0  # the hub's own count at the last scrape
+        self.input_joined = Counter(
+            "jobwire_input_joined",
+            "Events the hub, behind on its pub/sub input, fanned out joined with others of their job "
+            "(one write per watcher in sync)",
+            registry=self.registry,
+        )
+        self._hub_seen: dict[str, int] = {}  # the hub's own counts at the last scrape
         self.slow_closed = Counter(
             "jobwire_slow_clients_closed",
             "Clients closed (1013) for falling too far behind or accepting nothing",
@@ -130,10 +136,15 @@ class Metrics:
                 counter = self._by_state[state] = self._events.labels(state)
             counter.inc(n)
 
-    def take_input_coalesced(self, total: int) -> None:
-        """Bring the counter up to the hub's own count (a plain int on the read path)."""
-        self.input_coalesced.inc(max(0, total - self._input_coalesced_seen))
-        self._input_coalesced_seen = max(total, self._input_coalesced_seen)
+    def take_hub_counts(self, coalesced: int, joined: int) -> None:
+        """Bring the input counters up to the hub's own counts (plain ints on the read path)."""
+        for name, counter, total in (
+            ("coalesced", self.input_coalesced, coalesced),
+            ("joined", self.input_joined, joined),
+        ):
+            seen = self._hub_seen.get(name, 0)
+            counter.inc(max(0, total - seen))
+            self._hub_seen[name] = max(total, seen)
 
     def event(self, state: str) -> None:
         """Count one event received from Redis (the hub's `on_event`): a plain int per
@@ -152,7 +163,7 @@ def exposition(svc: Services) -> Response:
     """The metrics as a scrape reads them. No Redis command: see the module docstring."""
     svc.metrics.flush()
     svc.metrics.hub_reconnects.set(svc.hub.reconnects)
-    svc.metrics.take_input_coalesced(svc.hub.input_coalesced)
+    svc.metrics.take_hub_counts(svc.hub.input_coalesced, svc.hub.input_joined)
     health = svc.hub.health
     for state in ("ok", "degraded", "down"):
         svc.metrics.hub_health.labels(state).set(1 if state == health else 0)

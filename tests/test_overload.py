@@ -1,7 +1,8 @@
 """A process behind on its pub/sub input coalesces progress per job before the fan-out
 (`server.backlog`): every transition and final event kept, in order, the newest progress
 kept, and `coalesced` counts that add up with the seqs. And a process keeping up
-coalesces nothing.
+coalesces nothing. What a read keeps of a job goes to each watcher in step in one write
+(`tests/test_joined_runs.py` has the rule for that).
 
 The pure rule is tested directly (examples, then Hypothesis over any events cut into any
 reads); the hub and a whole server are tested against a real Redis, the backlog made by
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -23,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobwire.server.backlog import Event, coalesce, continues
-from jobwire.server.events import Coalesced, Delivery
+from jobwire.server.events import Coalesced, Delivery, Run
 from jobwire.server.hub import Hub
 from jobwire.tasks.recorder import Recorder
 from tests.clients import assert_gap_free, next_of, recv_json, sse_blocks, until_subscribed
@@ -221,9 +223,16 @@ async def test_the_hub_coalesces_a_backlog_on_its_input(own_redis: RedisServer) 
     hub = Hub(own_redis.url)
     await hub.start()
     got: dict[str, list[Any]] = {"x": [], "y": []}
+
+    def sink(items: list[Any]) -> Callable[[Any], None]:
+        def take(item: Any) -> None:  # a run's events, as a watcher out of step gets them
+            items.extend(item.items if isinstance(item, Run) else [item])
+
+        return take
+
     try:
         for channel in got:
-            await hub.subscribe(channel, got[channel].append)
+            await hub.subscribe(channel, sink(got[channel]))
         client = redis.Redis.from_url(own_redis.url)
         seq = 0
         for state in ("A", "B", "C"):  # held: this loop is the hub's (a sync client, no await)
@@ -240,7 +249,7 @@ async def test_the_hub_coalesces_a_backlog_on_its_input(own_redis: RedisServer) 
         )
     finally:
         await hub.stop()
-    assert hub.input_coalesced > 0
+    assert hub.input_coalesced > 0 and hub.input_joined > 0
     transitions = [1, 51, 101, 151]
     for items in got.values():
         rows = [(i.delivery.seq, i.skipped) if isinstance(i, Coalesced) else (i.seq, 0) for i in items]
@@ -349,13 +358,14 @@ async def test_a_server_behind_on_its_input_coalesces_and_loses_no_transition(
             metrics = (await http.get("/metrics")).text
     for name, events in results.items():
         _check(name, events, burst, first=2 if name == "all-jobs" else 1)
-    match = re.search(r"^jobwire_input_coalesced_total (\S+)$", metrics, re.MULTILINE)
-    assert match and float(match.group(1)) > 0, "the server was behind: it coalesced at its input"
+    for counter in ("coalesced", "joined"):  # the server was behind: it coalesced and joined
+        match = re.search(rf"^jobwire_input_{counter}_total (\S+)$", metrics, re.MULTILINE)
+        assert match and float(match.group(1)) > 0, counter
 
 
 async def test_a_server_keeping_up_coalesces_nothing(own_redis: RedisServer) -> None:
     """Events published one at a time, each received before the next: every one arrives,
-    none coalesced, at the input or anywhere."""
+    none coalesced, at the input or anywhere, and none joined."""
     settings = settings_for(own_redis.url)
     recorder = Recorder(own_redis.client(), settings)
     recorder.record("calm", "PENDING")
@@ -367,7 +377,7 @@ async def test_a_server_keeping_up_coalesces_nothing(own_redis: RedisServer) -> 
             events.append(await next_of(ws, "event"))
         await asyncio.to_thread(recorder.record, "calm", "SUCCESS", result=None)
         events.append(await next_of(ws, "event"))
-        coalesced = srv.services.hub.input_coalesced
+        coalesced = srv.services.hub.input_coalesced + srv.services.hub.input_joined
         await ws.send(json.dumps({"op": "ping"}))
         await recv_json(ws)
     assert [e["seq"] for e in events] == list(range(1, 43))
@@ -397,6 +407,6 @@ async def test_each_cluster_shard_coalesces_its_own_backlog(own_redis: RedisServ
             results = [await asyncio.wait_for(task, 30) for task in tasks]
             hub = srv.services.hub
             # (The readers follow job channels only: shard channels, so the shards coalesced.)
-            assert hub.shards == 3 and hub.input_coalesced > 0
+            assert hub.shards == 3 and hub.input_coalesced > 0 and hub.input_joined > 0
     for job, events in zip(jobs, results, strict=True):
         _check(job, events, bursts[job], first=1)
