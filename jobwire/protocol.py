@@ -28,6 +28,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -401,8 +402,13 @@ def dumps(value: Any) -> bytes:
 
     Never fails on what a task returns: orjson refuses integers past 64 bits, tuple keys
     and nesting past 254 levels, all of which Celery stores; those values take a slower
-    path that keeps big integers exact, writes other keys as `str(key)` and cuts nesting
-    at `MAX_EVENT_DEPTH`.
+    path that writes other keys as `str(key)` and cuts nesting at `MAX_EVENT_DEPTH`.
+
+    What it writes, orjson reads back (every jobwire reader uses it): integers past 64 bits
+    are written as strings of their exact digits. As numbers, orjson read them as floats,
+    rounded, and refused those past a double's range (10**400: "number is infinity"), so
+    one such value in a progress meta or result made the job's status and history answer
+    500 and broke its websocket. Celery's result backend keeps the integer itself.
     """
     try:
         return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
@@ -415,8 +421,10 @@ MAX_EVENT_DEPTH = 200  # nesting kept in an event's JSON; deeper values become a
 
 def _plain(value: Any, depth: int) -> Any:
     """`value` as what the stdlib's JSON encoder takes (see `dumps`)."""
-    if isinstance(value, str) or value is None or isinstance(value, (bool, int)):
+    if isinstance(value, str) or value is None or isinstance(value, bool):
         return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else _digits(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None  # as orjson writes NaN and infinities
     if depth <= 0:
@@ -431,13 +439,19 @@ def _plain(value: Any, depth: int) -> Any:
         return str(value)
 
 
+def _digits(value: int) -> str:
+    """An integer's exact decimal digits, past Python's limit on int-to-str conversion too
+    (4300 digits, where `str` raises; `Decimal` has none)."""
+    return str(Decimal(value))
+
+
 def _key(key: Any) -> str:
     """A dict key as orjson's OPT_NON_STR_KEYS writes it on the fast path, else `str(key)`."""
     if isinstance(key, str):
         return key
     if key is None or isinstance(key, (bool, float)) or (isinstance(key, int) and abs(key) < 2**63):
         return orjson.dumps(key).decode()
-    return str(key)
+    return _digits(key) if isinstance(key, int) else str(key)
 
 
 def event_parts(job_id: str, body: dict[str, Any]) -> tuple[bytes, bytes]:

@@ -8,6 +8,7 @@ import logging
 import math
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import quote
 
@@ -21,13 +22,21 @@ from celery.result import AsyncResult
 
 import jobwire
 from jobwire.client import watch
-from jobwire.protocol import FAILURE, SUCCESS
+from jobwire.protocol import FAILURE, SUCCESS, dumps
 from jobwire.settings import Settings
 from jobwire.storage import is_reference
 from jobwire.tasks.recorder import Recorder
 from tests.apps.contract import make_app
 from tests.clients import watch_ws, ws_job_events
-from tests.support import RedisServer, RunningServer, Worker, redis_server, wait_until_sync
+from tests.support import (
+    RedisServer,
+    RunningServer,
+    Worker,
+    redis_server,
+    run_server,
+    settings_for,
+    wait_until_sync,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -261,3 +270,40 @@ async def test_any_task_id_is_reachable_on_every_endpoint(server: RunningServer)
         3,
     ]
     assert [e["state"] async for e in watch(job_id, url=server.url)] == ["PENDING", "STEPPING", SUCCESS]
+
+
+async def test_integers_past_a_doubles_range_succeed_and_read_back_as_digits(contract_app: Celery) -> None:
+    """A task whose progress and result hold integers past a double's range: orjson, which
+    reads jobwire's records, refused them (500 on the job's status and history, a broken
+    /ws/jobs). The task succeeds with Celery's value untouched; jobwire's copy holds their
+    exact digits, as strings, on every endpoint."""
+    value = -(10**400) - 7
+    result = contract_app.tasks["contract.huge"].delay(400)
+    assert result.get(timeout=30) == value and result.state == SUCCESS
+    wait_until_sync(lambda: _job_hash(contract_app, result.id).get(b"final") == b"1", what="SUCCESS recorded")
+    async with run_server(settings_for(contract_app.conf.broker_url)) as srv:
+        path = f"/api/v1/jobs/{result.id}"
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            status = await http.get(path)
+            assert status.status_code == 200, status.text
+            assert status.json()["status"] == SUCCESS and status.json()["result"] == str(value)
+            history = await http.get(f"{path}/history")
+            assert history.status_code == 200, history.text
+            [counting] = [e for e in history.json()["events"] if e["state"] == "COUNTING"]
+            assert counting["progress"]["count"] == str(10**400)
+        events = await ws_job_events(f"{srv.ws_url}/ws/jobs/{result.id}")
+        assert events[-1]["state"] == SUCCESS and events[-1]["result"] == str(value)
+
+
+def test_what_an_event_writes_orjson_reads_back_exactly() -> None:
+    """Integers past 64 bits become their digits (past Python's 4300-digit limit on
+    int-to-str too, where `str` raises), in values and keys; the rest stays numbers."""
+    huge = 10**5000 + 1
+    written = dumps({"huge": huge, "top": 2**64 - 1, "low": -(2**63), "under": -(2**63) - 1, 10**400: [1]})
+    assert orjson.loads(written) == {
+        "huge": str(Decimal(huge)),
+        "top": 2**64 - 1,
+        "low": -(2**63),
+        "under": "-9223372036854775809",
+        "1" + "0" * 400: [1],
+    }

@@ -37,6 +37,12 @@ def make_app(serializer: str, url: str) -> Celery:
             value = [value]
         return value
 
+    @app.task(bind=True, name="contract.huge", shared=False)
+    def huge(self, digits: int) -> int:  # type: ignore[no-untyped-def]
+        """Integers past what a JSON reader takes as a number (a double's range)."""
+        self.update_state(state="COUNTING", meta={"step": 1, "total": 2, "count": 10**digits})
+        return -(10**digits) - 7
+
     @app.task(name="contract.add", shared=False)
     def add(x: int, y: int) -> int:
         return x + y
