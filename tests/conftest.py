@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # anyio's and hypothesis's pytest plugins make pytest rewrite all of their packages as they
 # are imported, and both import modules lazily, deep in a stack (a request; the session's
@@ -23,6 +24,9 @@ import redis
 
 from jobwire.settings import Settings
 from tests.support import RedisServer, RunningServer, Worker, redis_server, run_server, settings_for
+
+if TYPE_CHECKING:
+    from playwright.async_api import Browser
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +76,20 @@ def own_redis() -> Iterator[RedisServer]:
     """A Redis this test alone uses, free to be stopped and restarted."""
     with redis_server() as server:
         yield server
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's headless Chromium, for every browser test.
+
+    tests/test_browser.py's rules are imported here, when a test asks for a browser, not
+    when this file loads: JOBWIRE_SKIP_BROWSER then skips the browser tests alone (a failure
+    in CI), and a missing Chromium fails them instead of passing silently."""
+    from playwright.async_api import async_playwright
+
+    from tests.test_browser import ARGS, CHROMIUM
+
+    async with async_playwright() as p:
+        launched = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield launched
+        await launched.close()

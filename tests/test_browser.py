@@ -9,12 +9,11 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import redis
-from playwright.async_api import Browser, Page, Route, async_playwright, expect
+from playwright.async_api import Browser, Page, Route, expect
 
 from jobwire.settings import Settings
 from jobwire.tasks.recorder import Owner, Recorder
@@ -49,14 +48,6 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        await b.close()
 
 
 async def open_dashboard(browser: Browser, url: str) -> Page:

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -452,20 +451,6 @@ document.addEventListener("DOMContentLoaded", function () {
 });
 </script>
 </body></html>"""
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    """Chromium as tests/test_browser.py launches it, under its rules: imported here, so
-    that JOBWIRE_SKIP_BROWSER skips the browser tests alone, and CI without Chromium fails."""
-    from playwright.async_api import async_playwright
-
-    from tests.test_browser import ARGS, CHROMIUM
-
-    async with async_playwright() as p:
-        launched = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield launched
-        await launched.close()
 
 
 SUCCESS_COLOR, ERROR_COLOR = "rgb(118, 206, 96)", "rgb(220, 79, 99)"

@@ -9,17 +9,16 @@ import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, WebSocket, async_playwright, expect
+from playwright.async_api import Browser, Page, WebSocket, expect
 
+import tests.test_browser  # noqa: F401 - importing it applies its never-skip-silently rule
 from jobwire.settings import Settings
 from tests.support import RunningServer, another_site, run_server, wait_until
 from tests.test_auth import AUDIENCE, SECRET, submit_as, token
-from tests.test_browser import ARGS, CHROMIUM  # importing it applies its never-skip-silently rule
 
 pytestmark = pytest.mark.browser
 
@@ -27,14 +26,6 @@ ELEMENT = Path(__file__).resolve().parent.parent / "js" / "jobwire-progress.js"
 
 # The test page: it loads the element from `src` and records, after each event, what the
 # bar shows (the element renders before it fires `jobwire-progress`).
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        await b.close()
 
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>bars</title>
