@@ -160,7 +160,12 @@ def _hub(settings: Settings, metrics: Metrics) -> Fanout:
     """The fan-out for the target: a hub per shard on a cluster, or one hub, which asks
     Sentinel where the primary is before every connection."""
     target = settings.redis_target
-    options: dict[str, Any] = dict(subscribe_timeout=settings.subscribe_timeout, on_event=metrics.event)
+    keys = settings.keys
+    options: dict[str, Any] = dict(
+        subscribe_timeout=settings.subscribe_timeout,
+        on_event=metrics.event,
+        unordered=lambda channel: keys.job_id_from_channel(channel) is None,  # the all-jobs streams
+    )
     if target.mode == "cluster":
         return ClusterHub(target, settings.keys, **options)
     if target.mode == "sentinel":

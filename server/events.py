@@ -216,7 +216,7 @@ class Run:
     class, immutable by convention (see module docstring).
     """
 
-    __slots__ = ("items", "job_id", "epoch", "first", "first_state", "seq", "state", "ws_frames")
+    __slots__ = ("items", "job_id", "epoch", "first", "first_state", "seq", "state", "_ws_frames")
 
     def __init__(self, items: tuple[Delivery | Coalesced, ...]) -> None:
         head, tail = items[0], items[-1]
@@ -227,7 +227,16 @@ class Run:
         self.first = first.seq - head.skipped if type(head) is Coalesced else first.seq
         self.first_state = first.state if type(head) is Coalesced else None
         self.seq, self.state = last.seq, last.state
-        self.ws_frames = b"".join([item.ws_frame for item in items])
+        self._ws_frames: bytes | None = None
+
+    @property
+    def ws_frames(self) -> bytes:
+        """Every event's frame, joined on first use (no watcher in step, or the all-jobs
+        stream, which takes a run event by event: never)."""
+        frames = self._ws_frames
+        if frames is None:
+            frames = self._ws_frames = b"".join([item.ws_frame for item in self.items])
+        return frames
 
     def __repr__(self) -> str:
         return f"Run({self.items!r})"

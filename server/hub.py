@@ -130,7 +130,10 @@ class Hub:
         sharded: bool = False,
         on_state: Callable[[], None] | None = None,
         on_dropped: Callable[[str], None] | None = None,
+        # Channels whose events are no part of an ordered stream (the all-jobs streams)
+        unordered: Callable[[str], bool] | None = None,
     ) -> None:
+        self._unordered = unordered
         self._on_event = on_event
         self._on_state, self._on_dropped = on_state, on_dropped
         self._address = address
@@ -456,17 +459,32 @@ class Hub:
             return
         kept = coalesce(batch, self._previous)
         self.input_coalesced += len(batch) - len(kept)
-        per_channel: dict[str, list[Event]] = {}  # (channels are independent streams)
-        for channel, item in kept:
-            per_channel.setdefault(channel, []).append(item)
-        for channel, items in per_channel.items():
-            if len(items) == 1:
-                self._fan_out(channel, items[0])
-                continue
-            for piece in runs(items):
-                if type(piece) is Run:
-                    self.input_joined += len(piece.items)
-                self._fan_out(channel, piece)
+        # Joined only where they stay side by side in the read, so a client watching
+        # several jobs hears them in the order they were published (a child's final event
+        # before its group's count of children done). The all-jobs streams' events are no
+        # part of a job's ordered stream (see `Delivery.all_frame`): they go out first and
+        # do not part the events of a job that they came between.
+        unordered = self._unordered
+        if unordered is not None:
+            apart = [entry for entry in kept if unordered(entry[0])]
+            if apart:
+                for channel, item in apart:
+                    self._fan_out(channel, item)
+                kept = [entry for entry in kept if not unordered(entry[0])]
+        at = 0
+        while at < len(kept):
+            channel = kept[at][0]
+            end = at + 1
+            while end < len(kept) and kept[end][0] == channel:
+                end += 1
+            if end - at == 1:
+                self._fan_out(channel, kept[at][1])
+            else:
+                for piece in runs([item for _, item in kept[at:end]]):
+                    if type(piece) is Run:
+                        self.input_joined += len(piece.items)
+                    self._fan_out(channel, piece)
+            at = end
 
     def _confirmed(self, channel: str) -> None:
         waiters = self._waiters.get(channel)

@@ -10,7 +10,6 @@ behind on its input is `tests/test_overload.py`'s (it counts `jobwire_input_join
 from __future__ import annotations
 
 import orjson
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -326,13 +325,11 @@ def test_after_a_run_written_at_once_progress_of_its_last_state_queues_as_progre
     assert b'"coalesced":1,' in queued[0]
 
 
-@pytest.mark.xfail(strict=True, reason="review of 2f5b384: a read's kept items go out grouped per channel")
 def test_a_read_hands_on_events_of_several_jobs_in_the_order_they_were_published() -> None:
     """A client watching a group and its child: the child's final event, then the group's
     count of children done, published in that order (the recorder's second script call),
-    reach it in that order, as they did before the joined writes. Since 2f5b384 a read
-    that holds the group's channel before and after the child's final event hands on both
-    group events first: the client hears "2 done" before the child it watches is."""
+    reach it in that order: events are joined only where they are side by side in the
+    read (grouped per channel, the client heard "2 done" before the child it watches was)."""
     from jobwire.server.hub import Hub
 
     hub = Hub("redis://unused")
@@ -375,3 +372,28 @@ def test_a_run_from_a_stand_in_is_joined_only_for_a_client_at_the_seq_before_all
             sent.append((bytes(socket.bytes), [wire(i) for i in _rest(core)], core.last, socket.writes))
         assert sent[0][:3] == sent[1][:3], since
         assert (sent[0][0] == run.ws_frames and sent[0][3] == 1) is joined_write, since
+
+
+def test_the_all_jobs_streams_do_not_part_a_jobs_events() -> None:
+    """Every event is published on its job's channel and on the all-jobs stream, so a read
+    interleaves the two: the all-jobs stream's events (no part of a job's ordered stream)
+    go out on their own and the job's events are still joined; a hub that is not told
+    which channels are unordered keeps the read's order strictly."""
+    from jobwire.server.hub import Hub
+
+    batch: list[tuple[str, Event]] = []
+    for n in (1, 2, 3):
+        batch += [("a", event("a", n, f"S{n}")), ("all", event("a", n, f"S{n}"))]
+    for unordered, joined in ((lambda ch: ch == "all", True), (None, False)):
+        hub = Hub("redis://unused", unordered=unordered)
+        got: dict[str, list[object]] = {"a": [], "all": []}
+        hub._sinks = {ch: {items.append} for ch, items in got.items()}  # type: ignore[dict-item]
+        hub._fan_out_batch(batch)
+        if joined:
+            (run,) = got["a"]
+            assert isinstance(run, Run) and [seq_of(i) for i in run.items] == [1, 2, 3]
+            assert hub.input_joined == 3
+        else:
+            assert [seq_of(i) for i in got["a"]] == [1, 2, 3]  # type: ignore[arg-type]
+            assert hub.input_joined == 0
+        assert [seq_of(i) for i in got["all"]] == [1, 2, 3]  # type: ignore[arg-type]
