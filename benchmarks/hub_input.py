@@ -86,7 +86,9 @@ def _scenario(
         hub = hubs.Hub("redis://unused")
         names = [f"j{i}" for i in range(jobs)]
         for job in names:
-            hub._sinks[keys.job_channel(job)] = {core.live for core in _cores(keys, job, watchers)}
+            sinks = {core.live for core in _cores(keys, job, watchers)}
+            lane = getattr(hubs, "Lane", None)  # (a hub before lanes keeps a set)
+            hub._sinks[keys.job_channel(job)] = lane(sinks) if lane is not None else sinks
         on_replies = getattr(hub, "_on_replies", None)
         try:
             conn = conns.PubSubConnection(hub._on_reply, on_replies=on_replies)

@@ -36,10 +36,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from jobwire.protocol import JobwireError, Keys, Msg
 from jobwire.server.events import Coalesced, Delivery, FromAll, Outage, Resync, Run
+
+if TYPE_CHECKING:
+    from jobwire.lanes import Lane, Write
 
 #: What a stream yields: a watched job's event, an all-jobs-stream event, either of those
 #: standing in for coalesced ones, or a control message (a dict sent as JSON).
@@ -116,6 +119,10 @@ class ClientStream:
         self.write_now: Callable[[bytes, int], bool] | None = None
         self.write_finals = True  # False: a final event is queued (to close after it)
         self.sending = False  # the transport is in a send: nothing is written directly
+        #: Watched jobs whose position the hub keeps for this core while it rides their
+        #: channel's lane with the watchers in step (`jobwire.lanes`): `last` and `_state`
+        #: of such a job are the lane's, read into this core when it lands (`land`).
+        self.riding: dict[str, Lane] = {}
 
     # -- watching -----------------------------------------------------------------------
 
@@ -127,6 +134,9 @@ class ClientStream:
 
     def end(self, job_id: str) -> bool:
         """Stop watching `job_id`; True if it was followed live (unsubscribe it)."""
+        lane = self.riding.pop(job_id, None)
+        if lane is not None:
+            lane.land(self.live)
         self.last.pop(job_id, None)
         self.epoch.pop(job_id, None)
         self._state.pop(job_id, None)
@@ -138,6 +148,8 @@ class ClientStream:
     def first_page(self, job_id: str, page: Page, claimed_epoch: str | None) -> bool:
         """History after `since` as first read; True if the client must be reset (the
         history it counted in is gone): then read from 0 and call `reset`."""
+        if self.riding:
+            self.land()
         since = self.last.get(job_id, 0)
         if page.seq < since or (claimed_epoch is not None and claimed_epoch != page.epoch):
             return True
@@ -147,11 +159,15 @@ class ClientStream:
 
     def subscribed(self, job_id: str) -> None:
         """History replayed: live from here."""
+        if self.riding:
+            self.land()
         self.post({"type": Msg.SUBSCRIBED, "job_id": job_id, "seq": self.last[job_id]})
 
     def page(self, job_id: str, since: int, page: Page | None) -> bool:
         """History read after `since` (the last seq when the read went out: live events may
         have moved on meanwhile), after a gap or resync; True if the client must be reset."""
+        if self.riding:
+            self.land()
         if job_id not in self.last or page is None:
             return False  # unwatched meanwhile; or gone (the next event resets)
         if page.epoch != self.epoch.get(job_id) or page.seq < since:
@@ -163,6 +179,8 @@ class ClientStream:
         """The job's history was lost and began again: tell the client, forget its seqs;
         the driver reads the new history from 0 next (`advance`). True if the job had
         ended in the old history: the driver follows it on the hub again."""
+        if self.riding:
+            self.land()
         self.last[job_id] = 0
         self.epoch[job_id] = epoch
         self._merge.pop(job_id, None)
@@ -175,6 +193,8 @@ class ClientStream:
 
     def advance(self, job_id: str, page: Page) -> None:
         """Hand on the events of `page` the client has not had (see module docstring)."""
+        if self.riding:
+            self.land()
         for event in page.events:
             last = self.last.get(job_id)
             if last is None:
@@ -198,7 +218,7 @@ class ClientStream:
 
     # -- live items ----------------------------------------------------------------------
 
-    def live(self, item: LiveOrRun) -> None:
+    def live(self, item: LiveOrRun) -> ClientStream | None:
         """A live item of a watched job's channel, from the hub (its sink: no wrapper, as
         this runs once per event and watcher). The driver's `wake` is called when there
         is something to send or to read, or the client became `too_slow`.
@@ -208,6 +228,10 @@ class ClientStream:
         hub coalesced, for a client that had the event just before the run, which takes
         the hub's shared frame as it is. And a `Run` of events (a hub behind on its input):
         taken in one write by a client that had the event before it, else event by event.
+
+        Returns this core when it took a plain event directly with nothing waiting: the
+        hub may then take it on its lane of watchers in step (`jobwire.lanes`), which
+        writes the next events without calling this at all; else None.
         """
         if (
             type(item) is Delivery
@@ -224,7 +248,7 @@ class ClientStream:
                 self.last[job_id] = item.seq
                 if self._state.get(job_id) != item.state:  # a transition: it went out in its place
                     self._state[job_id] = item.state
-                return
+                return self  # in step, nothing waiting: it may ride the job's lane
         elif (
             type(item) is Coalesced
             and self.write_now is not None
@@ -279,6 +303,37 @@ class ClientStream:
         """Set by the driver: carry out `effects` (and clear them). Not a wake: a final
         event written at once leaves the writer nothing to do, only a subscription to drop."""
 
+    # -- riding a lane (see `jobwire.lanes`) ------------------------------------------------
+
+    def board(self, lane: Lane) -> Write | None:
+        """The lane of `lane.job_id` takes this core on at its position (the event this
+        core just took directly); the write for the lane to use."""
+        if self.write_now is None or self.queued or self.sending or self.too_slow is not None:
+            return None
+        self.riding[lane.job_id] = lane
+        return self.write_now
+
+    def landed(self, job_id: str, seq: int, state: str) -> None:
+        """The lane let this core off at `seq` in `state`: its own position again."""
+        self.riding.pop(job_id, None)
+        if job_id in self.last:
+            self.last[job_id] = seq
+            self._state[job_id] = state
+
+    def land(self) -> None:
+        """Leave every lane, taking their positions: before anything a rider must not do
+        (queue an item, send, read a position, stop writing directly)."""
+        for lane in list(self.riding.values()):
+            lane.land(self.live)  # (which says where, `landed`)
+        self.riding.clear()
+
+    def handed_on(self) -> int:
+        """The sum of the last seqs handed on (the feed's heartbeat skip), riding or not."""
+        total = sum(self.last.values())
+        for job_id, lane in self.riding.items():
+            total += lane.seq - self.last.get(job_id, 0)
+        return total
+
     def _push(self, from_all: bool, item: Live) -> bool:
         """Handled at once when it needs no history read and nothing waits before it, else
         it waits in the inbox."""
@@ -291,6 +346,8 @@ class ClientStream:
             self._inbox_bytes = 0
             self.overflowed = True
         else:
+            if self.riding:
+                self.land()
             if not self._inbox:
                 self._inbox = deque()
             self._inbox.append((from_all, item))
@@ -452,6 +509,8 @@ class ClientStream:
     def mark_too_slow(self, reason: str) -> None:
         """The client cannot keep up: drop what waits; its transport closes it (1013)."""
         if self.too_slow is None:
+            if self.riding:
+                self.land()
             self.too_slow = reason
             self._out = self._inbox = _NONE
             self._merge.clear()
@@ -459,6 +518,8 @@ class ClientStream:
             self._out_bytes = self._inbox_bytes = 0
 
     def _queue(self, item: Item | _Slot, size: int) -> None:
+        if self.riding:
+            self.land()
         if not self._out:
             self._out = deque()
         self._out.append(item)

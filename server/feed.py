@@ -84,6 +84,7 @@ class Feed:
 
     @write_now.setter
     def write_now(self, write: Callable[[bytes, int], bool] | None) -> None:
+        self.core.land()  # (a lane writes with the writer it was given)
         self.core.write_now = write
 
     @property
@@ -103,6 +104,8 @@ class Feed:
     @sending_since.setter
     def sending_since(self, since: float | None) -> None:
         self._sending_since = since
+        if since is not None and self.core.riding:
+            self.core.land()  # nothing is written directly during a send
         self.core.sending = since is not None
         if since is not None and not self.stall_suspected and self.stall_suspects is not None:
             self.stall_suspected = True
@@ -328,7 +331,7 @@ class Feed:
         moves while the writer sleeps, but a watch, unwatch or reset, which wake it or
         answer with a frame). The all-jobs stream's direct writes are not counted: a
         dashboard gets its heartbeats as before. Read per half interval, not per event."""
-        return sum(self.core.last.values())
+        return self.core.handed_on()
 
     def _wake(self, timed_out: bool = False) -> None:
         waiter = self._waiter
@@ -351,6 +354,7 @@ class Feed:
             self._hub.unsubscribe(self._keys.job_channel(effect.job_id), self._job_sink)
 
     async def _backfill(self, job_id: str) -> None:
+        self.core.land()  # (its own position: not a lane's)
         since = self.core.last.get(job_id, 0)
         page = await self._store.events_since(job_id, since, self._principal)
         if self.core.page(job_id, since, page):

@@ -58,6 +58,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from jobwire.backoff import backoff
+from jobwire.lanes import Lane, Rider
 from jobwire.server.backlog import Event, coalesce, runs
 from jobwire.server.events import Coalesced, Delivery, Outage, Resync, Run
 from jobwire.server.pubsub_conn import PubSubConnection, open_pubsub
@@ -66,8 +67,10 @@ log = logging.getLogger(__name__)
 
 #: A subscriber: told each live event (a `Coalesced` one stands for the progress just
 #: before it, see `server.backlog`), and its channel's outages and resyncs.
-#: A `Run` is several events of a read for one write (see `server.backlog`).
-Sink = Callable[[Delivery | Coalesced | Run | Outage | Resync], None]
+#: A `Run` is several events of a read for one write (see `server.backlog`). A sink that
+#: took a plain event directly, with nothing waiting, may return its stream core to ride
+#: the channel's lane (`jobwire.lanes`); any other returns None.
+Sink = Callable[[Delivery | Coalesced | Run | Outage | Resync], Rider | None]
 #: Where the hub connects: a URL, or a function that finds one (Sentinel's primary, now).
 Address = str | Callable[[], Awaitable[str]]
 #: How much of the fan-out Redis serves: all of it, part (some cluster shards), or none.
@@ -145,7 +148,7 @@ class Hub:
         self._ping_interval = ping_interval
         self._reconnect_min, self._reconnect_max = reconnect_min, reconnect_max
 
-        self._sinks: dict[str, set[Sink]] = {}
+        self._sinks: dict[str, Lane] = {}  # per channel: its subscribers (see `jobwire.lanes`)
         self._ready: dict[str, asyncio.Future[None]] = {}  # resolved once Redis confirms
         self._sent: set[str] = set()  # SUBSCRIBE sent on the current connection
         self._waiters: dict[str, deque[asyncio.Future[None] | None]] = {}  # per SUBSCRIBE sent
@@ -193,7 +196,7 @@ class Hub:
         """
         sinks = self._sinks.get(channel)
         if sinks is None:
-            sinks = self._sinks[channel] = set()
+            sinks = self._sinks[channel] = Lane()
             ready = self._ready[channel] = asyncio.get_running_loop().create_future()
             if channel in self._sent:
                 # The last sink left and this one came back before the reconciler sent
@@ -255,9 +258,11 @@ class Hub:
         """Take `channel` away with its subscribers, for `adopt` by another hub (its slot
         moved to another node). Subscribers waiting for confirmation keep waiting, on the
         future handed over, which the adopting hub resolves."""
-        sinks = self._sinks.pop(channel, None)
-        if sinks is None:
+        lane = self._sinks.pop(channel, None)
+        if lane is None:
             return None
+        lane.disband()  # in step here; there, each core starts from its own position
+        sinks = set(lane)
         self._previous.pop(channel, None)
         ready = self._ready.pop(channel)
         # Live before, or told of an outage and owed a resync: either way they may have
@@ -283,7 +288,7 @@ class Hub:
         ready = moving.ready
         if ready.done():
             ready = asyncio.get_running_loop().create_future()
-        self._sinks.setdefault(channel, set()).update(moving.sinks)
+        self._sinks.setdefault(channel, Lane()).update(moving.sinks)
         self._ready[channel] = ready
         if moving.resync:
             self._resync.add(channel)
@@ -566,8 +571,24 @@ class Hub:
         return delivery
 
     def _fan_out(self, channel: str, item: Delivery | Coalesced | Run | Outage | Resync) -> None:
-        for sink in tuple(self._sinks.get(channel, ())):
+        """Hand `item` to the channel's subscribers: a plain event that is the next one of
+        the watchers in step goes to them in one loop of writes (`jobwire.lanes`), then to
+        every other's sink; a sink that took a plain event directly with nothing waiting
+        (it returns its core) comes on board."""
+        lane = self._sinks.get(channel)
+        if lane is None:
+            return
+        plain = type(item) is Delivery
+        if lane.riders:
+            if plain and lane.carries(item.job_id, item.seq, item.epoch, item.final):  # type: ignore[union-attr]
+                lane.carry(item.ws_frame, item.seq, item.state)  # type: ignore[union-attr]
+            else:
+                lane.disband()
+        for sink in tuple(lane.walkers):
             try:
-                sink(item)
+                rider = sink(item)
             except Exception:
                 log.exception("jobwire hub: a subscriber failed on %s", channel)
+                continue
+            if rider is not None and plain:
+                lane.board(sink, rider, item.job_id, item.seq, item.epoch, item.state)  # type: ignore[union-attr]

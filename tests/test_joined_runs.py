@@ -13,6 +13,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jobwire.lanes import Lane
 from jobwire.protocol import Keys
 from jobwire.server.backlog import Event, coalesce, runs
 from jobwire.server.events import Coalesced, Delivery, Run
@@ -285,7 +286,7 @@ def test_the_stream_rules_hold_when_the_hub_hands_on_runs() -> None:
                 for _, item in batch:
                     self.live(item)
                 return
-            self.hub._sinks = {channel: {self.live} for channel in set(channels)}
+            self.hub._sinks = {channel: Lane({self.live}) for channel in set(channels)}  # type: ignore[arg-type]
             self.hub._fan_out_batch(batch)
 
     run_state_machine_as_test(
@@ -335,8 +336,8 @@ def test_a_read_hands_on_events_of_several_jobs_in_the_order_they_were_published
     hub = Hub("redis://unused")
     got: list[tuple[str, int]] = []
     hub._sinks = {
-        "g": {lambda item: got.extend((e.job_id, e.seq) for e in getattr(item, "items", (item,)))},
-        "c2": {lambda item: got.append((item.job_id, item.seq))},
+        "g": Lane({lambda item: got.extend((e.job_id, e.seq) for e in getattr(item, "items", (item,)))}),
+        "c2": Lane({lambda item: got.append((item.job_id, item.seq))}),
     }
     batch: list[tuple[str, Event]] = [
         ("g", event("g", 3, "PROGRESS")),  # child 1 done
@@ -387,7 +388,7 @@ def test_the_all_jobs_streams_do_not_part_a_jobs_events() -> None:
     for unordered, joined in ((lambda ch: ch == "all", True), (None, False)):
         hub = Hub("redis://unused", unordered=unordered)
         got: dict[str, list[object]] = {"a": [], "all": []}
-        hub._sinks = {ch: {items.append} for ch, items in got.items()}  # type: ignore[dict-item]
+        hub._sinks = {ch: Lane({items.append}) for ch, items in got.items()}  # type: ignore[arg-type]
         hub._fan_out_batch(batch)
         if joined:
             (run,) = got["a"]
