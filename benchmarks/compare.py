@@ -15,9 +15,11 @@ Scenarios (C = `--clients`):
 - stalled: fan-out at 20,000 deliveries/s with 5% of the clients never reading.
 - ceiling: C clients on one job, 250,000 deliveries/s offered, every event a transition
   (nothing may be coalesced): the most one process delivers.
-- overload: one process offered `--overload-factor` (5) × jobwire's ceiling, measured in the
-  same run (or `--overload-clients`): 100 events/s on one job, with a transition every
-  `--phase` events. p50/p99 latency, deliveries/s, transitions lost, coalesced and missing.
+- overload: one process offered `--overload-factor` (5) × what jobwire delivers writing
+  each event on its own (its ceiling, at most a core's worth at its fan-out CPU per
+  delivery; see `overload_base`), measured in the same run (or `--overload-clients`):
+  100 events/s on one job, with a transition every `--phase` events. p50/p99 latency,
+  deliveries/s, transitions lost, coalesced and missing.
 - workers: the overload's load on `--workers` processes (default: this machine's cores).
 Then server RSS per idle websocket (`--idle`, jobwire with authentication on, on its own
 websocket protocol and on uvicorn's, `JOBWIRE_WS_PROTOCOL=uvicorn`), and jobwire against
@@ -382,15 +384,35 @@ def overload(args: argparse.Namespace, clients: int, workers: int) -> Scenario:
     )
 
 
+def overload_base(results: list[Result]) -> float | None:
+    """What one jobwire process delivers when it writes each event on its own, per second:
+    its ceiling, but no more than a core's worth at its fan-out CPU per delivery.
+
+    The ceiling's events are all transitions, and a process behind on its input joins a
+    read's events of a job into one write per socket (`server.backlog`): there its cost
+    per delivery falls the further behind it is, and on a small machine it may deliver all
+    that is offered (the ceiling then only says it is higher). The overload's events are
+    mostly progress, coalesced at the input, so what bounds it is a write per event and
+    socket: 1 / the fan-out's CPU per delivery. None without either scenario in the run."""
+    ours = [r for r in results if r.peer == "jobwire"]
+    ceiling = [r.counts.deliveries / r.wall for r in ours if r.scenario.key == "ceiling"]
+    per_core = [1e6 / r.us_per_delivery for r in ours if r.scenario.key == "fan-out" and r.counts.deliveries]
+    bounds = [min(ceiling)] if ceiling else []
+    bounds += [min(per_core)] if per_core else []
+    return min(bounds) if bounds else None
+
+
 def overload_clients(args: argparse.Namespace, results: list[Result]) -> int:
-    """Clients for `--overload-factor` × jobwire's ceiling (the best peer's without jobwire)
-    at `--overload-rate` events/s on one job."""
+    """Clients for `--overload-factor` × `overload_base` at `--overload-rate` events/s on one
+    job (the best peer's ceiling when jobwire is not in the run)."""
     if args.overload_clients:
         return int(args.overload_clients)
-    ceilings = {r.peer: r.counts.deliveries / r.wall for r in results if r.scenario.key == "ceiling"}
-    if not ceilings:  # no calibration in this run: the 2-core machine's figure
-        return 5000
-    base = ceilings.get("jobwire", max(ceilings.values()))
+    base = overload_base(results)
+    if base is None:
+        ceilings = [r.counts.deliveries / r.wall for r in results if r.scenario.key == "ceiling"]
+        if not ceilings:  # no calibration in this run: the 2-core machine's figure
+            return 5000
+        base = max(ceilings)
     return max(10, math.ceil(args.overload_factor * base / args.overload_rate))
 
 
@@ -478,6 +500,8 @@ async def main_async(args: argparse.Namespace) -> None:
         "cores": os.cpu_count(),
         "python": sys.version.split()[0],
         "phase": args.phase,
+        "overload_factor": args.overload_factor,
+        "overload_base": round(overload_base(results) or 0),
         "minutes": round((time.monotonic() - started) / 60, 1),
         "command": " ".join(["python -m benchmarks.compare", *sys.argv[1:]]),
     }
