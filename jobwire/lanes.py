@@ -52,8 +52,9 @@ Write = Callable[[bytes, int], bool]
 class Rider(Protocol):
     """A watcher's stream core, as a lane sees it (`jobwire.stream.ClientStream`)."""
 
-    def board(self, lane: Lane) -> Write | None:
-        """The lane takes this core on at its position; the write to use, or None to stay off."""
+    def board(self, lane: Lane, sink: Sink) -> Write | None:
+        """The lane takes this core (subscribed as `sink`) on at its position; the write to
+        use, or None to stay off."""
 
     def landed(self, job_id: str, seq: int, state: str) -> None:
         """The lane lets this core off at `seq` (in `state`): its own position from now."""
@@ -113,7 +114,7 @@ class Lane:
         """Write the next event (`carries`) to every rider; a rider whose socket does not
         take it lands before it (it becomes a walker, to get it from its core)."""
         fell = []
-        for sink, write in self.riders.items():
+        for sink, write in tuple(self.riders.items()):  # (whatever a write sets off)
             try:
                 if not write(frame, 1):
                     fell.append(sink)
@@ -135,7 +136,7 @@ class Lane:
                 return
         else:
             self.job_id, self.seq, self.epoch, self.state = job_id, seq, epoch, state
-        write = rider.board(self)
+        write = rider.board(self, sink)
         if write is None:
             return
         self.walkers.discard(sink)
@@ -148,7 +149,7 @@ class Lane:
             self._land(sink, self.seq, self.state)
 
     def land(self, sink: Sink) -> None:
-        """The rider behind `sink` asks to land (`Rider.land`)."""
+        """The rider behind `sink` asks to land (its core's `land`)."""
         if sink in self.riders:
             self._land(sink, self.seq, self.state)
 

@@ -42,7 +42,7 @@ from jobwire.protocol import JobwireError, Keys, Msg
 from jobwire.server.events import Coalesced, Delivery, FromAll, Outage, Resync, Run
 
 if TYPE_CHECKING:
-    from jobwire.lanes import Lane, Write
+    from jobwire.lanes import Lane, Sink, Write
 
 #: What a stream yields: a watched job's event, an all-jobs-stream event, either of those
 #: standing in for coalesced ones, or a control message (a dict sent as JSON).
@@ -122,7 +122,7 @@ class ClientStream:
         #: Watched jobs whose position the hub keeps for this core while it rides their
         #: channel's lane with the watchers in step (`jobwire.lanes`): `last` and `_state`
         #: of such a job are the lane's, read into this core when it lands (`land`).
-        self.riding: dict[str, Lane] = {}
+        self.riding: dict[str, tuple[Lane, Sink]] = {}  # job -> its lane, and this core's sink there
 
     # -- watching -----------------------------------------------------------------------
 
@@ -134,9 +134,10 @@ class ClientStream:
 
     def end(self, job_id: str) -> bool:
         """Stop watching `job_id`; True if it was followed live (unsubscribe it)."""
-        lane = self.riding.pop(job_id, None)
-        if lane is not None:
-            lane.land(self.live)
+        riding = self.riding.pop(job_id, None)
+        if riding is not None:
+            lane, sink = riding
+            lane.land(sink)
         self.last.pop(job_id, None)
         self.epoch.pop(job_id, None)
         self._state.pop(job_id, None)
@@ -145,12 +146,17 @@ class ClientStream:
             return True
         return False
 
-    def first_page(self, job_id: str, page: Page, claimed_epoch: str | None) -> bool:
-        """History after `since` as first read; True if the client must be reset (the
-        history it counted in is gone): then read from 0 and call `reset`."""
+    def first_page(
+        self, job_id: str, page: Page, claimed_epoch: str | None, since: int | None = None
+    ) -> bool:
+        """History after `since` (what the client asked for) as first read; True if the
+        client must be reset (the history it counted in is gone): then read from 0 and
+        call `reset`. A live event taken while the read was on its way may have moved the
+        position past the page's seq: that is no loss."""
         if self.riding:
             self.land()
-        since = self.last.get(job_id, 0)
+        if since is None:
+            since = self.last.get(job_id, 0)
         if page.seq < since or (claimed_epoch is not None and claimed_epoch != page.epoch):
             return True
         self.epoch[job_id] = page.epoch
@@ -305,12 +311,12 @@ class ClientStream:
 
     # -- riding a lane (see `jobwire.lanes`) ------------------------------------------------
 
-    def board(self, lane: Lane) -> Write | None:
-        """The lane of `lane.job_id` takes this core on at its position (the event this
-        core just took directly); the write for the lane to use."""
+    def board(self, lane: Lane, sink: Sink) -> Write | None:
+        """The lane of `lane.job_id` takes this core (its `sink` there) on at its position
+        (the event this core just took directly); the write for the lane to use."""
         if self.write_now is None or self.queued or self.sending or self.too_slow is not None:
             return None
-        self.riding[lane.job_id] = lane
+        self.riding[lane.job_id] = (lane, sink)
         return self.write_now
 
     def landed(self, job_id: str, seq: int, state: str) -> None:
@@ -323,14 +329,14 @@ class ClientStream:
     def land(self) -> None:
         """Leave every lane, taking their positions: before anything a rider must not do
         (queue an item, send, read a position, stop writing directly)."""
-        for lane in list(self.riding.values()):
-            lane.land(self.live)  # (which says where, `landed`)
+        for lane, sink in list(self.riding.values()):
+            lane.land(sink)  # (which says where: `landed`)
         self.riding.clear()
 
     def handed_on(self) -> int:
         """The sum of the last seqs handed on (the feed's heartbeat skip), riding or not."""
         total = sum(self.last.values())
-        for job_id, lane in self.riding.items():
+        for job_id, (lane, _) in self.riding.items():
             total += lane.seq - self.last.get(job_id, 0)
         return total
 

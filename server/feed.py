@@ -138,11 +138,15 @@ class Feed:
         try:
             await self._hub.subscribe(self._keys.job_channel(job_id), self._job_sink)
             page = await self._store.events_since(job_id, since, self._principal)
-            if page is not None and core.first_page(job_id, page, epoch):
+            if job_id not in core.last:
+                return True  # the feed closed during the read (too slow): nothing more to say
+            if page is not None and core.first_page(job_id, page, epoch, since):
                 await self._reset(job_id, page.epoch)
         except BaseException:
             self.unwatch(job_id)
             raise
+        if job_id not in core.last:
+            return True  # (the same, during the reset's read)
         if page is None:
             self.unwatch(job_id)
             return False

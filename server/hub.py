@@ -587,8 +587,7 @@ class Hub:
         for sink in tuple(lane.walkers):
             try:
                 rider = sink(item)
+                if rider is not None and plain:
+                    lane.board(sink, rider, item.job_id, item.seq, item.epoch, item.state)  # type: ignore[union-attr]
             except Exception:
                 log.exception("jobwire hub: a subscriber failed on %s", channel)
-                continue
-            if rider is not None and plain:
-                lane.board(sink, rider, item.job_id, item.seq, item.epoch, item.state)  # type: ignore[union-attr]
