@@ -37,10 +37,7 @@ from jobwire.server.direct import RawSend
 from jobwire.settings import Settings
 from tests.clients import assert_gap_free, next_of, sse_blocks, transitions
 from tests.support import RedisServer, free_port, run_server, settings_for, until_serving, wait_until
-from tests.test_browser import (
-    CHROMIUM,  # noqa: F401  (importing it applies the never-skip rule)
-    browser,  # noqa: F401  (the fixture)
-)
+from tests.test_browser import CHROMIUM  # noqa: F401  (importing it applies the never-skip rule; the fixture: conftest)
 
 PREFIX = "/progress"
 

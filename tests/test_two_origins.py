@@ -19,10 +19,7 @@ from playwright.async_api import Browser
 from jobwire.settings import Settings
 from tests.clients import submit
 from tests.support import another_site, run_server
-from tests.test_browser import (
-    CHROMIUM,  # noqa: F401  (importing it applies the never-skip rule)
-    browser,  # noqa: F401  (the fixture)
-)
+from tests.test_browser import CHROMIUM  # noqa: F401  (importing it applies the never-skip rule; the fixture: conftest)
 
 pytestmark = pytest.mark.browser
 
