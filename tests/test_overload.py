@@ -249,7 +249,9 @@ async def test_the_hub_coalesces_a_backlog_on_its_input(own_redis: RedisServer) 
         )
     finally:
         await hub.stop()
-    assert hub.input_coalesced > 0 and hub.input_joined > 0
+    # (Nothing need be joined here: the two channels' events alternate, and only events
+    # side by side in a read are joined; a sink unpacks a run all the same.)
+    assert hub.input_coalesced > 0
     transitions = [1, 51, 101, 151]
     for items in got.values():
         rows = [(i.delivery.seq, i.skipped) if isinstance(i, Coalesced) else (i.seq, 0) for i in items]
