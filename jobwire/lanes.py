@@ -41,6 +41,8 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+from jobwire.server.events import Coalesced, Delivery, Run
+
 log = logging.getLogger(__name__)
 
 #: A hub subscriber (see `server.hub.Sink`); what it returns says whether it may ride.
@@ -58,6 +60,51 @@ class Rider(Protocol):
 
     def landed(self, job_id: str, seq: int, state: str) -> None:
         """The lane lets this core off at `seq` (in `state`): its own position from now."""
+
+
+class Step:
+    """What a lane may carry, as it moves the riders' position: a plain event, progress the
+    hub coalesced at its input (`Coalesced`), or a run of events for one write (`Run`);
+    never a final event. `first` is the seq it starts at (a stand-in starts where the
+    events it stands for began), and a rider takes it only in `first_state` (None: in any
+    state), as its stream core would (`ClientStream.live`'s fast paths)."""
+
+    __slots__ = ("job_id", "epoch", "first", "first_state", "seq", "state", "frame", "count")
+
+    def __init__(
+        self,
+        job_id: str,
+        epoch: str | None,
+        first: int,
+        first_state: str | None,
+        seq: int,
+        state: str,
+        frame: bytes,
+        count: int,
+    ) -> None:
+        self.job_id, self.epoch, self.first, self.first_state = job_id, epoch, first, first_state
+        self.seq, self.state, self.frame, self.count = seq, state, frame, count
+
+
+def step_of(item: object) -> Step | None:
+    """The `Step` a hub item is, or None where a lane never carries it (a final event, an
+    outage, a resync: each rider's core must see those)."""
+    kind = type(item)
+    if kind is Delivery:
+        event: Delivery = item  # type: ignore[assignment]
+        if event.final:
+            return None
+        return Step(event.job_id, event.epoch, event.seq, None, event.seq, event.state, event.ws_frame, 1)
+    if kind is Coalesced:
+        stand_in: Coalesced = item  # type: ignore[assignment]
+        event = stand_in.delivery
+        first, state = event.seq - stand_in.skipped, event.state
+        return Step(event.job_id, event.epoch, first, state, event.seq, state, stand_in.ws_frame, 1)
+    if kind is Run:
+        run: Run = item  # type: ignore[assignment]
+        frames, count = run.ws_frames, len(run.items)
+        return Step(run.job_id, run.epoch, run.first, run.first_state, run.seq, run.state, frames, count)
+    return None
 
 
 class Lane:
@@ -106,36 +153,42 @@ class Lane:
 
     # -- riding ----------------------------------------------------------------------------
 
-    def carries(self, job_id: str, seq: int, epoch: str | None, final: bool) -> bool:
-        """Whether an event with these fields is the riders' next one."""
-        return seq == self.seq + 1 and not final and epoch == self.epoch and job_id == self.job_id
+    def follows(self, step: Step) -> bool:
+        """Whether `step` is the riders' next one (it starts where they are)."""
+        return (
+            step.first == self.seq + 1
+            and step.epoch == self.epoch
+            and step.job_id == self.job_id
+            and (step.first_state is None or step.first_state == self.state)
+        )
 
-    def carry(self, frame: bytes, seq: int, state: str) -> None:
-        """Write the next event (`carries`) to every rider; a rider whose socket does not
+    def carry(self, step: Step) -> None:
+        """Write the next step (`follows`) to every rider; a rider whose socket does not
         take it lands before it (it becomes a walker, to get it from its core)."""
+        frame, count = step.frame, step.count
         fell = []
         for sink, write in tuple(self.riders.items()):  # (whatever a write sets off)
             try:
-                if not write(frame, 1):
+                if not write(frame, count):
                     fell.append(sink)
             except Exception:  # (a socket's trouble is that socket's: the others go on)
                 log.exception("jobwire lane: a rider's write failed")
                 fell.append(sink)
         before, was = self.seq, self.state
-        self.seq, self.state = seq, state
+        self.seq, self.state = step.seq, step.state
         for sink in fell:
             self._land(sink, before, was)
 
-    def board(self, sink: Sink, rider: Rider, job_id: str, seq: int, epoch: str | None, state: str) -> None:
-        """`rider` (behind walker `sink`) took this event directly with nothing waiting:
-        on it comes, if it is at the lane's position (any, while no one rides)."""
+    def board(self, sink: Sink, rider: Rider, step: Step) -> None:
+        """`rider` (behind walker `sink`) took `step` directly with nothing waiting: on it
+        comes, if that leaves it at the lane's position (any, while no one rides)."""
         if self.riders:
-            # (A walker boards on the event just carried, so this holds; checked all the same:
+            # (A walker boards on the step just carried, so this holds; checked all the same:
             # a rider at another position would be written events it does not follow.)
-            if seq != self.seq or epoch != self.epoch or job_id != self.job_id:
+            if step.seq != self.seq or step.epoch != self.epoch or step.job_id != self.job_id:
                 return
         else:
-            self.job_id, self.seq, self.epoch, self.state = job_id, seq, epoch, state
+            self.job_id, self.seq, self.epoch, self.state = step.job_id, step.seq, step.epoch, step.state
         write = rider.board(self, sink)
         if write is None:
             return

@@ -235,9 +235,9 @@ class ClientStream:
         the hub's shared frame as it is. And a `Run` of events (a hub behind on its input):
         taken in one write by a client that had the event before it, else event by event.
 
-        Returns this core when it took a plain event directly with nothing waiting: the
-        hub may then take it on its lane of watchers in step (`jobwire.lanes`), which
-        writes the next events without calling this at all; else None.
+        Returns this core when it took the item directly with nothing waiting: the hub
+        may then take it on its lane of watchers in step (`jobwire.lanes`), which writes
+        the next items without calling this at all; else None.
         """
         if (
             type(item) is Delivery
@@ -270,7 +270,7 @@ class ClientStream:
                 and self.write_now(item.ws_frame, 1)
             ):
                 self.last[job_id] = event.seq
-                return
+                return self  # (as above)
         elif type(item) is Run:
             job_id = item.job_id
             if (
@@ -284,7 +284,7 @@ class ClientStream:
             ):
                 self.last[job_id] = item.seq
                 self._state[job_id] = item.state
-                return
+                return self  # (as above)
             for each in item.items:  # as if the hub had not joined them
                 self.live(each)
             return

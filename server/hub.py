@@ -58,7 +58,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from jobwire.backoff import backoff
-from jobwire.lanes import Lane, Rider
+from jobwire.lanes import Lane, Rider, step_of
 from jobwire.server.backlog import Event, coalesce, runs
 from jobwire.server.events import Coalesced, Delivery, Outage, Resync, Run
 from jobwire.server.pubsub_conn import PubSubConnection, open_pubsub
@@ -578,16 +578,16 @@ class Hub:
         lane = self._sinks.get(channel)
         if lane is None:
             return
-        plain = type(item) is Delivery
+        step = step_of(item)  # what a lane may carry: not a final event, an outage, a resync
         if lane.riders:
-            if plain and lane.carries(item.job_id, item.seq, item.epoch, item.final):  # type: ignore[union-attr]
-                lane.carry(item.ws_frame, item.seq, item.state)  # type: ignore[union-attr]
+            if step is not None and lane.follows(step):
+                lane.carry(step)
             else:
                 lane.disband()
         for sink in tuple(lane.walkers):
             try:
                 rider = sink(item)
-                if rider is not None and plain:
-                    lane.board(sink, rider, item.job_id, item.seq, item.epoch, item.state)  # type: ignore[union-attr]
+                if rider is not None and step is not None:
+                    lane.board(sink, rider, step)
             except Exception:
                 log.exception("jobwire hub: a subscriber failed on %s", channel)

@@ -262,12 +262,14 @@ def test_a_core_lands_before_it_queues_sends_or_is_read() -> None:
         assert core.last.get("a", 5) == 5
 
 
-def test_anything_but_the_next_plain_event_lands_every_rider_first() -> None:
+def test_anything_but_what_continues_the_riders_lands_every_rider_first() -> None:
     for item in (
         event(6, "S0"),  # a gap
         event(5, "S0", epoch="e2"),  # another epoch
         event(5, "DONE", final=True),  # a final event: the cores end their streams
-        Coalesced(event(6, "S0"), 1),
+        Coalesced(event(7, "S0"), 1),  # stands for 6..7: 5 is missing
+        Coalesced(event(6, "S1"), 1),  # progress in another state than the riders'
+        Run((event(6, "S0"), event(7, "S1"))),  # 5 is missing
         Outage(CHANNEL),
     ):
         world = World([3, 3], [event(n, "S0") for n in range(1, 4)], lanes=True)
@@ -276,3 +278,22 @@ def test_anything_but_the_next_plain_event_lands_every_rider_first() -> None:
         assert len(lane.riders) == 2
         world.live(item)
         assert not lane.riders and all(core.last["a"] >= 4 for core in world.cores), item
+
+
+def test_coalesced_progress_and_runs_that_continue_the_riders_are_carried() -> None:
+    """A hub behind on its input hands on progress it coalesced and runs: those that start
+    where the riders are go to them in the lane's loop, as their cores would write them
+    (a stand-in's shared frame, a run's joined frames), and the riders stay on."""
+    world = World([3, 3], [event(n, "S0") for n in range(1, 4)], lanes=True)
+    world.live(event(4, "S0"))
+    lane = world.hub._sinks[CHANNEL]
+    stand_in = Coalesced(event(6, "S0"), 1)  # 5..6
+    run = Run((event(7, "S0"), event(8, "S1"), event(9, "S1")))
+    for item in (stand_in, run):
+        world.live(item)
+        assert len(lane.riders) == 2, item
+    assert (lane.seq, lane.state) == (9, "S1")
+    expected = event(4, "S0").ws_frame + stand_in.ws_frame + run.ws_frames
+    assert [bytes(s.bytes) for s in world.sockets] == [expected, expected]
+    world.live(event(10, "DONE", final=True))
+    assert not lane.riders and [core.last["a"] for core in world.cores] == [10, 10]
