@@ -16,17 +16,18 @@ before.
 
 The rules
 ---------
-- A walker boards when its core took a plain event directly with nothing waiting (its
-  `live` returns the core, a `Rider`), at the lane's position: the event just carried,
-  or any event while the lane has no riders (which sets the position).
-- The lane carries only the next event of its position (same job and epoch, seq + 1),
-  not final: a final event ends streams, which the cores do. Anything else (a gap, a
-  new epoch, progress the hub coalesced, a run, an outage, a resync) first lands every
-  rider (`disband`), and the item goes to every watcher's core.
-- A rider whose socket does not take the event (its buffer is full, it is closing) lands
-  at the position before it, and its core gets the event as any walker does: queued.
-- A core lands by itself (`Rider.land`) before anything that would not hold for a rider:
-  something queued, a send in progress, a read of its position, too slow, another
+- A walker boards when its core took an item directly with nothing waiting (its `live`
+  returns the core, a `Rider`), at the lane's position: the item just carried, or any
+  while the lane has no riders (which sets the position).
+- The lane carries what continues its position (a `Step`: a plain event at seq + 1, or
+  progress the hub coalesced or a run that starts there, in the riders' state for a
+  stand-in), never a final event: a final event ends streams, which the cores do.
+  Anything else (a gap, a new epoch, a final event, an outage, a resync) first lands
+  every rider (`disband`), and the item goes to every watcher's core.
+- A rider whose socket does not take it (its buffer is full, it is closing) lands at the
+  position before it, and its core gets the item as any walker does: queued.
+- A core lands by itself (`ClientStream.land`) before anything that would not hold for a
+  rider: something queued, a send in progress, a read of its position, too slow, another
   writer, the job unwatched.
 - Landing hands the core the lane's position (`Rider.landed`), so a core's own position
   is right whenever it reads it.
@@ -69,7 +70,7 @@ class Step:
     events it stands for began), and a rider takes it only in `first_state` (None: in any
     state), as its stream core would (`ClientStream.live`'s fast paths)."""
 
-    __slots__ = ("job_id", "epoch", "first", "first_state", "seq", "state", "frame", "count")
+    __slots__ = ("job_id", "epoch", "first", "first_state", "seq", "state", "item", "count")
 
     def __init__(
         self,
@@ -79,11 +80,18 @@ class Step:
         first_state: str | None,
         seq: int,
         state: str,
-        frame: bytes,
+        item: Delivery | Coalesced | Run,
         count: int,
     ) -> None:
         self.job_id, self.epoch, self.first, self.first_state = job_id, epoch, first, first_state
-        self.seq, self.state, self.frame, self.count = seq, state, frame, count
+        self.seq, self.state, self.item, self.count = seq, state, item, count
+
+    @property
+    def frame(self) -> bytes:
+        """What a rider is written: the item's frame, or a run's joined frames (built only
+        when there are riders to write them to)."""
+        item = self.item
+        return item.ws_frames if type(item) is Run else item.ws_frame  # type: ignore[union-attr]
 
 
 def step_of(item: object) -> Step | None:
@@ -94,16 +102,16 @@ def step_of(item: object) -> Step | None:
         event: Delivery = item  # type: ignore[assignment]
         if event.final:
             return None
-        return Step(event.job_id, event.epoch, event.seq, None, event.seq, event.state, event.ws_frame, 1)
+        return Step(event.job_id, event.epoch, event.seq, None, event.seq, event.state, event, 1)
     if kind is Coalesced:
         stand_in: Coalesced = item  # type: ignore[assignment]
         event = stand_in.delivery
         first, state = event.seq - stand_in.skipped, event.state
-        return Step(event.job_id, event.epoch, first, state, event.seq, state, stand_in.ws_frame, 1)
+        return Step(event.job_id, event.epoch, first, state, event.seq, state, stand_in, 1)
     if kind is Run:
         run: Run = item  # type: ignore[assignment]
-        frames, count = run.ws_frames, len(run.items)
-        return Step(run.job_id, run.epoch, run.first, run.first_state, run.seq, run.state, frames, count)
+        count = len(run.items)
+        return Step(run.job_id, run.epoch, run.first, run.first_state, run.seq, run.state, run, count)
     return None
 
 
