@@ -68,8 +68,8 @@ log = logging.getLogger(__name__)
 #: A subscriber: told each live event (a `Coalesced` one stands for the progress just
 #: before it, see `server.backlog`), and its channel's outages and resyncs.
 #: A `Run` is several events of a read for one write (see `server.backlog`). A sink that
-#: took a plain event directly, with nothing waiting, may return its stream core to ride
-#: the channel's lane (`jobwire.lanes`); any other returns None.
+#: took an item directly, with nothing waiting, may return its stream core to ride the
+#: channel's lane (`jobwire.lanes`); any other returns None.
 Sink = Callable[[Delivery | Coalesced | Run | Outage | Resync], Rider | None]
 #: Where the hub connects: a URL, or a function that finds one (Sentinel's primary, now).
 Address = str | Callable[[], Awaitable[str]]
