@@ -46,6 +46,7 @@ from jobwire.server.feed import Feed
 from jobwire.server.hub import Hub
 from jobwire.server.render import ws_bytes
 from jobwire.server.store import Stream
+from tests.test_lanes import Socket
 
 KEYS = Keys("jobwire:")
 JOBS = ("a", "b")
@@ -113,19 +114,6 @@ class Store:
         if during is not None:
             during()
         return page
-
-
-@dataclass
-class Socket:
-    """Takes direct writes while `open`; what reached the client, in order."""
-
-    open: bool = True
-    bytes: bytearray = field(default_factory=bytearray)
-
-    def write(self, frames: bytes, n: int) -> bool:
-        if self.open:
-            self.bytes += frames
-        return self.open
 
 
 def heartbeat_message() -> dict[str, Any]:
