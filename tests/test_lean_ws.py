@@ -331,10 +331,10 @@ async def test_a_send_waits_while_the_buffer_is_full_and_a_cancelled_one_leaves_
     flag = Writable()
     flag.clear()
     first, second = asyncio.create_task(flag.wait()), asyncio.create_task(flag.wait())
-    await asyncio.sleep(0)
+    await wait_until(lambda: len(flag._waiters or ()) == 2, what="both sends wait on the flag")
     assert not first.done() and not second.done()
     first.cancel()
-    await asyncio.sleep(0)
+    await asyncio.wait({first})  # its cancellation is through
     flag.set()
     await asyncio.wait_for(second, 1)
     assert first.cancelled() and flag.is_set()
