@@ -471,11 +471,13 @@ class Hub:
         # do not part the events of a job that they came between.
         unordered = self._unordered
         if unordered is not None:
-            apart = [entry for entry in kept if unordered(entry[0])]
-            if apart:
-                for channel, item in apart:
+            ordered = []
+            for channel, item in kept:
+                if unordered(channel):
                     self._fan_out(channel, item)
-                kept = [entry for entry in kept if not unordered(entry[0])]
+                else:
+                    ordered.append((channel, item))
+            kept = ordered
         at = 0
         while at < len(kept):
             channel = kept[at][0]
